@@ -1,0 +1,280 @@
+//! Types shared by the eBPF programs and the user-space agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, has no implicit padding and a compile-time size
+//! check, because both sides read the same bytes: the kernel writes them into the ring
+//! buffer and user space reinterprets them.
+#![no_std]
+
+/// Largest payload prefix a data event can carry; the runtime cap is at most this.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Payload prefix copied per data event unless configured otherwise.
+pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
+/// Most iovec entries of one readv/writev/recvmsg/sendmsg that are looked at.
+pub const MAX_IOVECS: usize = 8;
+
+/// Map names, shared so that user space finds what the programs declare.
+pub mod maps {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const EXCLUDED_TGIDS: &str = "EXCLUDED_TGIDS";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const PENDING: &str = "PENDING";
+}
+
+/// Global variables the loader sets before the programs are loaded.
+pub mod globals {
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Stable numeric ids of event kinds. Never renumber: recorded captures depend on them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes read from or written to a socket ([`DataEvent`] + payload).
+    Data = 1,
+    /// A connect() on a TCP socket succeeded or is in progress ([`ConnEvent`]).
+    Connect = 2,
+    /// accept()/accept4() returned a new TCP socket ([`ConnEvent`]).
+    Accept = 3,
+    /// close() of a socket the programs had seen ([`ConnEvent`]).
+    Close = 4,
+    /// A process called execve ([`ProcEvent`]).
+    Exec = 5,
+    /// A process (thread group) exited ([`ProcEvent`]).
+    Exit = 6,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Data,
+            2 => Self::Connect,
+            3 => Self::Accept,
+            4 => Self::Close,
+            5 => Self::Exec,
+            6 => Self::Exit,
+            _ => return None,
+        })
+    }
+}
+
+/// Which way bytes moved, seen from the traced process.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The process received them (read, recv*).
+    Ingress = 0,
+    /// The process sent them (write, send*, sendfile).
+    Egress = 1,
+}
+
+/// The syscall that produced a data event, for diagnostics and metrics.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallId {
+    Read = 0,
+    Write = 1,
+    Readv = 2,
+    Writev = 3,
+    Recvfrom = 4,
+    Sendto = 5,
+    Recvmsg = 6,
+    Sendmsg = 7,
+    Sendfile = 8,
+}
+
+impl SyscallId {
+    pub fn name(v: u32) -> &'static str {
+        match v {
+            0 => "read",
+            1 => "write",
+            2 => "readv",
+            3 => "writev",
+            4 => "recvfrom",
+            5 => "sendto",
+            6 => "recvmsg",
+            7 => "sendmsg",
+            8 => "sendfile",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Who opened the connection, as far as the kernel side knows.
+pub mod role {
+    /// Neither accept nor connect was seen (the connection predates the agent).
+    pub const UNKNOWN: u32 = 0;
+    /// The process connect()ed.
+    pub const CLIENT: u32 = 1;
+    /// The process accept()ed.
+    pub const SERVER: u32 = 2;
+}
+
+/// Start of every event in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// The file descriptor the event is about (or 0 for process events).
+    pub fd: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event happened.
+    pub ts_ns: u64,
+}
+
+/// Addresses of a TCP socket, as the owning process sees it: `s*` local, `d*` remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    pub _pad: u16,
+    /// Local address: 4 bytes for IPv4, 16 for IPv6, network order.
+    pub saddr: [u8; 16],
+    /// Remote address, same layout.
+    pub daddr: [u8; 16],
+}
+
+/// What the programs remember about one (process, descriptor) they looked at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockInfo {
+    pub tuple: SockTuple,
+    /// 1 when the descriptor is a TCP socket, 0 when it is anything else (negative cache).
+    pub is_tcp: u32,
+    /// A [`role`] value.
+    pub role: u32,
+    /// Bytes received so far on this descriptor (the next ingress stream offset).
+    pub ingress_bytes: u64,
+    /// Bytes sent so far (the next egress stream offset).
+    pub egress_bytes: u64,
+}
+
+/// Header of a data event; `captured` payload bytes follow it in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    pub tuple: SockTuple,
+    /// Offset of the first byte of this event within its direction's stream, counted
+    /// since the programs first saw the descriptor. A jump means bytes were lost.
+    pub offset: u64,
+    /// Bytes the syscall really moved.
+    pub len: u64,
+    /// Bytes copied after this header (at most the payload cap, at most `len`).
+    pub captured: u32,
+    /// A [`Direction`] value.
+    pub direction: u32,
+    /// A [`SyscallId`] value.
+    pub syscall: u32,
+    /// A [`role`] value, as known when the event was made.
+    pub role: u32,
+}
+
+/// Connect, accept and close of a TCP socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    pub tuple: SockTuple,
+    /// A [`role`] value.
+    pub role: u32,
+    /// For connect: the syscall's return value (0 or -EINPROGRESS); else 0.
+    pub ret: i32,
+}
+
+/// Exec and exit of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    /// Exit code for [`EventKind::Exit`], 0 otherwise.
+    pub exit_code: i32,
+    pub _pad: u32,
+}
+
+/// Offsets into kernel structures, read by user space from the running kernel's BTF
+/// and handed to the programs, because Rust eBPF programs get no CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub file_f_inode: u32,
+    pub inode_i_mode: u32,
+    pub socket_type: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_protocol: u32,
+    pub task_exit_code: u32,
+    pub _pad: u32,
+}
+
+/// Settings of the programs, fixed at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeConfig {
+    pub offsets: KernelOffsets,
+    /// Payload prefix copied per data event, at most [`MAX_PAYLOAD`].
+    pub payload_cap: u32,
+    /// The agent's own process id, never traced.
+    pub agent_tgid: u32,
+    /// Ring buffer fill (bytes) above which a submit wakes the reader at once; below it
+    /// the reader picks events up on its own timer, which saves wake-ups under load.
+    pub wakeup_bytes: u64,
+}
+
+/// Counters of events the programs had to drop, one slot each (per-CPU array).
+pub mod lost {
+    /// The ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// A kernel read of a structure failed (offsets, races with close).
+    pub const KERNEL_READ: u32 = 1;
+    /// A user-space buffer could not be read.
+    pub const USER_READ: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// The sock_common / socket type values the programs test for.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const SOCK_STREAM: u16 = 1;
+pub const IPPROTO_TCP: u16 = 6;
+pub const S_IFMT: u16 = 0o170000;
+pub const S_IFSOCK: u16 = 0o140000;
+
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 96);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for SockTuple {}
+    unsafe impl aya::Pod for SockInfo {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for ProbeConfig {}
+}

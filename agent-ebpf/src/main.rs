@@ -1,0 +1,21 @@
+//! sonde's eBPF programs: socket I/O capture (syscall tracepoints or kprobes) and
+//! process lifecycle. See `probes/` for the hooks and `maps.rs` for the state.
+#![no_std]
+#![no_main]
+
+mod config;
+mod emit;
+mod maps;
+mod probes;
+mod socket;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could get here.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

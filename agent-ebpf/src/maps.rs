@@ -1,0 +1,55 @@
+//! Every map the programs use. Names are shared with user space through
+//! `agent_common::maps`.
+
+use agent_common::{DataEvent, MAX_PAYLOAD, SockInfo, lost};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Events to user space. User space may resize it at load time.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Events the programs had to drop, by cause (`agent_common::lost`).
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0);
+
+/// (tgid << 32 | fd) -> what the descriptor is. A negative entry (is_tcp = 0) spares a
+/// walk of the kernel's structures on every read of a file or pipe. Entries go on
+/// close, dup2/dup3 over the descriptor, and by LRU eviction.
+#[map(name = "SOCKETS")]
+pub static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Arguments of a syscall in flight, by thread (pid_tgid), from enter to exit.
+#[map(name = "PENDING")]
+pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);
+
+/// Scratch space for one data event: too big for the 512-byte BPF stack.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<DataBuf> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct DataBuf {
+    pub event: DataEvent,
+    pub payload: [u8; MAX_PAYLOAD],
+}
+
+/// What a syscall's enter hook leaves for its exit hook.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingCall {
+    /// A `Call` value.
+    pub call: u32,
+    pub fd: u32,
+    /// Buffer, iovec array or msghdr pointer (user space), depending on `call`.
+    pub ptr: u64,
+    /// Buffer length or iovec count.
+    pub count: u64,
+}
+
+pub fn count_lost(cause: u32) {
+    if let Some(p) = LOST.get_ptr_mut(cause) {
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,32 @@
+//! Process lifecycle: exec (a process may now be another program) and exit (forget it).
+
+use agent_common::EventKind;
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{config::setting, emit::proc_event};
+
+/// sched/sched_process_exec: fires in the new program's context.
+#[tracepoint]
+pub fn sched_exec(_ctx: TracePointContext) -> u32 {
+    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0);
+    0
+}
+
+/// sched/sched_process_exit: fires per thread; only the group leader's exit ends the
+/// process. task_struct->exit_code holds the wait status.
+#[tracepoint]
+pub fn sched_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let off = setting!(offsets.task_exit_code) as u64;
+    let code: i32 = unsafe { bpf_probe_read_kernel((task + off) as *const i32) }.unwrap_or(0);
+    proc_event(EventKind::Exit, pid_tgid, code);
+    0
+}

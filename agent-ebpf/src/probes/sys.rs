@@ -1,0 +1,325 @@
+//! Socket I/O hooks, in two backends that share one body per syscall:
+//! - syscall tracepoints (`syscalls/sys_enter_X`, `sys_exit_X`): the record holds the
+//!   syscall number at offset 8 and each argument in an 8-byte slot from offset 16; the
+//!   exit record holds the return value at offset 16 (tracefs `format` files).
+//! - kprobes on the x86-64 syscall wrappers (`__x64_sys_X(const struct pt_regs *regs)`)
+//!   and kretprobes for the return value, where the kernel has kprobes.
+//!
+//! Enter hooks keep the arguments per thread in `PENDING`; exit hooks read the bytes the
+//! syscall moved (for reads they are only there after the call) and emit events.
+
+use agent_common::{Direction, EventKind, MAX_IOVECS, SyscallId, role};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::{kprobe, kretprobe, tracepoint},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+
+use crate::{
+    config::setting,
+    emit::{conn_event, data_event},
+    maps::{PENDING, PendingCall, SOCKETS},
+    socket::{classify, forget, key, lookup},
+};
+
+const CALL_CONNECT: u32 = 100;
+const EINPROGRESS: i64 = 115;
+
+#[inline(always)]
+fn traced(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 != setting!(agent_tgid)
+}
+
+// ---- bodies shared by both backends ----
+
+/// read/write/recvfrom/sendto(fd, buf, count), readv/writev(fd, iov, iovcnt),
+/// recvmsg/sendmsg(fd, msg, flags), sendfile(out_fd, in_fd, offset, count).
+#[inline(always)]
+fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced(pid_tgid) {
+        return;
+    }
+    let fd = fd as u32;
+    match lookup((pid_tgid >> 32) as u32, fd) {
+        Some(info) if unsafe { (*info).is_tcp } == 1 => {}
+        _ => return,
+    }
+    let pending = PendingCall { call: call as u32, fd, ptr, count };
+    let _ = PENDING.insert(pid_tgid, pending, 0);
+}
+
+#[inline(always)]
+fn exit_io(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else { return };
+    let _ = PENDING.remove(pid_tgid);
+    if ret <= 0 {
+        return;
+    }
+    let Some(info) = SOCKETS.get_ptr_mut(key((pid_tgid >> 32) as u32, pending.fd)) else {
+        return;
+    };
+    if unsafe { (*info).is_tcp } != 1 {
+        return;
+    }
+    let len = ret as u64;
+    let fd = pending.fd;
+    let call = pending.call;
+    if call == SyscallId::Read as u32 || call == SyscallId::Recvfrom as u32 {
+        data_event(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, len);
+    } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
+        data_event(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, len);
+    } else if call == SyscallId::Sendfile as u32 {
+        data_event(pid_tgid, fd, info, Direction::Egress, call, 0, len);
+    } else if call == SyscallId::Readv as u32 {
+        iov_events(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, pending.count, len);
+    } else if call == SyscallId::Writev as u32 {
+        iov_events(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, pending.count, len);
+    } else if call == SyscallId::Recvmsg as u32 || call == SyscallId::Sendmsg as u32 {
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (x86-64 and arm64 ABI).
+        let iov: u64 = unsafe { bpf_probe_read_user((pending.ptr + 16) as *const u64) }.unwrap_or(0);
+        let iovlen: u64 = unsafe { bpf_probe_read_user((pending.ptr + 24) as *const u64) }.unwrap_or(0);
+        let dir = if call == SyscallId::Recvmsg as u32 { Direction::Ingress } else { Direction::Egress };
+        iov_events(pid_tgid, fd, info, dir, call, iov, iovlen, len);
+    }
+}
+
+/// Bytes moved through an iovec array: one event per buffer, in order, for the first
+/// MAX_IOVECS buffers; whatever lies beyond is reported as one uncaptured event so that
+/// the stream offsets stay right.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn iov_events(
+    pid_tgid: u64,
+    fd: u32,
+    info: *mut agent_common::SockInfo,
+    dir: Direction,
+    call: u32,
+    iov: u64,
+    iovcnt: u64,
+    total: u64,
+) {
+    let mut remaining = total;
+    for i in 0..MAX_IOVECS as u64 {
+        if i >= iovcnt || remaining == 0 {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let base: u64 = unsafe { bpf_probe_read_user((iov + i * 16) as *const u64) }.unwrap_or(0);
+        let len: u64 = unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
+        let n = if len < remaining { len } else { remaining };
+        if n > 0 {
+            data_event(pid_tgid, fd, info, dir, call, base, n);
+        }
+        remaining -= n;
+    }
+    if remaining > 0 {
+        data_event(pid_tgid, fd, info, dir, call, 0, remaining);
+    }
+}
+
+/// connect(fd, addr, addrlen)
+#[inline(always)]
+fn enter_connect(fd: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced(pid_tgid) {
+        return;
+    }
+    let pending = PendingCall { call: CALL_CONNECT, fd: fd as u32, ptr: 0, count: 0 };
+    let _ = PENDING.insert(pid_tgid, pending, 0);
+}
+
+#[inline(always)]
+fn exit_connect(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else { return };
+    let _ = PENDING.remove(pid_tgid);
+    if pending.call != CALL_CONNECT || (ret != 0 && ret != -EINPROGRESS) {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    forget(tgid, pending.fd);
+    if let Some(info) = classify(tgid, pending.fd, role::CLIENT) {
+        if info.is_tcp == 1 {
+            conn_event(EventKind::Connect, pid_tgid, pending.fd, &info, ret as i32);
+        }
+    }
+}
+
+/// accept(fd, addr, addrlen) / accept4(fd, addr, addrlen, flags): the new descriptor
+/// is the return value.
+#[inline(always)]
+fn exit_accept(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced(pid_tgid) || ret < 0 {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = ret as u32;
+    forget(tgid, fd);
+    if let Some(info) = classify(tgid, fd, role::SERVER) {
+        if info.is_tcp == 1 {
+            conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
+        }
+    }
+}
+
+/// close(fd), and dup2/dup3(oldfd, newfd, ...) which close newfd.
+#[inline(always)]
+fn enter_close(fd: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced(pid_tgid) {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = fd as u32;
+    let Some(info) = (unsafe { SOCKETS.get(key(tgid, fd)) }).copied() else { return };
+    if info.is_tcp == 1 {
+        conn_event(EventKind::Close, pid_tgid, fd, &info, 0);
+    }
+    forget(tgid, fd);
+}
+
+// ---- syscall tracepoint backend ----
+
+#[inline(always)]
+fn tp_arg(ctx: &TracePointContext, n: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(16 + n * 8) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn tp_ret(ctx: &TracePointContext) -> i64 {
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+macro_rules! tp_io {
+    ($enter:ident, $exit:ident, $call:expr, $ptr_arg:expr, $count_arg:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter_io($call, tp_arg(&ctx, 0), tp_arg(&ctx, $ptr_arg), tp_arg(&ctx, $count_arg));
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_io(tp_ret(&ctx));
+            0
+        }
+    };
+}
+
+tp_io!(sys_read_enter, sys_read_exit, SyscallId::Read, 1, 2);
+tp_io!(sys_write_enter, sys_write_exit, SyscallId::Write, 1, 2);
+tp_io!(sys_readv_enter, sys_readv_exit, SyscallId::Readv, 1, 2);
+tp_io!(sys_writev_enter, sys_writev_exit, SyscallId::Writev, 1, 2);
+tp_io!(sys_recvfrom_enter, sys_recvfrom_exit, SyscallId::Recvfrom, 1, 2);
+tp_io!(sys_sendto_enter, sys_sendto_exit, SyscallId::Sendto, 1, 2);
+tp_io!(sys_recvmsg_enter, sys_recvmsg_exit, SyscallId::Recvmsg, 1, 2);
+tp_io!(sys_sendmsg_enter, sys_sendmsg_exit, SyscallId::Sendmsg, 1, 2);
+// sendfile64(out_fd, in_fd, offset, count): the socket is out_fd; no user buffer.
+tp_io!(sys_sendfile_enter, sys_sendfile_exit, SyscallId::Sendfile, 1, 3);
+
+#[tracepoint]
+pub fn sys_connect_enter(ctx: TracePointContext) -> u32 {
+    enter_connect(tp_arg(&ctx, 0));
+    0
+}
+
+#[tracepoint]
+pub fn sys_connect_exit(ctx: TracePointContext) -> u32 {
+    exit_connect(tp_ret(&ctx));
+    0
+}
+
+#[tracepoint]
+pub fn sys_accept_exit(ctx: TracePointContext) -> u32 {
+    exit_accept(tp_ret(&ctx));
+    0
+}
+
+#[tracepoint]
+pub fn sys_close_enter(ctx: TracePointContext) -> u32 {
+    enter_close(tp_arg(&ctx, 0));
+    0
+}
+
+/// dup2(oldfd, newfd) and dup3(oldfd, newfd, flags): newfd is closed first.
+#[tracepoint]
+pub fn sys_dup_enter(ctx: TracePointContext) -> u32 {
+    enter_close(tp_arg(&ctx, 1));
+    0
+}
+
+// ---- kprobe backend (x86-64 syscall wrappers) ----
+
+/// Offsets of the syscall argument registers in x86-64 `struct pt_regs`:
+/// di, si, dx, r10 (the ABI is fixed; it is not a kernel-internal layout).
+const PT_REGS_ARG: [u64; 4] = [112, 104, 96, 56];
+
+#[inline(always)]
+fn kp_arg(ctx: &ProbeContext, n: usize) -> u64 {
+    let Some(regs) = ctx.arg::<u64>(0) else { return 0 };
+    unsafe { bpf_probe_read_kernel((regs + PT_REGS_ARG[n]) as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn kp_ret(ctx: &RetProbeContext) -> i64 {
+    let _ = ctx.as_ptr();
+    ctx.ret::<i64>()
+}
+
+macro_rules! kp_io {
+    ($enter:ident, $exit:ident, $call:expr, $ptr_arg:expr, $count_arg:expr) => {
+        #[kprobe]
+        pub fn $enter(ctx: ProbeContext) -> u32 {
+            enter_io($call, kp_arg(&ctx, 0), kp_arg(&ctx, $ptr_arg), kp_arg(&ctx, $count_arg));
+            0
+        }
+        #[kretprobe]
+        pub fn $exit(ctx: RetProbeContext) -> u32 {
+            exit_io(kp_ret(&ctx));
+            0
+        }
+    };
+}
+
+kp_io!(kp_read_enter, kp_read_exit, SyscallId::Read, 1, 2);
+kp_io!(kp_write_enter, kp_write_exit, SyscallId::Write, 1, 2);
+kp_io!(kp_readv_enter, kp_readv_exit, SyscallId::Readv, 1, 2);
+kp_io!(kp_writev_enter, kp_writev_exit, SyscallId::Writev, 1, 2);
+kp_io!(kp_recvfrom_enter, kp_recvfrom_exit, SyscallId::Recvfrom, 1, 2);
+kp_io!(kp_sendto_enter, kp_sendto_exit, SyscallId::Sendto, 1, 2);
+kp_io!(kp_recvmsg_enter, kp_recvmsg_exit, SyscallId::Recvmsg, 1, 2);
+kp_io!(kp_sendmsg_enter, kp_sendmsg_exit, SyscallId::Sendmsg, 1, 2);
+kp_io!(kp_sendfile_enter, kp_sendfile_exit, SyscallId::Sendfile, 1, 3);
+
+#[kprobe]
+pub fn kp_connect_enter(ctx: ProbeContext) -> u32 {
+    enter_connect(kp_arg(&ctx, 0));
+    0
+}
+
+#[kretprobe]
+pub fn kp_connect_exit(ctx: RetProbeContext) -> u32 {
+    exit_connect(kp_ret(&ctx));
+    0
+}
+
+#[kretprobe]
+pub fn kp_accept_exit(ctx: RetProbeContext) -> u32 {
+    exit_accept(kp_ret(&ctx));
+    0
+}
+
+#[kprobe]
+pub fn kp_close_enter(ctx: ProbeContext) -> u32 {
+    enter_close(kp_arg(&ctx, 0));
+    0
+}
+
+#[kprobe]
+pub fn kp_dup_enter(ctx: ProbeContext) -> u32 {
+    enter_close(kp_arg(&ctx, 1));
+    0
+}

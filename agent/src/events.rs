@@ -1,0 +1,164 @@
+//! Decoding ring buffer records into typed events. A record that is too short or of an
+//! unknown kind is rejected with a reason (and counted by the caller), never guessed at.
+
+use agent_common::{
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, ProcEvent, SockTuple, role,
+};
+use thiserror::Error;
+
+use crate::conn::Role;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record of {len} bytes is shorter than its {need}-byte layout")]
+    Truncated { kind: EventKind, len: usize, need: usize },
+    #[error("data record says {captured} payload bytes but carries {carried}")]
+    PayloadMismatch { captured: u32, carried: usize },
+}
+
+/// A decoded event, borrowing its payload from the ring buffer record.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Data { header: EventHeader, data: DataEvent, payload: &'a [u8] },
+    Connect { header: EventHeader, tuple: SockTuple, ret: i32 },
+    Accept { header: EventHeader, tuple: SockTuple },
+    Close { header: EventHeader, tuple: SockTuple },
+    Exec { header: EventHeader },
+    Exit { header: EventHeader, exit_code: i32 },
+}
+
+impl Event<'_> {
+    pub fn header(&self) -> &EventHeader {
+        match self {
+            Event::Data { header, .. }
+            | Event::Connect { header, .. }
+            | Event::Accept { header, .. }
+            | Event::Close { header, .. }
+            | Event::Exec { header }
+            | Event::Exit { header, .. } => header,
+        }
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    let need = std::mem::size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Truncated { kind, len: bytes.len(), need });
+    }
+    // SAFETY: the length is checked; T is a #[repr(C)] plain-data type from agent-common
+    // for which every bit pattern is valid; read_unaligned copes with any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    if bytes.len() < std::mem::size_of::<EventHeader>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let raw_kind = u32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let kind = EventKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
+    match kind {
+        EventKind::Data => {
+            let data: DataEvent = read(bytes, kind)?;
+            let start = std::mem::size_of::<DataEvent>();
+            let end = start + data.captured as usize;
+            if data.captured as u64 > data.len || bytes.len() < end {
+                return Err(DecodeError::PayloadMismatch {
+                    captured: data.captured,
+                    carried: bytes.len() - start,
+                });
+            }
+            Ok(Event::Data { header: data.header, data, payload: &bytes[start..end] })
+        }
+        EventKind::Connect | EventKind::Accept | EventKind::Close => {
+            let c: ConnEvent = read(bytes, kind)?;
+            Ok(match kind {
+                EventKind::Connect => Event::Connect { header: c.header, tuple: c.tuple, ret: c.ret },
+                EventKind::Accept => Event::Accept { header: c.header, tuple: c.tuple },
+                _ => Event::Close { header: c.header, tuple: c.tuple },
+            })
+        }
+        EventKind::Exec | EventKind::Exit => {
+            let p: ProcEvent = read(bytes, kind)?;
+            Ok(match kind {
+                EventKind::Exec => Event::Exec { header: p.header },
+                _ => Event::Exit { header: p.header, exit_code: p.exit_code },
+            })
+        }
+    }
+}
+
+pub fn direction(raw: u32) -> Direction {
+    if raw == Direction::Egress as u32 { Direction::Egress } else { Direction::Ingress }
+}
+
+pub fn role_of(raw: u32) -> Option<Role> {
+    match raw {
+        role::CLIENT => Some(Role::Client),
+        role::SERVER => Some(Role::Server),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        let p = (v as *const T).cast::<u8>();
+        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<T>()) }.to_vec()
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        EventHeader { kind: kind as u32, tgid: 10, tid: 11, fd: 3, ts_ns: 99 }
+    }
+
+    #[test]
+    fn data_event_with_payload() {
+        let ev = DataEvent {
+            header: header(EventKind::Data),
+            tuple: SockTuple::default(),
+            offset: 5,
+            len: 100,
+            captured: 4,
+            direction: 1,
+            syscall: 1,
+            role: 0,
+        };
+        let mut b = bytes_of(&ev);
+        b.extend_from_slice(b"GET ");
+        match decode(&b).unwrap() {
+            Event::Data { data, payload, .. } => {
+                assert_eq!(payload, b"GET ");
+                assert_eq!(data.len, 100);
+                assert_eq!(data.offset, 5);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_lying_records() {
+        assert_eq!(decode(&[0; 3]).unwrap_err(), DecodeError::Short(3));
+        let mut h = bytes_of(&header(EventKind::Data));
+        h[0] = 77;
+        assert_eq!(decode(&h).unwrap_err(), DecodeError::UnknownKind(77));
+        let ev = DataEvent {
+            header: header(EventKind::Data),
+            tuple: SockTuple::default(),
+            offset: 0,
+            len: 10,
+            captured: 8,
+            direction: 0,
+            syscall: 0,
+            role: 0,
+        };
+        let b = bytes_of(&ev);
+        assert!(matches!(decode(&b).unwrap_err(), DecodeError::PayloadMismatch { .. }));
+        let c = bytes_of(&header(EventKind::Connect));
+        assert!(matches!(decode(&c).unwrap_err(), DecodeError::Truncated { .. }));
+    }
+}

@@ -1,0 +1,19 @@
+//! sonde: a zero-code distributed tracing agent.
+//!
+//! The modules follow the pipeline in DESIGN.md, one stage each: probes (load and
+//! attach the eBPF programs) -> events (decode the ring buffer) -> process (who is
+//! this pid) -> conn (which connection) -> reassembly (byte streams with gaps) ->
+//! protocols (HTTP/1.x) -> spans (semantic-convention spans) -> export.
+
+pub mod btf;
+pub mod conn;
+pub mod export;
+pub mod protocols;
+pub mod reassembly;
+pub mod spans;
+pub mod telemetry;
+pub mod context;
+pub mod events;
+pub mod pipeline;
+pub mod probes;
+pub mod process;

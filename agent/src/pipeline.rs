@@ -1,0 +1,336 @@
+//! The user-space pipeline: decoded events in, finished spans out.
+//!
+//! events -> process registry -> connection table -> stream cursors -> HTTP parser ->
+//! span builder -> context linker -> sink. The same pipeline serves the live kernel and
+//! tests that feed it recorded events.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_common::{Direction, SockTuple};
+use tracing::debug;
+
+use crate::{
+    conn::ConnInfo,
+    context::{ConnKey, Linker},
+    events::{Event, direction},
+    process::ProcessRegistry,
+    protocols::http::{HttpExchange, HttpParser},
+    reassembly::{Piece, StreamCursor},
+    spans::{Resource, Span, http::http_span},
+    telemetry::Metrics,
+};
+
+/// Limits and timings of the pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    /// Most connections tracked at once; the least recently active go first.
+    pub max_connections: usize,
+    /// A connection with no traffic for this long is forgotten.
+    pub idle_timeout: Duration,
+    /// How long a span waits for the other end of its connection.
+    pub link_hold: Duration,
+    /// Most spans waiting for their other end.
+    pub max_pending_spans: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            max_connections: 65536,
+            idle_timeout: Duration::from_secs(600),
+            link_hold: Duration::from_millis(1500),
+            max_pending_spans: 100_000,
+        }
+    }
+}
+
+/// Where finished spans go.
+pub type Sink = Box<dyn FnMut(Span) + Send>;
+
+struct Conn {
+    info: ConnInfo,
+    tuple: SockTuple,
+    resource: Arc<Resource>,
+    parser: Option<HttpParser>,
+    ingress: StreamCursor,
+    egress: StreamCursor,
+    last_ns: u64,
+}
+
+pub struct Pipeline {
+    opts: PipelineOptions,
+    registry: ProcessRegistry,
+    conns: HashMap<(u32, u32), Conn>,
+    linker: Linker,
+    own: OwnSockets,
+    metrics: Arc<Metrics>,
+    /// Add to a CLOCK_MONOTONIC time to get Unix time (both in ns).
+    mono_to_unix_ns: i128,
+    sink: Sink,
+    last_ns: u64,
+}
+
+impl Pipeline {
+    pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
+        Pipeline {
+            linker: Linker::new(opts.link_hold, opts.max_pending_spans),
+            opts,
+            registry: ProcessRegistry::new(),
+            conns: HashMap::new(),
+            own: OwnSockets::default(),
+            metrics,
+            mono_to_unix_ns: mono_to_unix_offset(),
+            sink,
+            last_ns: 0,
+        }
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, event: Event<'_>) {
+        Metrics::inc(&self.metrics.events_seen);
+        let h = *event.header();
+        self.last_ns = self.last_ns.max(h.ts_ns);
+        match event {
+            Event::Data { data, payload, .. } => {
+                Metrics::add(&self.metrics.bytes_seen, data.len);
+                let dir = direction(data.direction);
+                let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
+                let Some(conn) = conn else { return };
+                conn.last_ns = h.ts_ns;
+                let Some(parser) = conn.parser.as_mut() else { return };
+                let cursor = match dir {
+                    Direction::Ingress => &mut conn.ingress,
+                    Direction::Egress => &mut conn.egress,
+                };
+                for piece in cursor.advance(data.offset, data.len, payload).pieces() {
+                    match piece {
+                        Piece::Data(bytes) => parser.feed(dir, bytes, h.ts_ns),
+                        Piece::Gap(n) => {
+                            Metrics::add(&self.metrics.bytes_skipped, n);
+                            parser.skip(dir, n, h.ts_ns);
+                        }
+                        Piece::Resync => parser.resync(dir),
+                    }
+                }
+                self.after_parse(h.tgid, h.fd, h.ts_ns);
+            }
+            Event::Connect { tuple, .. } | Event::Accept { tuple, .. } => {
+                // A new connection on this descriptor: whatever was there is over.
+                self.close(h.tgid, h.fd, h.ts_ns);
+                self.conn(h.tgid, h.fd, &tuple, h.ts_ns);
+            }
+            Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
+            Event::Exec { .. } => self.registry.exec(h.tgid),
+            Event::Exit { .. } => {
+                let fds: Vec<u32> = self.conns.keys().filter(|(p, _)| *p == h.tgid).map(|(_, fd)| *fd).collect();
+                for fd in fds {
+                    self.close(h.tgid, fd, h.ts_ns);
+                }
+                self.registry.exit(h.tgid);
+            }
+        }
+    }
+
+    /// Periodic work: release spans that waited long enough, forget idle connections.
+    /// `now_ns` is CLOCK_MONOTONIC.
+    pub fn tick(&mut self, now_ns: u64) {
+        for span in self.linker.expire(now_ns) {
+            (self.sink)(span);
+        }
+        let idle = self.opts.idle_timeout.as_nanos() as u64;
+        let before = self.conns.len();
+        self.conns.retain(|_, c| now_ns.saturating_sub(c.last_ns) < idle);
+        if self.conns.len() != before {
+            debug!(forgotten = before - self.conns.len(), "idle connections forgotten");
+        }
+        self.metrics
+            .connections_tracked
+            .store(self.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Ends everything: open exchanges, waiting spans (at shutdown).
+    pub fn finish(&mut self) {
+        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        let now = self.last_ns;
+        for (tgid, fd) in keys {
+            self.flush_conn(tgid, fd, now, false);
+        }
+        for span in self.linker.drain() {
+            (self.sink)(span);
+        }
+    }
+
+    fn conn(&mut self, tgid: u32, fd: u32, tuple: &SockTuple, ts_ns: u64) -> Option<&mut Conn> {
+        let key = (tgid, fd);
+        if let Some(c) = self.conns.get(&key) {
+            if c.tuple != *tuple && *tuple != SockTuple::default() {
+                // The descriptor was reused without a close we saw.
+                self.close(tgid, fd, ts_ns);
+            }
+        }
+        if !self.conns.contains_key(&key) {
+            if self.conns.len() >= self.opts.max_connections {
+                self.evict_oldest();
+            }
+            let info = ConnInfo::from_tuple(tuple);
+            let ours = self.own.is_ours(&info);
+            if ours {
+                debug!(pid = tgid, fd, peer = %info.remote, "connection from the agent itself; not traced");
+            }
+            let resource = self.registry.resource(tgid);
+            self.conns.insert(
+                key,
+                Conn {
+                    info,
+                    tuple: *tuple,
+                    resource,
+                    parser: (!ours).then(HttpParser::new),
+                    ingress: StreamCursor::new(),
+                    egress: StreamCursor::new(),
+                    last_ns: ts_ns,
+                },
+            );
+            self.metrics
+                .connections_tracked
+                .store(self.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.conns.get_mut(&key)
+    }
+
+    fn evict_oldest(&mut self) {
+        let n = (self.conns.len() / 8).max(1);
+        let mut by_age: Vec<((u32, u32), u64)> = self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
+        by_age.sort_by_key(|(_, t)| *t);
+        for (k, _) in by_age.into_iter().take(n) {
+            self.conns.remove(&k);
+            Metrics::inc(&self.metrics.connections_evicted);
+        }
+    }
+
+    fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64) {
+        self.flush_conn(tgid, fd, ts_ns, true);
+    }
+
+    fn flush_conn(&mut self, tgid: u32, fd: u32, ts_ns: u64, closed: bool) {
+        if let Some(conn) = self.conns.get_mut(&(tgid, fd)) {
+            if let Some(p) = conn.parser.as_mut() {
+                if closed {
+                    p.close(ts_ns);
+                }
+            }
+            self.after_parse(tgid, fd, ts_ns);
+        }
+        self.conns.remove(&(tgid, fd));
+    }
+
+    /// Turns what the parser finished into spans; gives up on connections that are not
+    /// HTTP.
+    fn after_parse(&mut self, tgid: u32, fd: u32, now_ns: u64) {
+        let Some(conn) = self.conns.get_mut(&(tgid, fd)) else { return };
+        let Some(parser) = conn.parser.as_mut() else { return };
+        let exchanges = parser.take_exchanges();
+        if parser.is_http() == Some(false) {
+            debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is not HTTP/1.x; ignored");
+            Metrics::inc(&self.metrics.parse_failures);
+            conn.parser = None;
+        }
+        if exchanges.is_empty() {
+            return;
+        }
+        let info = conn.info;
+        let resource = conn.resource.clone();
+        for ex in exchanges {
+            self.emit(&ex, &info, resource.clone(), now_ns);
+        }
+    }
+
+    fn emit(&mut self, ex: &HttpExchange, info: &ConnInfo, resource: Arc<Resource>, now_ns: u64) {
+        let span = http_span(ex, info, resource, self.mono_to_unix_ns, false);
+        Metrics::inc(&self.metrics.spans_built);
+        let key = ConnKey::new(ex.role, info.local, info.remote);
+        for span in self.linker.offer(span, key, &ex.request.method, &ex.request.target, now_ns) {
+            (self.sink)(span);
+        }
+    }
+}
+
+/// The difference between the Unix clock and CLOCK_MONOTONIC, which eBPF timestamps use.
+pub fn mono_to_unix_offset() -> i128 {
+    fn now(clock: libc::clockid_t) -> i128 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    }
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+/// CLOCK_MONOTONIC now, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The agent's own TCP sockets, so that a process on this node that the agent talks to
+/// (a local collector or Jaeger receiving the agent's exports) is not traced for it:
+/// tracing those exchanges would make spans about exporting spans, without end.
+#[derive(Default)]
+struct OwnSockets {
+    local_ports: HashSet<u16>,
+    refreshed_ns: u64,
+}
+
+impl OwnSockets {
+    fn is_ours(&mut self, info: &ConnInfo) -> bool {
+        if !is_this_host(info.remote.ip(), info.local.ip()) {
+            return false;
+        }
+        if self.local_ports.contains(&info.remote.port()) {
+            return true;
+        }
+        let now = monotonic_ns();
+        if now.saturating_sub(self.refreshed_ns) > 50_000_000 {
+            self.refresh();
+            self.refreshed_ns = now;
+            return self.local_ports.contains(&info.remote.port());
+        }
+        false
+    }
+
+    fn refresh(&mut self) {
+        let inodes: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect();
+        self.local_ports.clear();
+        for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else { continue };
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else { continue };
+                let Ok(inode) = inode.parse::<u64>() else { continue };
+                if !inodes.contains(&inode) {
+                    continue;
+                }
+                if let Some(port) = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    self.local_ports.insert(port);
+                }
+            }
+        }
+    }
+}
+
+fn is_this_host(remote: IpAddr, local: IpAddr) -> bool {
+    remote.is_loopback() || remote == local
+}

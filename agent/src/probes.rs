@@ -1,0 +1,384 @@
+//! Loading and attaching the eBPF programs, and choosing the backend for socket capture.
+//!
+//! Two backends carry the same programs: syscall tracepoints, which every kernel with
+//! tracefs has, and kprobes on the syscall wrappers, where the kernel has kprobes. The
+//! registry below says which program needs which hook, so that a missing kernel feature
+//! is reported by name.
+
+use std::{
+    ffi::CString,
+    fmt,
+    path::Path,
+};
+
+use agent_common::{KernelOffsets, MAX_PAYLOAD, ProbeConfig, lost, maps};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{KProbe, TracePoint},
+};
+use thiserror::Error;
+use tracing::{debug, info};
+
+/// The eBPF object built by build.rs (aya-build) and embedded here, in one place.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-ebpf"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// How socket syscalls are hooked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// kprobes where the kernel can attach them, syscall tracepoints otherwise.
+    Auto,
+    /// kprobes/kretprobes on the syscall entry points (needs CONFIG_KPROBES).
+    Kprobe,
+    /// syscalls/sys_enter_* and sys_exit_* tracepoints (needs CONFIG_FTRACE_SYSCALLS).
+    Tracepoint,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Kprobe => "kprobe",
+            Backend::Tracepoint => "tracepoint",
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "sonde needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN, to load \
+         eBPF programs (this process has effective uid {uid}); run it with sudo, or give the \
+         container `privileged: true` as deploy/ does"
+    )]
+    NotPrivileged { uid: u32 },
+    #[error(
+        "the kernel has no tracefs at {TRACEFS} and mounting it failed ({0}); sonde needs \
+         CONFIG_TRACING and permission to mount tracefs (or mount it yourself: \
+         mount -t tracefs tracefs {TRACEFS})"
+    )]
+    Tracefs(std::io::Error),
+    #[error(
+        "--probe-backend kprobe was asked for, but this kernel cannot attach kprobes \
+         ({0}); it needs CONFIG_KPROBES and CONFIG_KPROBE_EVENTS. Use --probe-backend \
+         tracepoint (or auto) instead"
+    )]
+    NoKprobes(String),
+    #[error(
+        "the syscall tracepoint syscalls/{0} is missing; the tracepoint backend needs \
+         CONFIG_FTRACE_SYSCALLS (or use --probe-backend kprobe on a kernel with kprobes)"
+    )]
+    NoSyscallTracepoint(String),
+    #[error("reading kernel structure offsets from BTF failed: {0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error(
+        "loading the eBPF programs failed: {0}. sonde needs Linux 5.8 or newer (BPF ring \
+         buffer) with BTF (CONFIG_DEBUG_INFO_BTF=y)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused eBPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {program} to {hook} failed: {source}")]
+    Attach {
+        program: &'static str,
+        hook: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the eBPF object lacks map {0} (a build mismatch between agent and agent-ebpf)")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("--payload-cap must be between 0 and {MAX_PAYLOAD} bytes, not {0}")]
+    PayloadCap(u32),
+}
+
+/// Settings for loading.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub backend: Backend,
+    pub payload_cap: u32,
+    pub ring_buffer_bytes: u32,
+    pub wakeup_bytes: u64,
+}
+
+/// What a socket hook is, for each backend.
+struct SyscallHook {
+    /// Tracepoint program name.
+    tp_program: &'static str,
+    /// Tracepoints (in syscalls/) it attaches to.
+    tracepoints: &'static [&'static str],
+    /// Kprobe program name.
+    kp_program: &'static str,
+    /// Syscalls (without the arch prefix) it attaches to.
+    syscalls: &'static [&'static str],
+    /// Entry (kprobe) or return (kretprobe) hook.
+    on_return: bool,
+}
+
+macro_rules! io_hooks {
+    ($($name:literal, $tp_suffix:literal, $sys:literal;)*) => {
+        &[$(
+            SyscallHook {
+                tp_program: concat!("sys_", $name, "_enter"),
+                tracepoints: &[concat!("sys_enter_", $tp_suffix)],
+                kp_program: concat!("kp_", $name, "_enter"),
+                syscalls: &[$sys],
+                on_return: false,
+            },
+            SyscallHook {
+                tp_program: concat!("sys_", $name, "_exit"),
+                tracepoints: &[concat!("sys_exit_", $tp_suffix)],
+                kp_program: concat!("kp_", $name, "_exit"),
+                syscalls: &[$sys],
+                on_return: true,
+            },
+        )*]
+    };
+}
+
+const IO_HOOKS: &[SyscallHook] = io_hooks! {
+    "read", "read", "read";
+    "write", "write", "write";
+    "readv", "readv", "readv";
+    "writev", "writev", "writev";
+    "recvfrom", "recvfrom", "recvfrom";
+    "sendto", "sendto", "sendto";
+    "recvmsg", "recvmsg", "recvmsg";
+    "sendmsg", "sendmsg", "sendmsg";
+    "sendfile", "sendfile64", "sendfile64";
+    "connect", "connect", "connect";
+};
+
+const OTHER_HOOKS: &[SyscallHook] = &[
+    SyscallHook {
+        tp_program: "sys_accept_exit",
+        tracepoints: &["sys_exit_accept", "sys_exit_accept4"],
+        kp_program: "kp_accept_exit",
+        syscalls: &["accept", "accept4"],
+        on_return: true,
+    },
+    SyscallHook {
+        tp_program: "sys_close_enter",
+        tracepoints: &["sys_enter_close"],
+        kp_program: "kp_close_enter",
+        syscalls: &["close"],
+        on_return: false,
+    },
+    SyscallHook {
+        tp_program: "sys_dup_enter",
+        tracepoints: &["sys_enter_dup2", "sys_enter_dup3"],
+        kp_program: "kp_dup_enter",
+        syscalls: &["dup2", "dup3"],
+        on_return: false,
+    },
+];
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub backend: Backend,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Probes {
+    /// Checks privileges and kernel features, loads the programs with this kernel's
+    /// structure offsets, and attaches them. Returns the probes and the ring buffer.
+    pub fn load(opts: &ProbeOptions) -> Result<(Probes, RingBuf<MapData>), ProbeError> {
+        if opts.payload_cap as usize > MAX_PAYLOAD {
+            return Err(ProbeError::PayloadCap(opts.payload_cap));
+        }
+        check_privileges()?;
+        raise_memlock_limit();
+        ensure_tracefs()?;
+
+        let btf = crate::btf::Btf::from_kernel()?;
+        let offsets: KernelOffsets = crate::btf::kernel_offsets(&btf)?;
+        debug!(?offsets, "kernel structure offsets");
+
+        let backend = choose_backend(opts.backend)?;
+        let config = ProbeConfig {
+            offsets,
+            payload_cap: opts.payload_cap,
+            agent_tgid: std::process::id(),
+            wakeup_bytes: opts.wakeup_bytes,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(agent_common::globals::CONFIG, &config, true)
+            .set_max_entries(maps::EVENTS, opts.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+
+        attach_process_hooks(&mut ebpf)?;
+        match backend {
+            Backend::Kprobe => attach_kprobes(&mut ebpf)?,
+            _ => attach_tracepoints(&mut ebpf)?,
+        }
+        info!(backend = %backend, payload_cap = opts.payload_cap, "probes attached");
+
+        let events = ebpf.take_map(maps::EVENTS).ok_or(ProbeError::MissingMap(maps::EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map { name: maps::EVENTS, source })?;
+        let lost = ebpf.take_map(maps::LOST).ok_or(ProbeError::MissingMap(maps::LOST))?;
+        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map { name: maps::LOST, source })?;
+        Ok((Probes { ebpf, backend, lost }, events))
+    }
+
+    /// Events the programs dropped so far, over all causes and CPUs.
+    pub fn lost_events(&self) -> u64 {
+        (0..lost::COUNT)
+            .filter_map(|i| self.lost.get(&i, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum::<u64>())
+            .sum()
+    }
+
+    /// Detaches every program (also done on drop).
+    pub fn detach(self) {
+        drop(self.ebpf);
+    }
+}
+
+fn check_privileges() -> Result<(), ProbeError> {
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return Ok(());
+    }
+    // Not root: accept the capability set that suffices.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    if caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0) {
+        return Ok(());
+    }
+    Err(ProbeError::NotPrivileged { uid })
+}
+
+fn raise_memlock_limit() {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK; fine on Linux 5.11 and newer");
+    }
+}
+
+/// Mounts tracefs when it is missing: tracepoints are found through it.
+fn ensure_tracefs() -> Result<(), ProbeError> {
+    if Path::new(TRACEFS).join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let src = CString::new("tracefs").expect("no NUL");
+    let target = CString::new(TRACEFS).expect("no NUL");
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
+    }
+    info!(path = TRACEFS, "mounted tracefs");
+    Ok(())
+}
+
+/// Whether this kernel can create kprobes through perf events.
+fn kprobes_available() -> Result<(), String> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err("the kprobe backend reads x86-64 syscall registers; this is another architecture".into());
+    }
+    if !Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+        return Err("/sys/bus/event_source/devices/kprobe is missing".into());
+    }
+    Ok(())
+}
+
+fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
+    match requested {
+        Backend::Tracepoint => Ok(Backend::Tracepoint),
+        Backend::Kprobe => {
+            kprobes_available().map_err(ProbeError::NoKprobes)?;
+            Ok(Backend::Kprobe)
+        }
+        Backend::Auto => match kprobes_available() {
+            Ok(()) => Ok(Backend::Kprobe),
+            Err(why) => {
+                info!(reason = %why, "kprobes unavailable; using syscall tracepoints");
+                Ok(Backend::Tracepoint)
+            }
+        },
+    }
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ProbeError> {
+    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let tp: &mut TracePoint = program
+        .try_into()
+        .map_err(|source| ProbeError::Program { program: name, source })?;
+    Ok(tp)
+}
+
+fn attach_tp(ebpf: &mut Ebpf, program: &'static str, category: &str, names: &[&str]) -> Result<(), ProbeError> {
+    let tp = tracepoint(ebpf, program)?;
+    tp.load().map_err(|source| ProbeError::Program { program, source })?;
+    for name in names {
+        if category == "syscalls" && !tracepoint_exists(category, name) {
+            return Err(ProbeError::NoSyscallTracepoint((*name).to_owned()));
+        }
+        tp.attach(category, name).map_err(|source| ProbeError::Attach {
+            program,
+            hook: format!("tracepoint {category}/{name}"),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn tracepoint_exists(category: &str, name: &str) -> bool {
+    [TRACEFS, "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|root| Path::new(root).join("events").join(category).join(name).exists())
+}
+
+fn attach_process_hooks(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    attach_tp(ebpf, "sched_exec", "sched", &["sched_process_exec"])?;
+    attach_tp(ebpf, "sched_exit", "sched", &["sched_process_exit"])?;
+    Ok(())
+}
+
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
+        attach_tp(ebpf, hook.tp_program, "syscalls", hook.tracepoints)?;
+    }
+    Ok(())
+}
+
+fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
+        let program = hook.kp_program;
+        let kp: &mut KProbe = ebpf
+            .program_mut(program)
+            .ok_or(ProbeError::MissingMap(program))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { program, source })?;
+        kp.load().map_err(|source| ProbeError::Program { program, source })?;
+        for sys in hook.syscalls {
+            let symbol = format!("__x64_sys_{sys}");
+            kp.attach(&symbol, 0).map_err(|source| ProbeError::Attach {
+                program,
+                hook: format!("{} {symbol}", if hook.on_return { "kretprobe" } else { "kprobe" }),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}

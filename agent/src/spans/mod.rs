@@ -1,0 +1,173 @@
+//! The span model every stage after the protocol parsers speaks.
+//!
+//! sonde builds spans after the fact, for many services at once, with its own ids and
+//! times, so it does not go through the OpenTelemetry SDK's live-span API: a [`Span`]
+//! is plain data that the exporters turn into OTLP.
+
+pub mod http;
+pub mod route;
+
+use std::sync::Arc;
+
+/// 16-byte W3C trace id.
+pub type TraceId = [u8; 16];
+/// 8-byte W3C span id.
+pub type SpanId = [u8; 8];
+
+/// What the span stands for, as in OTLP's `SpanKind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Internal,
+    Server,
+    Client,
+    Producer,
+    Consumer,
+}
+
+/// A span's outcome, as in OTLP's `Status`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Status {
+    #[default]
+    Unset,
+    Ok,
+    Error(String),
+}
+
+/// An attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Str(v.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Str(v)
+    }
+}
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<u16> for Value {
+    fn from(v: u16) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Bool(v)
+    }
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Str(s) => write!(f, "{s:?}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Double(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// One attribute. Keys come from `opentelemetry_semantic_conventions` where a
+/// convention exists.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyValue {
+    pub key: &'static str,
+    pub value: Value,
+}
+
+impl KeyValue {
+    pub fn new(key: &'static str, value: impl Into<Value>) -> Self {
+        KeyValue { key, value: value.into() }
+    }
+}
+
+/// The service a span belongs to: one per traced process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    /// `service.name`.
+    pub service_name: String,
+    /// `process.pid`.
+    pub pid: u32,
+    /// `process.executable.name`.
+    pub executable_name: String,
+    /// `host.name`.
+    pub host_name: String,
+    /// Further resource attributes (container, Kubernetes, command line...).
+    pub attributes: Vec<KeyValue>,
+}
+
+/// A finished span.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    pub name: String,
+    pub kind: SpanKind,
+    /// Wall-clock start, nanoseconds since the Unix epoch.
+    pub start_unix_nanos: u64,
+    /// Wall-clock end, nanoseconds since the Unix epoch.
+    pub end_unix_nanos: u64,
+    pub attributes: Vec<KeyValue>,
+    pub status: Status,
+    pub resource: Arc<Resource>,
+}
+
+impl Span {
+    /// The value of attribute `key`, if the span has it.
+    pub fn attribute(&self, key: &str) -> Option<&Value> {
+        self.attributes.iter().find(|kv| kv.key == key).map(|kv| &kv.value)
+    }
+}
+
+/// Fresh random ids. Trace ids are never all zero, as W3C requires.
+pub fn new_trace_id() -> TraceId {
+    loop {
+        let id: TraceId = rand::random();
+        if id != [0; 16] {
+            return id;
+        }
+    }
+}
+
+pub fn new_span_id() -> SpanId {
+    loop {
+        let id: SpanId = rand::random();
+        if id != [0; 8] {
+            return id;
+        }
+    }
+}
+
+/// Lower-case hex, as W3C and OTLP JSON write ids.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
