@@ -1,0 +1,49 @@
+"""Fixtures for sonde's privileged tests. See sonde_testlib for the helpers."""
+import time
+
+import pytest
+
+from sonde_testlib import HELLO, Agent, require_root, start_app, start_nginx, start_python_http_server
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    """One `sonde run --output otlp-json` for the module's tests (their spans are told
+    apart by the pids of each test's own processes). Teardown: SIGINT, the agent must
+    exit 0; the spans written by then are parsed."""
+    require_root()
+    a = Agent(tmp_path_factory.mktemp("agent"))
+    a.start()
+    yield a
+    code = a.stop()
+    a.spans()  # parse what the final flush wrote
+    assert code == 0, f"agent exited with {code} after SIGINT\n--- stderr ---\n{a.stderr_tail()}"
+
+
+@pytest.fixture
+def t0():
+    return time.time_ns()
+
+
+@pytest.fixture
+def app(agent, tmp_path):
+    s = start_app(tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def nginx(agent, tmp_path):
+    s = start_nginx(tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def http_server(agent, tmp_path):
+    d = tmp_path / "www"
+    d.mkdir()
+    (d / "hello.txt").write_bytes(HELLO)
+    s = start_python_http_server(tmp_path, d)
+    yield s
+    s.stop()
