@@ -17,3 +17,5 @@ pub mod events;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
+pub mod agent;
+pub mod config;

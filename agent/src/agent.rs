@@ -1,0 +1,131 @@
+//! `sonde run`: load the probes, drain the ring buffer into the pipeline, export, and
+//! shut down cleanly on SIGINT/SIGTERM.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    config::{OutputKind, RunArgs},
+    events::decode,
+    export::{self, Output, OtlpConfig, OtlpOptions},
+    pipeline::{Pipeline, PipelineOptions, monotonic_ns},
+    probes::{ProbeOptions, Probes},
+    telemetry::Metrics,
+};
+
+/// How often the ring buffer is drained when the kernel did not wake us: programs wake
+/// the reader only past `WAKEUP_BYTES`, to save wake-ups under load.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
+fn output_of(args: &RunArgs) -> Result<Output> {
+    let otlp = OtlpOptions {
+        endpoint: args.otlp_endpoint.clone(),
+        protocol: args.otlp_protocol.clone(),
+        headers: args.otlp_headers.clone(),
+        timeout: None,
+        ca_file: args.otlp_ca_file.clone(),
+    };
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let kind = args.output.unwrap_or(if export::endpoint_configured(&env, &otlp) {
+        OutputKind::Otlp
+    } else {
+        OutputKind::Stdout
+    });
+    Ok(match kind {
+        OutputKind::Stdout => Output::Stdout,
+        OutputKind::OtlpJson => {
+            let Some(path) = args.output_file.clone() else {
+                bail!("--output otlp-json needs --output-file PATH (or SONDE_OUTPUT_FILE)");
+            };
+            Output::OtlpJson { path }
+        }
+        OutputKind::Otlp => Output::Otlp(OtlpConfig::resolve(&env, &otlp)?),
+    })
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let output = output_of(&args)?;
+
+    if let Some(addr) = args.admin_addr {
+        let listener = crate::admin::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve the admin endpoint on {addr} (--admin-addr)"))?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve_on(listener, m).await {
+                warn!(error = %e, "admin endpoint stopped");
+            }
+        });
+        info!(%addr, "admin endpoint: /healthz /readyz /metrics");
+    }
+
+    let (exporter, export_task) = export::spawn(output, metrics.clone())?;
+
+    if !args.ring_buffer_mb.is_power_of_two() {
+        bail!("--ring-buffer-mb must be a power of two, not {}", args.ring_buffer_mb);
+    }
+    let opts = ProbeOptions {
+        backend: args.probe_backend,
+        payload_cap: args.payload_cap,
+        ring_buffer_bytes: args.ring_buffer_mb * 1024 * 1024,
+        wakeup_bytes: WAKEUP_BYTES,
+    };
+    let (probes, ring) = Probes::load(&opts)?;
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
+
+    let sink_exporter = exporter.clone();
+    let pipeline_opts = PipelineOptions { max_connections: args.max_connections, ..Default::default() };
+    let mut pipeline = Pipeline::new(pipeline_opts, metrics.clone(), Box::new(move |span| sink_exporter.export(span)));
+
+    let mut ring = AsyncFd::new(ring).context("cannot poll the ring buffer")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut pipeline, &metrics);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                drain(ring.get_mut(), &mut pipeline, &metrics);
+                pipeline.tick(monotonic_ns());
+                metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+            }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+        }
+    }
+
+    metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+    let mut ring = ring.into_inner();
+    probes.detach();
+    drain(&mut ring, &mut pipeline, &metrics);
+    pipeline.finish();
+    drop(pipeline);
+    drop(exporter);
+    export_task.shutdown(Duration::from_secs(10)).await;
+    info!("stopped");
+    Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics) {
+    while let Some(record) = ring.next() {
+        match decode(&record) {
+            Ok(event) => pipeline.handle(event),
+            Err(e) => {
+                Metrics::inc(&metrics.events_malformed);
+                tracing::debug!(error = %e, "malformed event dropped");
+            }
+        }
+    }
+}

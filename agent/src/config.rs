@@ -1,0 +1,86 @@
+//! Command line. Every runtime knob is a flag with a `SONDE_*` environment equivalent;
+//! the standard OTEL_EXPORTER_OTLP_* variables configure OTLP export.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::probes::Backend;
+
+#[derive(Debug, Parser)]
+#[command(name = "sonde", version, about = "Zero-code distributed tracing agent (eBPF -> OpenTelemetry)")]
+pub struct Cli {
+    /// Log filter, as RUST_LOG: error, warn, info, debug, trace, or per module.
+    #[arg(long, env = "SONDE_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace every process on this node (needs root) and export spans.
+    Run(RunArgs),
+}
+
+/// Where spans go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputKind {
+    /// One readable line per span on standard output.
+    Stdout,
+    /// OTLP JSON lines (the OpenTelemetry file exporter format) into --output-file.
+    OtlpJson,
+    /// OTLP over gRPC or HTTP/protobuf to --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT.
+    Otlp,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// How socket syscalls are hooked: kprobes where the kernel has them, else syscall
+    /// tracepoints (auto), or one forced.
+    #[arg(long, env = "SONDE_PROBE_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    pub probe_backend: Backend,
+
+    /// Span output. Default: otlp when an OTLP endpoint is set (flag or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT), stdout otherwise.
+    #[arg(long, env = "SONDE_OUTPUT", value_enum)]
+    pub output: Option<OutputKind>,
+
+    /// File for --output otlp-json (appended to).
+    #[arg(long, env = "SONDE_OUTPUT_FILE")]
+    pub output_file: Option<PathBuf>,
+
+    /// OTLP endpoint, e.g. http://jaeger:4317 (gRPC) or http://jaeger:4318 (HTTP).
+    /// Overrides OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "SONDE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default grpc).
+    #[arg(long, env = "SONDE_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+
+    /// Extra OTLP headers, k=v,k2=v2 (merged over OTEL_EXPORTER_OTLP_HEADERS).
+    #[arg(long, env = "SONDE_OTLP_HEADERS")]
+    pub otlp_headers: Option<String>,
+
+    /// PEM file of CA certificates to trust for an https OTLP endpoint.
+    #[arg(long, env = "SONDE_OTLP_CA_FILE")]
+    pub otlp_ca_file: Option<PathBuf>,
+
+    /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
+    #[arg(long, env = "SONDE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// Payload bytes copied per socket read or write (at most 16384). Bodies beyond it
+    /// are counted, not captured.
+    #[arg(long, env = "SONDE_PAYLOAD_CAP", default_value_t = agent_common::DEFAULT_PAYLOAD_CAP)]
+    pub payload_cap: u32,
+
+    /// Size of the kernel-to-agent ring buffer in MiB (a power of two).
+    #[arg(long, env = "SONDE_RING_BUFFER_MB", default_value_t = 8)]
+    pub ring_buffer_mb: u32,
+
+    /// Most connections tracked at once.
+    #[arg(long, env = "SONDE_MAX_CONNECTIONS", default_value_t = 65536)]
+    pub max_connections: usize,
+}
