@@ -84,7 +84,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let pipeline_opts = PipelineOptions { max_connections: args.max_connections, ..Default::default() };
     let mut pipeline = Pipeline::new(pipeline_opts, metrics.clone(), Box::new(move |span| sink_exporter.export(span)));
 
-    let mut ring = AsyncFd::new(ring).context("cannot poll the ring buffer")?;
+    // SAFETY: the descriptor is the ring buffer map's, owned by `ring` itself, so it
+    // stays open and the same for as long as the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {}", e.into_parts().1))?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);

@@ -97,7 +97,8 @@ impl Pipeline {
         self.last_ns = self.last_ns.max(h.ts_ns);
         match event {
             Event::Data { data, payload, .. } => {
-                Metrics::add(&self.metrics.bytes_seen, data.len);
+                let metrics = Arc::clone(&self.metrics);
+                Metrics::add(&metrics.bytes_seen, data.len);
                 let dir = direction(data.direction);
                 let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
                 let Some(conn) = conn else { return };
@@ -111,7 +112,7 @@ impl Pipeline {
                     match piece {
                         Piece::Data(bytes) => parser.feed(dir, bytes, h.ts_ns),
                         Piece::Gap(n) => {
-                            Metrics::add(&self.metrics.bytes_skipped, n);
+                            Metrics::add(&metrics.bytes_skipped, n);
                             parser.skip(dir, n, h.ts_ns);
                         }
                         Piece::Resync => parser.resync(dir),

@@ -91,7 +91,12 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("the eBPF object lacks map {0} (a build mismatch between agent and agent-ebpf)")]
+    #[error(
+        "this sonde binary was built without its eBPF programs (AYA_BUILD_SKIP was set); \
+         rebuild it without AYA_BUILD_SKIP"
+    )]
+    NoObject,
+    #[error("the eBPF object lacks {0} (a build mismatch between agent and agent-ebpf)")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
     Map {
@@ -198,6 +203,9 @@ impl Probes {
         if opts.payload_cap as usize > MAX_PAYLOAD {
             return Err(ProbeError::PayloadCap(opts.payload_cap));
         }
+        if EBPF_OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
         check_privileges()?;
         raise_memlock_limit();
         ensure_tracefs()?;
@@ -215,7 +223,7 @@ impl Probes {
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(agent_common::globals::CONFIG, &config, true)
-            .set_max_entries(maps::EVENTS, opts.ring_buffer_bytes)
+            .map_max_entries(maps::EVENTS, opts.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
 
