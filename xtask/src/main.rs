@@ -1,1 +1,261 @@
-fn main(){}
+//! `cargo xtask`: sonde's build, run and test entry points.
+//!
+//! ```text
+//! cargo xtask build-ebpf          the eBPF object alone (pinned nightly, bpf-linker)
+//! cargo xtask build               release build of the agent (embeds the eBPF object)
+//! cargo xtask run -- <args>       setup, build, then `sonde run <args>` as root
+//! cargo xtask test                setup, unit tests, release build, Jaeger, pytest on tests/
+//! cargo xtask ci                  fmt --check, clippy, then everything `test` does
+//! ```
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The nightly whose rustc is on LLVM 22, the LLVM that bpf-linker is built against.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "sonde's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF programs (agent-ebpf) on their own, into target/ebpf.
+    BuildEbpf,
+    /// Release build of the agent (target/release/sonde).
+    Build,
+    /// Set up the machine, build, and run the agent as root: `cargo xtask run -- [sonde run flags]`.
+    Run {
+        /// Skip scripts/setup.sh.
+        #[arg(long)]
+        skip_setup: bool,
+        /// Arguments for `sonde run` (or a full sonde command line when the first one is
+        /// a subcommand, not a flag).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, unit tests, release build, Jaeger build, then the privileged pytest suite.
+    Test(TestArgs),
+    /// `cargo fmt --check`, clippy, then everything `test` does.
+    Ci(TestArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Skip scripts/setup.sh and scripts/setup-tests.sh.
+    #[arg(long)]
+    skip_setup: bool,
+    /// Skip `cargo test` (unit tests).
+    #[arg(long)]
+    no_unit: bool,
+    /// Skip the privileged pytest suite.
+    #[arg(long)]
+    no_integration: bool,
+    /// Extra arguments for pytest (e.g. `-- -k keepalive -x`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pytest_args: Vec<OsString>,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.cmd {
+        Cmd::BuildEbpf => build_ebpf(&root),
+        Cmd::Build => build(&root),
+        Cmd::Run { skip_setup, args } => {
+            if !skip_setup {
+                setup(&root)?;
+            }
+            build(&root)?;
+            run_agent(&root, args)
+        }
+        Cmd::Test(t) => test(&root, &t),
+        Cmd::Ci(t) => {
+            step("cargo fmt --check");
+            run(cargo(&root).args(["fmt", "--all", "--check"]))?;
+            if !t.skip_setup {
+                setup(&root)?;
+            }
+            step("cargo clippy");
+            run(cargo(&root).args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "agent-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            test(&root, &TestArgs { skip_setup: true, ..t })
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir.parent().context("xtask lives in the workspace")?.to_path_buf())
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> xtask: {what}");
+}
+
+fn is_root() -> bool {
+    // No libc dependency: the effective uid is the second field of Uid: in /proc/self/status.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A command that runs as root: itself when we are root, else under `sudo -E`.
+fn as_root(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg("env").arg(format!("PATH={}", path_env())).arg(program);
+        c
+    }
+}
+
+fn path_env() -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cur = std::env::var("PATH").unwrap_or_default();
+    format!("{home}/.cargo/bin:/usr/local/go/bin:{cur}")
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = status_of(cmd)?;
+    if !status.success() {
+        bail!("{} failed with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn status_of(cmd: &mut Command) -> Result<ExitStatus> {
+    cmd.status().with_context(|| format!("could not start {}", describe(cmd)))
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn setup(root: &Path) -> Result<()> {
+    step("scripts/setup.sh");
+    run(as_root(root.join("scripts/setup.sh")).current_dir(root))
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    step(&format!("eBPF programs ({EBPF_TOOLCHAIN}, {EBPF_TARGET})"));
+    // The same flags aya-build passes when the agent's build.rs builds the programs.
+    let arch = std::env::consts::ARCH;
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+    ]
+    .join("\x1f");
+    run(Command::new("rustup")
+        .current_dir(root)
+        .env("PATH", path_env())
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO")
+        .args(["run", EBPF_TOOLCHAIN, "cargo", "build", "--package", "agent-ebpf", "--release"])
+        .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf")))?;
+    eprintln!(
+        "xtask: eBPF object at {}",
+        root.join("target/ebpf").join(EBPF_TARGET).join("release/sonde-ebpf").display()
+    );
+    Ok(())
+}
+
+fn build(root: &Path) -> Result<()> {
+    step("release build of the agent");
+    run(cargo(root).env("PATH", path_env()).args(["build", "--release", "--package", "sonde"]))
+}
+
+fn run_agent(root: &Path, args: Vec<OsString>) -> Result<()> {
+    let bin = root.join("target/release/sonde");
+    let mut full: Vec<OsString> = Vec::new();
+    let first_is_flag = args.first().is_none_or(|a| a.to_string_lossy().starts_with('-'));
+    if first_is_flag {
+        full.push("run".into());
+    }
+    full.extend(args);
+    step(&format!("{} {}", bin.display(), full.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
+    let status = status_of(as_root(&bin).args(&full).current_dir(root))?;
+    // Interrupted with Ctrl-C: the agent flushes and exits 0; a signal exit is no error either.
+    if !status.success() && status.code().is_some() {
+        bail!("sonde exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(root: &Path, t: &TestArgs) -> Result<()> {
+    if !t.skip_setup {
+        setup(root)?;
+        step("scripts/setup-tests.sh (Python venv, Jaeger)");
+        run(as_root(root.join("scripts/setup-tests.sh")).current_dir(root))?;
+    }
+    if !t.no_unit {
+        step("unit tests: cargo test --workspace");
+        run(cargo(root).env("PATH", path_env()).args(["test", "--workspace", "--exclude", "agent-ebpf"]))?;
+    }
+    if t.no_integration {
+        return Ok(());
+    }
+    build(root)?;
+    step("integration and end-to-end tests: pytest tests/");
+    let py = root.join("tests/.venv/bin/python");
+    if !py.exists() {
+        bail!("{} is missing: run scripts/setup-tests.sh", py.display());
+    }
+    let status = status_of(
+        as_root(&py)
+            .current_dir(root)
+            .env("SONDE_BIN", root.join("target/release/sonde"))
+            .args(["-m", "pytest", "tests/", "-v"])
+            .args(&t.pytest_args),
+    )?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(5) => bail!("pytest collected no tests (exit 5): that is a failure, not a pass"),
+        _ => bail!("pytest failed with {status}"),
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What the privileged test suite needs on top of scripts/setup.sh: a Python venv at
+# tests/.venv with pytest, and Jaeger v2 built into .tools/jaeger. Idempotent.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/tests/.venv"
+export PATH="/usr/local/go/bin:$HOME/.cargo/bin:$PATH"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[setup-tests] %s\n' "$*" >&2; }
+
+PY_DEPS=(pytest pytest-timeout)
+
+venv_ok() {
+  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import pytest, pytest_timeout" 2>/dev/null
+}
+
+make_venv() {
+  if venv_ok; then log "Python venv: present ($VENV)"; return; fi
+  rm -rf "$VENV"
+  # Any python3 >= 3.9 with venv will do: the one on PATH first, then Debian's.
+  local py=""
+  for cand in "$(command -v python3 || true)" /usr/bin/python3; do
+    [ -n "$cand" ] && [ -x "$cand" ] || continue
+    if "$cand" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+      py="$cand"; break
+    fi
+  done
+  if [ -z "$py" ]; then
+    log "Python venv: installing Debian's python3-venv"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    py=/usr/bin/python3
+  fi
+  log "Python venv: creating $VENV with $py"
+  "$py" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}"
+  venv_ok || { log "Python venv: pytest still missing after install"; exit 1; }
+}
+
+make_venv
+"$ROOT/scripts/build-jaeger.sh"
+log "done"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of sonde: installs what is missing (scripts/setup.sh and
+# scripts/setup-tests.sh: Python venv, Jaeger v2), unit tests (cargo test), release
+# build, then the privileged integration and end-to-end suite (pytest tests/, as root).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k keepalive -x
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$PATH"
+SUDO=()
+[ "$(id -u)" -eq 0 ] || SUDO=(sudo -E env "PATH=$PATH")
+
+"${SUDO[@]}" "$ROOT/scripts/setup.sh"
+"${SUDO[@]}" "$ROOT/scripts/setup-tests.sh"
+cd "$ROOT"
+exec cargo xtask test --skip-setup -- "$@"
