@@ -1,0 +1,894 @@
+//! Incremental HTTP/1.x parser for one connection, both directions.
+//!
+//! The parser reads each direction's byte stream as [`crate::reassembly`] hands it over:
+//! bytes, gaps of known length ([`HttpParser::skip`]) and gaps of unknown length
+//! ([`HttpParser::resync`]). It turns it into [`HttpExchange`]s: a request head paired
+//! with the response head that answers it, times, body sizes and a body prefix.
+//!
+//! - Detection: the first bytes of a connection decide. A request line or a status line
+//!   makes it HTTP once its head parses; anything else (TLS records, the AMQP or HTTP/2
+//!   prefaces, binary) makes it not HTTP for good and never yields an exchange. A
+//!   connection that predates the agent starts mid-stream: call `resync` on both
+//!   directions first and the parser looks for the first message boundary instead.
+//! - Heads are parsed with httparse once their empty line has arrived; a head longer
+//!   than [`MAX_HEAD`] is not HTTP (or, once decided, a loss of sync).
+//! - Bodies: Content-Length, chunked (trailers included), until close; none for HEAD,
+//!   1xx, 204 and 304. 1xx responses other than 101 are skipped. After 101 or a
+//!   successful CONNECT the connection carries another protocol and is not parsed.
+//! - Pairing is first in, first out, which covers keep-alive and pipelining. A response
+//!   never pairs with a request that started after it.
+//! - Losses: a gap inside a Content-Length, chunk-data or until-close body just counts
+//!   as body. A gap anywhere else, or bytes that do not parse, lose the direction's
+//!   sync: the message in flight is dropped (its exchange is never emitted) and the
+//!   direction scans for the next line that looks like a request line or a status
+//!   line. A request lost that way leaves a placeholder so that its response is
+//!   dropped too. After the response direction resynchronises, the first response found
+//!   pairs with the newest request that started before it and the older unanswered
+//!   ones are dropped: right for clients that wait for each response, a guess when
+//!   requests were pipelined into the gap.
+//! - Memory is bounded whatever the input: one head or line buffer per direction, at
+//!   most [`MAX_IN_FLIGHT`] unanswered exchanges and [`MAX_FINISHED`] untaken ones, a
+//!   body prefix of [`MAX_BODY_CAPTURE`] bytes each.
+
+mod head;
+
+use std::collections::VecDeque;
+
+use agent_common::Direction;
+
+use self::head::{Fit, Framing, FramingHeaders, Kind};
+pub use self::head::{MAX_HEADER_VALUE, MAX_KEPT_HEADERS, RequestHead, ResponseHead};
+use crate::conn::Role;
+
+/// Longest head (start line and headers) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Body bytes kept per message, after chunked framing is removed.
+pub const MAX_BODY_CAPTURE: usize = 16 * 1024;
+/// Longest chunk-size line (with extensions) or trailer line.
+const MAX_LINE: usize = 4 * 1024;
+/// Most trailer bytes after a chunked body.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Most exchanges waiting for their response; beyond that the oldest is dropped.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Most finished exchanges kept until [`HttpParser::take_exchanges`]; beyond that the
+/// oldest are dropped.
+pub const MAX_FINISHED: usize = 1024;
+/// Bytes scanned for a first message on a connection that started with a gap, before
+/// it is declared not HTTP.
+const MAX_UNDECIDED_SCAN: u64 = 64 * 1024;
+
+/// One request and the response that answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpExchange {
+    pub role: Role,
+    pub request: RequestHead,
+    /// `None` when the connection closed before a response arrived.
+    pub response: Option<ResponseHead>,
+    /// Monotonic ns of the syscall that carried the request's first byte.
+    pub request_start_ns: u64,
+    /// Monotonic ns of the syscall that carried the request's last byte.
+    pub request_end_ns: u64,
+    /// As for the request; 0 without a response.
+    pub response_start_ns: u64,
+    pub response_end_ns: u64,
+    /// Body bytes (after chunked decoding), captured or not.
+    pub request_body_size: u64,
+    pub response_body_size: u64,
+    /// The body's first bytes, at most [`MAX_BODY_CAPTURE`]; shorter than the body
+    /// when bytes were not captured.
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
+}
+
+/// Where in a chunked body a direction is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// In a chunk-size line (the line so far is in the buffer).
+    Size,
+    /// This many bytes of chunk data are left.
+    Data(u64),
+    /// After chunk data, before its line end.
+    DataEnd,
+    /// In the trailer section (the current line is in the buffer).
+    Trailer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Expecting or inside a head (its bytes so far are in the buffer).
+    Head,
+    Body(Body),
+    /// Sync lost: scanning for a start line. `at_line_start` when the next byte may
+    /// begin one.
+    Lost { at_line_start: bool },
+    /// Nothing more to parse in this direction.
+    Stopped,
+}
+
+/// One direction of the connection.
+#[derive(Debug)]
+struct Half {
+    /// What this direction carries, once known.
+    kind: Option<Kind>,
+    phase: Phase,
+    /// The head so far, a chunk-size or trailer line, or a candidate start line.
+    buf: Vec<u8>,
+    /// The start line in `buf` has been recognised.
+    line_ok: bool,
+    /// Progress towards the empty line that ends a head: 1 after LF, 2 after LF CR.
+    eoh: u8,
+    /// Time of the first byte of the current message.
+    start_ns: u64,
+    /// Time of the last byte consumed.
+    last_ns: u64,
+    /// Sequence number of the exchange the current message belongs to.
+    target: Option<u64>,
+    /// The current body's captured prefix is still contiguous.
+    capturing: bool,
+    trailer_bytes: usize,
+    /// This direction lost bytes at some point.
+    gapped: bool,
+    /// Response direction: the next response follows a loss of sync.
+    resynced: bool,
+    /// Bytes scanned while the connection is undecided.
+    scanned: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Half {
+            kind: None,
+            phase: Phase::Head,
+            buf: Vec::new(),
+            line_ok: false,
+            eoh: 0,
+            start_ns: 0,
+            last_ns: 0,
+            target: None,
+            capturing: true,
+            trailer_bytes: 0,
+            gapped: false,
+            resynced: false,
+            scanned: 0,
+        }
+    }
+
+    fn reset_buffer(&mut self) {
+        self.buf.clear();
+        self.buf.shrink_to(MAX_LINE);
+        self.line_ok = false;
+        self.eoh = 0;
+    }
+}
+
+/// An exchange whose request or response is still arriving.
+#[derive(Debug)]
+struct InFlight {
+    seq: u64,
+    exchange: HttpExchange,
+    request_done: bool,
+    response_done: bool,
+    /// Lost to a gap: never emitted, kept only so that its response pairs with it.
+    dropped: bool,
+}
+
+/// Parser state of one connection. See the module documentation.
+#[derive(Debug)]
+pub struct HttpParser {
+    halves: [Half; 2],
+    decided: Option<bool>,
+    request_dir: Option<Direction>,
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
+    /// Sequence number of the next exchange to receive a response.
+    next_response_seq: u64,
+    /// Responses still to come for exchanges dropped from a full queue.
+    responses_to_drop: u64,
+    /// Start of the latest response that answered no request seen.
+    last_orphan_response_ns: Option<u64>,
+    finished: VecDeque<HttpExchange>,
+    closed: bool,
+}
+
+impl Default for HttpParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn index(dir: Direction) -> usize {
+    match dir {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+fn other(dir: Direction) -> Direction {
+    match dir {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    }
+}
+
+/// Progress towards the end of a head after the bytes in `buf`.
+fn eoh_after(buf: &[u8]) -> u8 {
+    match buf {
+        [.., b'\n', b'\r'] => 2,
+        [.., b'\n'] => 1,
+        _ => 0,
+    }
+}
+
+impl HttpParser {
+    pub fn new() -> Self {
+        HttpParser {
+            halves: [Half::new(), Half::new()],
+            decided: None,
+            request_dir: None,
+            in_flight: VecDeque::new(),
+            next_seq: 0,
+            next_response_seq: 0,
+            responses_to_drop: 0,
+            last_orphan_response_ns: None,
+            finished: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    /// `None` until the first head has parsed; `Some(false)` when the connection is not
+    /// HTTP/1.x (stop feeding it).
+    pub fn is_http(&self) -> Option<bool> {
+        self.decided
+    }
+
+    /// `Server` when requests arrive on Ingress, `Client` when they leave on Egress.
+    pub fn role(&self) -> Option<Role> {
+        self.request_dir.map(|d| match d {
+            Direction::Ingress => Role::Server,
+            Direction::Egress => Role::Client,
+        })
+    }
+
+    /// Finished exchanges, oldest first.
+    pub fn take_exchanges(&mut self) -> Vec<HttpExchange> {
+        self.finished.drain(..).collect()
+    }
+
+    fn active(&self) -> bool {
+        !self.closed && self.decided != Some(false)
+    }
+
+    /// The next bytes of direction `dir`, carried by a syscall at monotonic `ts_ns`.
+    pub fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
+        let d = index(dir);
+        let mut rest = data;
+        while !rest.is_empty() && self.active() {
+            let phase = self.halves[d].phase;
+            let used = match phase {
+                Phase::Stopped => return,
+                Phase::Head => self.feed_head(dir, rest, ts_ns),
+                Phase::Body(body) => self.feed_body(dir, body, rest, ts_ns),
+                Phase::Lost { at_line_start } => self.feed_lost(dir, at_line_start, rest, ts_ns),
+            };
+            // Every step consumes bytes or changes phase; a step that does neither would
+            // loop forever, so stop rather than trust it.
+            if used == 0 && self.halves[d].phase == phase {
+                debug_assert!(false, "HTTP parser made no progress in {phase:?}");
+                return;
+            }
+            rest = &rest[used..];
+        }
+    }
+
+    /// `len` bytes of direction `dir` passed without being captured.
+    pub fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
+        if len == 0 || !self.active() {
+            return;
+        }
+        let d = index(dir);
+        let h = &mut self.halves[d];
+        h.gapped = true;
+        match h.phase {
+            Phase::Stopped => {}
+            Phase::Lost { .. } => {
+                h.reset_buffer();
+                h.phase = Phase::Lost { at_line_start: true };
+                self.count_undecided_scan(d, len);
+            }
+            Phase::Head => self.lose_sync(dir, true, true),
+            Phase::Body(Body::UntilClose) => self.body_bytes(dir, None, len, ts_ns),
+            Phase::Body(Body::Length(left)) => {
+                let used = left.min(len);
+                self.body_bytes(dir, None, used, ts_ns);
+                if used == left {
+                    self.finish_message(dir, ts_ns);
+                    if len > used {
+                        self.lose_sync(dir, true, true);
+                    }
+                } else {
+                    self.halves[d].phase = Phase::Body(Body::Length(left - used));
+                }
+            }
+            Phase::Body(Body::Chunked(Chunk::Data(left))) if len <= left => {
+                self.body_bytes(dir, None, len, ts_ns);
+                let next = if len == left { Chunk::DataEnd } else { Chunk::Data(left - len) };
+                self.halves[d].phase = Phase::Body(Body::Chunked(next));
+            }
+            Phase::Body(Body::Chunked(_)) => self.lose_sync(dir, true, false),
+        }
+    }
+
+    /// An unknown number of bytes of direction `dir` is missing.
+    pub fn resync(&mut self, dir: Direction) {
+        if !self.active() {
+            return;
+        }
+        let h = &mut self.halves[index(dir)];
+        h.gapped = true;
+        match h.phase {
+            Phase::Stopped => {}
+            Phase::Lost { .. } => {
+                h.reset_buffer();
+                h.phase = Phase::Lost { at_line_start: true };
+            }
+            Phase::Head => {
+                let partial = !h.buf.is_empty();
+                self.lose_sync(dir, true, partial);
+            }
+            Phase::Body(_) => self.lose_sync(dir, true, false),
+        }
+    }
+
+    /// The connection closed at `ts_ns`: a body delimited by the close ends, and every
+    /// request still waiting is finished, without a response if none came.
+    pub fn close(&mut self, _ts_ns: u64) {
+        if self.closed {
+            return;
+        }
+        if self.decided == Some(true) {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let h = &self.halves[index(dir)];
+                if h.phase == Phase::Body(Body::UntilClose) {
+                    let last = h.last_ns;
+                    self.finish_message(dir, last);
+                }
+            }
+            let request_last = self.request_dir.map_or(0, |d| self.halves[index(d)].last_ns);
+            let response_last = self.request_dir.map_or(0, |d| self.halves[index(other(d))].last_ns);
+            while let Some(mut f) = self.in_flight.pop_front() {
+                if f.dropped {
+                    continue;
+                }
+                if !f.request_done {
+                    f.exchange.request_end_ns = request_last.max(f.exchange.request_start_ns);
+                }
+                if f.exchange.response.is_some() && !f.response_done {
+                    f.exchange.response_end_ns = response_last.max(f.exchange.response_start_ns);
+                }
+                self.push_finished(f.exchange);
+            }
+        }
+        self.closed = true;
+        self.in_flight.clear();
+        for h in &mut self.halves {
+            h.buf = Vec::new();
+            h.phase = Phase::Stopped;
+        }
+    }
+
+    fn is_request_dir(&self, dir: Direction) -> bool {
+        self.request_dir == Some(dir)
+    }
+
+    fn not_http(&mut self) {
+        self.decided = Some(false);
+        self.in_flight.clear();
+        for h in &mut self.halves {
+            h.buf = Vec::new();
+            h.phase = Phase::Stopped;
+        }
+    }
+
+    fn count_undecided_scan(&mut self, d: usize, bytes: u64) {
+        if self.decided.is_none() {
+            let h = &mut self.halves[d];
+            h.scanned = h.scanned.saturating_add(bytes);
+            if h.scanned > MAX_UNDECIDED_SCAN {
+                self.not_http();
+            }
+        }
+    }
+
+    fn in_flight_mut(&mut self, seq: u64) -> Option<&mut InFlight> {
+        let front = self.in_flight.front()?.seq;
+        let i = usize::try_from(seq.checked_sub(front)?).ok()?;
+        self.in_flight.get_mut(i)
+    }
+
+    fn push_finished(&mut self, exchange: HttpExchange) {
+        if self.finished.len() >= MAX_FINISHED {
+            self.finished.pop_front();
+        }
+        self.finished.push_back(exchange);
+    }
+
+    /// Emits the exchanges at the front of the queue that are complete.
+    fn flush(&mut self) {
+        while let Some(f) = self.in_flight.front() {
+            if !(f.response_done && (f.request_done || f.dropped)) {
+                break;
+            }
+            let f = self.in_flight.pop_front().expect("front exists");
+            if !f.dropped {
+                self.push_finished(f.exchange);
+            }
+        }
+    }
+
+    /// The direction lost sync: drop the message in flight and scan for the next start
+    /// line. `placeholder`: a request was (at least partly) lost, so its response must
+    /// be dropped when it comes, unless it already came and paired with nothing.
+    fn lose_sync(&mut self, dir: Direction, at_line_start: bool, placeholder: bool) {
+        let is_request = self.is_request_dir(dir);
+        let decided = self.decided == Some(true);
+        let h = &mut self.halves[index(dir)];
+        let before_loss_ns = h.last_ns;
+        h.reset_buffer();
+        h.gapped = true;
+        h.phase = Phase::Lost { at_line_start };
+        if !is_request && decided {
+            h.resynced = true;
+        }
+        match h.target.take() {
+            Some(seq) => {
+                if let Some(f) = self.in_flight_mut(seq) {
+                    f.dropped = true;
+                    if is_request {
+                        f.request_done = true;
+                    } else {
+                        f.response_done = true;
+                    }
+                }
+            }
+            None if placeholder && is_request && decided => {
+                if self.last_orphan_response_ns.take().is_some_and(|t| t > before_loss_ns) {
+                    return;
+                }
+                let role = self.role().expect("decided");
+                self.push_in_flight(InFlight {
+                    seq: 0,
+                    exchange: HttpExchange::new(role, placeholder_head(), before_loss_ns),
+                    request_done: true,
+                    response_done: false,
+                    dropped: true,
+                });
+            }
+            None => {}
+        }
+        self.flush();
+    }
+
+    fn push_in_flight(&mut self, mut f: InFlight) -> u64 {
+        if self.in_flight.len() >= MAX_IN_FLIGHT
+            && let Some(old) = self.in_flight.pop_front()
+            && old.seq >= self.next_response_seq
+        {
+            self.responses_to_drop += 1;
+        }
+        f.seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.push_back(f);
+        self.next_seq - 1
+    }
+
+    /// A head could not be parsed: not HTTP if these were the connection's first bytes.
+    fn head_failed(&mut self, dir: Direction) {
+        if self.decided.is_none() && !self.halves[index(dir)].gapped {
+            self.not_http();
+        } else {
+            self.lose_sync(dir, true, true);
+        }
+    }
+
+    fn decide(&mut self, request_dir: Direction) {
+        if self.decided.is_none() {
+            self.decided = Some(true);
+            self.request_dir = Some(request_dir);
+            self.halves[index(request_dir)].kind = Some(Kind::Request);
+            self.halves[index(other(request_dir))].kind = Some(Kind::Response);
+        }
+    }
+
+    fn feed_head(&mut self, dir: Direction, data: &[u8], ts_ns: u64) -> usize {
+        let h = &mut self.halves[index(dir)];
+        let mut used = 0;
+        if h.buf.is_empty() {
+            // Empty lines before a message are allowed (RFC 9112 section 2.2).
+            used = data.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
+            if used == data.len() {
+                return used;
+            }
+            h.start_ns = ts_ns;
+            h.eoh = 0;
+            h.line_ok = false;
+        }
+        let room = MAX_HEAD - h.buf.len();
+        let avail = &data[used..];
+        let mut end = None;
+        for (i, &c) in avail.iter().enumerate().take(room) {
+            h.eoh = match (h.eoh, c) {
+                (1 | 2, b'\n') => {
+                    end = Some(i + 1);
+                    break;
+                }
+                (_, b'\n') => 1,
+                (1, b'\r') => 2,
+                _ => 0,
+            };
+        }
+        let take = end.unwrap_or(avail.len().min(room));
+        let new_line = avail[..take].contains(&b'\n');
+        h.buf.extend_from_slice(&avail[..take]);
+        h.last_ns = ts_ns;
+        used += take;
+        // Recognising the start line early rejects other protocols after a few bytes;
+        // a long start line is looked at again only when its line ends.
+        if !h.line_ok && (h.buf.len() <= 64 || new_line || end.is_some() || h.buf.len() >= MAX_HEAD) {
+            match head::classify(&h.buf, h.kind) {
+                Fit::Yes(kind) => {
+                    h.line_ok = true;
+                    h.kind = Some(kind);
+                }
+                Fit::Maybe => {}
+                Fit::No => {
+                    self.head_failed(dir);
+                    return used;
+                }
+            }
+        }
+        if end.is_none() {
+            if h.buf.len() >= MAX_HEAD {
+                self.head_failed(dir);
+            }
+            return used;
+        }
+        let buf = std::mem::take(&mut h.buf);
+        let kind = h.kind;
+        h.reset_buffer();
+        match kind {
+            Some(Kind::Request) => match head::parse_request(&buf) {
+                Some((head, framing)) => self.on_request_head(dir, head, &framing, ts_ns),
+                None => self.head_failed(dir),
+            },
+            Some(Kind::Response) => match head::parse_response(&buf) {
+                Some((head, framing)) => self.on_response_head(dir, head, &framing, ts_ns),
+                None => self.head_failed(dir),
+            },
+            None => self.head_failed(dir),
+        }
+        self.halves[index(dir)].buf = reuse(buf);
+        used
+    }
+
+    fn on_request_head(&mut self, dir: Direction, head: RequestHead, framing: &FramingHeaders, ts_ns: u64) {
+        let Some(framing) = head::request_framing(framing) else {
+            return self.head_failed(dir);
+        };
+        self.decide(dir);
+        let role = self.role().expect("decided");
+        let start = self.halves[index(dir)].start_ns;
+        let seq = self.push_in_flight(InFlight {
+            seq: 0,
+            exchange: HttpExchange::new(role, head, start),
+            request_done: false,
+            response_done: false,
+            dropped: false,
+        });
+        let h = &mut self.halves[index(dir)];
+        h.target = Some(seq);
+        h.capturing = true;
+        match framing {
+            Framing::Length(n) => h.phase = Phase::Body(Body::Length(n)),
+            Framing::Chunked => self.start_chunked(dir),
+            _ => self.finish_message(dir, ts_ns),
+        }
+    }
+
+    fn on_response_head(&mut self, dir: Direction, head: ResponseHead, framing: &FramingHeaders, ts_ns: u64) {
+        self.decide(other(dir));
+        let start = self.halves[index(dir)].start_ns;
+        if (100..200).contains(&head.status) && head.status != 101 {
+            return;
+        }
+        let seq = self.pair_response(dir, start);
+        if seq.is_none() {
+            self.last_orphan_response_ns = Some(start);
+        }
+        let method = seq.and_then(|s| self.in_flight.iter().find(|f| f.seq == s)).map(|f| f.exchange.request.method.clone());
+        let framing = head::response_framing(head.status, method.as_deref(), framing);
+        if let Some(f) = seq.and_then(|s| self.in_flight_mut(s))
+            && !f.dropped
+        {
+            f.exchange.response = Some(head);
+            f.exchange.response_start_ns = start;
+        }
+        let h = &mut self.halves[index(dir)];
+        h.target = seq;
+        h.capturing = true;
+        match framing {
+            None => self.lose_sync(dir, true, false),
+            Some(Framing::Length(n)) => h.phase = Phase::Body(Body::Length(n)),
+            Some(Framing::Chunked) => self.start_chunked(dir),
+            Some(Framing::UntilClose) => h.phase = Phase::Body(Body::UntilClose),
+            Some(Framing::Empty | Framing::Interim) => self.finish_message(dir, ts_ns),
+            Some(Framing::Tunnel) => {
+                self.finish_message(dir, ts_ns);
+                if let Some(req) = self.request_dir {
+                    let h = &self.halves[index(req)];
+                    if h.target.is_some() {
+                        let last = h.last_ns;
+                        self.finish_message(req, last);
+                    }
+                }
+                for h in &mut self.halves {
+                    h.buf = Vec::new();
+                    h.phase = Phase::Stopped;
+                }
+            }
+        }
+    }
+
+    /// The exchange a response starting at `start_ns` answers, if any.
+    fn pair_response(&mut self, dir: Direction, start_ns: u64) -> Option<u64> {
+        if self.responses_to_drop > 0 {
+            self.responses_to_drop -= 1;
+            return None;
+        }
+        let resynced = std::mem::take(&mut self.halves[index(dir)].resynced);
+        let front = self.in_flight.front()?.seq;
+        self.next_response_seq = self.next_response_seq.max(front);
+        let mut chosen = None;
+        for f in self.in_flight.iter().filter(|f| f.seq >= self.next_response_seq) {
+            if f.exchange.request_start_ns > start_ns {
+                break;
+            }
+            chosen = Some(f.seq);
+            if !resynced {
+                break;
+            }
+        }
+        let seq = chosen?;
+        for f in self.in_flight.iter_mut().filter(|f| f.seq >= self.next_response_seq && f.seq < seq) {
+            f.dropped = true;
+            f.response_done = true;
+        }
+        self.next_response_seq = seq + 1;
+        Some(seq)
+    }
+
+    fn start_chunked(&mut self, dir: Direction) {
+        let h = &mut self.halves[index(dir)];
+        h.reset_buffer();
+        h.trailer_bytes = 0;
+        h.phase = Phase::Body(Body::Chunked(Chunk::Size));
+    }
+
+    /// The current message of `dir` ended with a byte at `ts_ns`.
+    fn finish_message(&mut self, dir: Direction, ts_ns: u64) {
+        let is_request = self.is_request_dir(dir);
+        let h = &mut self.halves[index(dir)];
+        h.phase = Phase::Head;
+        h.reset_buffer();
+        if let Some(f) = h.target.take().and_then(|seq| self.in_flight_mut(seq)) {
+            if is_request {
+                f.request_done = true;
+                f.exchange.request_end_ns = ts_ns;
+            } else {
+                f.response_done = true;
+                f.exchange.response_end_ns = ts_ns;
+            }
+        }
+        self.flush();
+    }
+
+    /// `len` body bytes of `dir`'s current message; `bytes` when they were captured.
+    fn body_bytes(&mut self, dir: Direction, bytes: Option<&[u8]>, len: u64, ts_ns: u64) {
+        let is_request = self.is_request_dir(dir);
+        let h = &mut self.halves[index(dir)];
+        h.last_ns = ts_ns;
+        let capturing = h.capturing && bytes.is_some();
+        h.capturing = capturing;
+        let Some(f) = h.target.and_then(|seq| self.in_flight_mut(seq)) else {
+            return;
+        };
+        if f.dropped {
+            return;
+        }
+        let ex = &mut f.exchange;
+        let (size, body) = if is_request {
+            (&mut ex.request_body_size, &mut ex.request_body)
+        } else {
+            (&mut ex.response_body_size, &mut ex.response_body)
+        };
+        *size = size.saturating_add(len);
+        if let (true, Some(bytes)) = (capturing, bytes) {
+            let room = MAX_BODY_CAPTURE.saturating_sub(body.len());
+            body.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        }
+    }
+
+    fn feed_body(&mut self, dir: Direction, body: Body, data: &[u8], ts_ns: u64) -> usize {
+        let d = index(dir);
+        match body {
+            Body::UntilClose => {
+                self.body_bytes(dir, Some(data), data.len() as u64, ts_ns);
+                data.len()
+            }
+            Body::Length(left) | Body::Chunked(Chunk::Data(left)) => {
+                let n = usize::try_from(left).map_or(data.len(), |l| l.min(data.len()));
+                self.body_bytes(dir, Some(&data[..n]), n as u64, ts_ns);
+                let left = left - n as u64;
+                match (body, left) {
+                    (Body::Length(_), 0) => self.finish_message(dir, ts_ns),
+                    (Body::Length(_), _) => self.halves[d].phase = Phase::Body(Body::Length(left)),
+                    (_, 0) => self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::DataEnd)),
+                    (_, _) => self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::Data(left))),
+                }
+                n
+            }
+            Body::Chunked(Chunk::DataEnd) => {
+                self.halves[d].last_ns = ts_ns;
+                match data[0] {
+                    b'\r' if self.halves[d].buf.is_empty() => {
+                        self.halves[d].buf.push(b'\r');
+                        1
+                    }
+                    b'\n' => {
+                        self.halves[d].reset_buffer();
+                        self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::Size));
+                        1
+                    }
+                    _ => {
+                        self.lose_sync(dir, false, false);
+                        0
+                    }
+                }
+            }
+            Body::Chunked(chunk @ (Chunk::Size | Chunk::Trailer)) => {
+                let h = &mut self.halves[d];
+                h.last_ns = ts_ns;
+                let (n, line_end) = match data.iter().position(|&c| c == b'\n') {
+                    Some(p) => (p + 1, true),
+                    None => (data.len(), false),
+                };
+                if h.buf.len() + n > MAX_LINE {
+                    self.lose_sync(dir, false, false);
+                    return n;
+                }
+                h.buf.extend_from_slice(&data[..n]);
+                if !line_end {
+                    return n;
+                }
+                let line_len = h.buf.len();
+                let empty_line = h.buf == b"\n" || h.buf == b"\r\n";
+                let size = chunk_size(&h.buf);
+                h.buf.clear();
+                if chunk == Chunk::Size {
+                    match size {
+                        Some(0) => h.phase = Phase::Body(Body::Chunked(Chunk::Trailer)),
+                        Some(size) => h.phase = Phase::Body(Body::Chunked(Chunk::Data(size))),
+                        None => self.lose_sync(dir, true, false),
+                    }
+                } else if empty_line {
+                    self.finish_message(dir, ts_ns);
+                } else {
+                    h.trailer_bytes += line_len;
+                    if h.trailer_bytes > MAX_TRAILERS {
+                        self.lose_sync(dir, true, false);
+                    }
+                }
+                n
+            }
+        }
+    }
+
+    fn feed_lost(&mut self, dir: Direction, mut at_line_start: bool, data: &[u8], ts_ns: u64) -> usize {
+        let d = index(dir);
+        let h = &mut self.halves[d];
+        let mut i = 0;
+        let mut found = false;
+        while i < data.len() {
+            if h.buf.is_empty() && !at_line_start {
+                match data[i..].iter().position(|&c| c == b'\n') {
+                    Some(p) => {
+                        i += p + 1;
+                        at_line_start = true;
+                        continue;
+                    }
+                    None => {
+                        i = data.len();
+                        break;
+                    }
+                }
+            }
+            if h.buf.is_empty() {
+                h.start_ns = ts_ns;
+            }
+            let end = data[i..].iter().position(|&c| c == b'\n').map_or(data.len(), |p| i + p + 1);
+            let take = (end - i).min(MAX_HEAD - h.buf.len());
+            h.buf.extend_from_slice(&data[i..i + take]);
+            i += take;
+            match head::classify(&h.buf, h.kind) {
+                Fit::Yes(kind) => {
+                    h.kind = Some(kind);
+                    h.line_ok = true;
+                    h.eoh = eoh_after(&h.buf);
+                    h.phase = Phase::Head;
+                    h.last_ns = ts_ns;
+                    found = true;
+                    break;
+                }
+                Fit::Maybe if h.buf.len() < MAX_HEAD => at_line_start = false,
+                _ => {
+                    at_line_start = h.buf.last() == Some(&b'\n');
+                    h.buf.clear();
+                }
+            }
+        }
+        if !found {
+            h.phase = Phase::Lost { at_line_start };
+        }
+        self.count_undecided_scan(d, i as u64);
+        i
+    }
+}
+
+/// Keeps a buffer's allocation for the next message unless it grew large.
+fn reuse(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.clear();
+    buf.shrink_to(MAX_LINE);
+    buf
+}
+
+/// The size in a chunk-size line (`1a;ext=x\r\n`), or `None` when it is not one.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.split(|&c| c == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+fn placeholder_head() -> RequestHead {
+    RequestHead { method: String::new(), target: String::new(), version: 1, headers: Vec::new() }
+}
+
+impl HttpExchange {
+    fn new(role: Role, request: RequestHead, request_start_ns: u64) -> Self {
+        HttpExchange {
+            role,
+            request,
+            response: None,
+            request_start_ns,
+            request_end_ns: request_start_ns,
+            response_start_ns: 0,
+            response_end_ns: 0,
+            request_body_size: 0,
+            response_body_size: 0,
+            request_body: Vec::new(),
+            response_body: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
