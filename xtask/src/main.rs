@@ -102,14 +102,23 @@ fn real_main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            test(&root, &TestArgs { skip_setup: true, ..t })
+            test(
+                &root,
+                &TestArgs {
+                    skip_setup: true,
+                    ..t
+                },
+            )
         }
     }
 }
 
 fn workspace_root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(dir.parent().context("xtask lives in the workspace")?.to_path_buf())
+    Ok(dir
+        .parent()
+        .context("xtask lives in the workspace")?
+        .to_path_buf())
 }
 
 fn step(what: &str) {
@@ -134,7 +143,10 @@ fn as_root(program: impl AsRef<std::ffi::OsStr>) -> Command {
         Command::new(program)
     } else {
         let mut c = Command::new("sudo");
-        c.arg("-E").arg("env").arg(format!("PATH={}", path_env())).arg(program);
+        c.arg("-E")
+            .arg("env")
+            .arg(format!("PATH={}", path_env()))
+            .arg(program);
         c
     }
 }
@@ -160,7 +172,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn status_of(cmd: &mut Command) -> Result<ExitStatus> {
-    cmd.status().with_context(|| format!("could not start {}", describe(cmd)))
+    cmd.status()
+        .with_context(|| format!("could not start {}", describe(cmd)))
 }
 
 fn describe(cmd: &Command) -> String {
@@ -194,31 +207,53 @@ fn build_ebpf(root: &Path) -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO")
-        .args(["run", EBPF_TOOLCHAIN, "cargo", "build", "--package", "agent-ebpf", "--release"])
+        .args([
+            "run",
+            EBPF_TOOLCHAIN,
+            "cargo",
+            "build",
+            "--package",
+            "agent-ebpf",
+            "--release",
+        ])
         .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(root.join("target/ebpf")))?;
     eprintln!(
         "xtask: eBPF object at {}",
-        root.join("target/ebpf").join(EBPF_TARGET).join("release/sonde-ebpf").display()
+        root.join("target/ebpf")
+            .join(EBPF_TARGET)
+            .join("release/sonde-ebpf")
+            .display()
     );
     Ok(())
 }
 
 fn build(root: &Path) -> Result<()> {
     step("release build of the agent");
-    run(cargo(root).env("PATH", path_env()).args(["build", "--release", "--package", "sonde"]))
+    run(cargo(root)
+        .env("PATH", path_env())
+        .args(["build", "--release", "--package", "sonde"]))
 }
 
 fn run_agent(root: &Path, args: Vec<OsString>) -> Result<()> {
     let bin = root.join("target/release/sonde");
     let mut full: Vec<OsString> = Vec::new();
-    let first_is_flag = args.first().is_none_or(|a| a.to_string_lossy().starts_with('-'));
+    let first_is_flag = args
+        .first()
+        .is_none_or(|a| a.to_string_lossy().starts_with('-'));
     if first_is_flag {
         full.push("run".into());
     }
     full.extend(args);
-    step(&format!("{} {}", bin.display(), full.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
+    step(&format!(
+        "{} {}",
+        bin.display(),
+        full.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
     let status = status_of(as_root(&bin).args(&full).current_dir(root))?;
     // Interrupted with Ctrl-C: the agent flushes and exits 0; a signal exit is no error either.
     if !status.success() && status.code().is_some() {
@@ -235,7 +270,12 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
     }
     if !t.no_unit {
         step("unit tests: cargo test --workspace");
-        run(cargo(root).env("PATH", path_env()).args(["test", "--workspace", "--exclude", "agent-ebpf"]))?;
+        run(cargo(root).env("PATH", path_env()).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+        ]))?;
     }
     if t.no_integration {
         return Ok(());
