@@ -5,6 +5,7 @@
 //! this pid) -> conn (which connection) -> reassembly (byte streams with gaps) ->
 //! protocols (HTTP/1.x) -> spans (semantic-convention spans) -> export.
 
+pub mod admin;
 pub mod btf;
 pub mod conn;
 pub mod export;

@@ -1,0 +1,352 @@
+//! The admin endpoint: `GET /healthz` (the process answers), `GET /readyz` (every
+//! probe is attached), `GET /metrics` (the [`Metrics`] counters in Prometheus text
+//! format).
+//!
+//! Hand-written over a `TcpListener`, with httparse for the request head: three fixed
+//! routes, one short response each and `Connection: close` do not justify a web
+//! framework in a node agent. Binding is separate from serving so the caller can say
+//! plainly that the port is taken.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::telemetry::Metrics;
+
+/// Longest request head accepted; the routes take no body.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Binds the admin address. An address in use comes back as `ErrorKind::AddrInUse`.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Binds `addr` and answers admin requests on it: [`bind`] then [`serve_on`].
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<()> {
+    serve_on(bind(addr).await?, metrics).await
+}
+
+/// Answers admin requests on `listener` until the task is dropped. Accept errors
+/// (a client gone before accept, out of file descriptors) are logged and survived:
+/// the endpoint must outlive a bad moment, it is how the agent's health is seen.
+pub async fn serve_on(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let metrics = Arc::clone(&metrics);
+                tokio::spawn(async move {
+                    if let Err(error) = handle(stream, &metrics).await {
+                        debug!(%peer, %error, "admin request failed");
+                    }
+                });
+            }
+            Err(error) => {
+                warn!(%error, "admin endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    extra_header: Option<&'static str>,
+}
+
+impl Response {
+    fn text(status: u16, body: &str) -> Self {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{body}\n"),
+            extra_header: None,
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut len = 0;
+    let parsed = loop {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf[len..]))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head too slow"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                break Some((
+                    request.method.unwrap_or_default().to_owned(),
+                    request.path.unwrap_or_default().to_owned(),
+                ));
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            Ok(httparse::Status::Partial) | Err(_) => break None,
+        }
+    };
+    let (head_only, response) = match parsed {
+        None => (false, Response::text(400, "bad request")),
+        Some((method, target)) => (method == "HEAD", route(&method, &target, metrics)),
+    };
+    write_response(&mut stream, &response, head_only).await
+}
+
+fn route(method: &str, target: &str, metrics: &Metrics) -> Response {
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !known {
+        return Response::text(404, "not found: try /healthz, /readyz or /metrics");
+    }
+    if method != "GET" && method != "HEAD" {
+        return Response {
+            extra_header: Some("Allow: GET, HEAD"),
+            ..Response::text(405, "method not allowed")
+        };
+    }
+    match path {
+        "/healthz" => Response::text(200, "ok"),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => Response::text(200, "ready"),
+        "/readyz" => Response::text(503, "not ready: probes are still being attached"),
+        _ => Response {
+            status: 200,
+            content_type: PROMETHEUS_TEXT,
+            body: render_metrics(metrics),
+            extra_header: None,
+        },
+    }
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    response: &Response,
+    head_only: bool,
+) -> io::Result<()> {
+    let reason = match response.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
+    );
+    if let Some(header) = response.extra_header {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(response.body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+/// Every [`Metrics`] field, in the Prometheus text exposition format. The fields are
+/// destructured without `..`, so a new counter that is not exposed here does not
+/// compile.
+fn render_metrics(metrics: &Metrics) -> String {
+    let Metrics {
+        events_seen,
+        bytes_seen,
+        events_lost,
+        events_malformed,
+        spans_built,
+        spans_exported,
+        spans_dropped,
+        export_failures,
+        parse_failures,
+        connections_tracked,
+        connections_evicted,
+        bytes_skipped,
+        ready,
+    } = metrics;
+    let mut out = String::with_capacity(2048);
+    let mut counter = |name: &str, help: &str, value: &AtomicU64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    };
+    counter(
+        "sonde_events_total",
+        "Ring buffer events decoded, of any kind.",
+        events_seen,
+    );
+    counter(
+        "sonde_bytes_total",
+        "Payload bytes moved by traced sockets, captured or not.",
+        bytes_seen,
+    );
+    counter(
+        "sonde_events_lost_total",
+        "Events the kernel side could not deliver.",
+        events_lost,
+    );
+    counter(
+        "sonde_events_malformed_total",
+        "Events that arrived malformed and were dropped.",
+        events_malformed,
+    );
+    counter("sonde_spans_built_total", "Spans built.", spans_built);
+    counter(
+        "sonde_spans_exported_total",
+        "Spans an exporter delivered.",
+        spans_exported,
+    );
+    counter(
+        "sonde_spans_dropped_total",
+        "Spans dropped before delivery (queue full, refused, out of retries).",
+        spans_dropped,
+    );
+    counter(
+        "sonde_export_failures_total",
+        "Failed export attempts, each retry counted.",
+        export_failures,
+    );
+    counter(
+        "sonde_parse_failures_total",
+        "Connections no protocol parser could read.",
+        parse_failures,
+    );
+    counter(
+        "sonde_connections_evicted_total",
+        "Connections dropped from the full connection table.",
+        connections_evicted,
+    );
+    counter(
+        "sonde_bytes_skipped_total",
+        "Stream bytes that passed without being captured.",
+        bytes_skipped,
+    );
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        "sonde_connections_tracked",
+        "Connections in the connection table.",
+        connections_tracked.load(Ordering::Relaxed),
+    );
+    gauge(
+        "sonde_ready",
+        "1 once every probe is attached.",
+        u64::from(ready.load(Ordering::Relaxed)),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sonde_build_info The running sonde's version.\n# TYPE sonde_build_info gauge\n\
+         sonde_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, request: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    fn request(method: &str, path: &str) -> String {
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    }
+
+    #[tokio::test]
+    async fn answers_health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_on(listener, Arc::clone(&metrics)));
+
+        assert_eq!(
+            get(addr, &request("GET", "/healthz")).await,
+            (200, "ok\n".to_owned())
+        );
+        assert_eq!(get(addr, &request("GET", "/readyz")).await.0, 503);
+        metrics.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(addr, &request("GET", "/readyz?verbose")).await.0, 200);
+
+        Metrics::add(&metrics.spans_exported, 42);
+        Metrics::add(&metrics.connections_tracked, 7);
+        let (status, body) = get(addr, &request("GET", "/metrics")).await;
+        assert_eq!(status, 200);
+        for line in [
+            "# TYPE sonde_spans_exported_total counter",
+            "sonde_spans_exported_total 42",
+            "# TYPE sonde_connections_tracked gauge",
+            "sonde_connections_tracked 7",
+            "sonde_events_total 0",
+            "sonde_bytes_total 0",
+            "sonde_events_lost_total 0",
+            "sonde_spans_built_total 0",
+            "sonde_spans_dropped_total 0",
+            "sonde_export_failures_total 0",
+            "sonde_parse_failures_total 0",
+            "sonde_ready 1",
+        ] {
+            assert!(
+                body.lines().any(|l| l == line),
+                "missing {line:?} in\n{body}"
+            );
+        }
+        // Every sample line belongs to a metric with HELP and TYPE lines.
+        for sample in body.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            assert!(
+                body.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
+            assert!(
+                body.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
+
+        assert_eq!(get(addr, &request("GET", "/nope")).await.0, 404);
+        assert_eq!(get(addr, &request("POST", "/metrics")).await.0, 405);
+        assert_eq!(get(addr, "garbage\r\n\r\n").await.0, 400);
+        let (status, body) = get(addr, &request("HEAD", "/healthz")).await;
+        assert_eq!((status, body.as_str()), (200, ""));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_busy_port_is_reported_as_in_use() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let err = bind(first.local_addr().unwrap()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+}

@@ -1,0 +1,548 @@
+//! Where and how OTLP goes: the standard `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*`
+//! variables, overridden by command-line values.
+//!
+//! [`OtlpConfig::resolve`] is pure (the environment comes in as a map) so every rule
+//! here is unit-tested. Rules, following the OpenTelemetry exporter specification:
+//!
+//! - an empty variable counts as unset;
+//! - a signal-specific variable (`OTEL_EXPORTER_OTLP_TRACES_*`) beats the generic one,
+//!   and a command-line value beats both;
+//! - `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is the exact URL to send to; the generic
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` and `--otlp-endpoint` are base URLs to which
+//!   HTTP/protobuf appends `/v1/traces` (unless the URL already ends with it);
+//! - with no protocol given, an endpoint on port 4317 (OTLP's gRPC port) means gRPC and
+//!   anything else HTTP/protobuf, the specification's default: sending protobuf over
+//!   HTTP/1.1 to a gRPC port fails in ways that are hard to read at night;
+//! - headers are `key=value` pairs separated by commas, percent-decoded, keys
+//!   lower-cased (gRPC metadata keys must be); timeouts are milliseconds.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ExportError;
+
+/// OTLP's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (`grpc`), default port 4317.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`), default port 4318.
+    HttpProtobuf,
+}
+
+impl Protocol {
+    fn parse(value: &str) -> Result<Self, ExportError> {
+        match value.trim() {
+            "grpc" => Ok(Protocol::Grpc),
+            "http/protobuf" => Ok(Protocol::HttpProtobuf),
+            "http/json" => Err(ExportError::UnsupportedProtocol(value.to_owned())),
+            other => Err(ExportError::UnknownProtocol(other.to_owned())),
+        }
+    }
+}
+
+/// Command-line values; each one set beats the environment.
+#[derive(Clone, Debug, Default)]
+pub struct OtlpOptions {
+    /// Base URL, as `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    pub protocol: Option<String>,
+    /// `key=value,key2=value2`, merged over the environment's headers.
+    pub headers: Option<String>,
+    pub timeout: Option<Duration>,
+    /// PEM file of extra CA certificates to trust (an internal CA, say).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Batching, after the `OTEL_BSP_*` variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Spans waiting to be exported; beyond this they are dropped and counted.
+    pub max_queue_size: usize,
+    /// Spans in one export request.
+    pub max_export_batch_size: usize,
+    /// Longest a span waits for its batch to fill.
+    pub scheduled_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    /// The specification's sizes; a 1 s delay instead of its 5 s, because people
+    /// looking for a request in Jaeger have usually just made it.
+    fn default() -> Self {
+        BatchConfig {
+            max_queue_size: 2048,
+            max_export_batch_size: 512,
+            scheduled_delay: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Retries of transient failures, with exponential backoff and jitter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Attempts per batch, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the OTLP exporter needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtlpConfig {
+    pub protocol: Protocol,
+    /// gRPC: the server's URL. HTTP: the full URL to POST to (ending in /v1/traces).
+    pub endpoint: String,
+    /// Sent with every export, as gRPC metadata or HTTP headers.
+    pub headers: Vec<(String, String)>,
+    /// Per export attempt.
+    pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub batch: BatchConfig,
+    pub retry: RetryConfig,
+}
+
+const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
+const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
+const TRACES_PATH: &str = "/v1/traces";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl OtlpConfig {
+    /// The configuration from this process's environment and `cli`.
+    pub fn from_env(cli: &OtlpOptions) -> Result<Self, ExportError> {
+        Self::resolve(&std::env::vars().collect(), cli)
+    }
+
+    /// The configuration from `env` (variable name to value) and `cli`.
+    pub fn resolve(env: &HashMap<String, String>, cli: &OtlpOptions) -> Result<Self, ExportError> {
+        let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+
+        // Where first: with no protocol given, the endpoint's port chooses it.
+        let base = cli
+            .endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        let exact = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        let generic = get("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let given = match (base, exact, generic) {
+            (Some(url), _, _) => Some((url, false)),
+            (None, Some(url), _) => Some((url, true)),
+            (None, None, Some(url)) => Some((url, false)),
+            (None, None, None) => None,
+        };
+        let given = match given {
+            Some((raw, exact)) => Some((raw, parse_url(raw)?, exact)),
+            None => None,
+        };
+
+        let protocol = match cli
+            .protocol
+            .as_deref()
+            .or_else(|| get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        {
+            Some(p) => Protocol::parse(p)?,
+            None => match &given {
+                Some((_, url, _)) if url.port() == Some(4317) => Protocol::Grpc,
+                _ => Protocol::HttpProtobuf,
+            },
+        };
+
+        let endpoint = match (given, protocol) {
+            (Some((raw, _, _)), Protocol::Grpc) => raw.to_owned(),
+            (Some((raw, _, true)), Protocol::HttpProtobuf) => raw.to_owned(),
+            (Some((_, url, false)), Protocol::HttpProtobuf) => with_traces_path(url),
+            (None, Protocol::Grpc) => DEFAULT_GRPC_ENDPOINT.to_owned(),
+            (None, Protocol::HttpProtobuf) => with_traces_path(parse_url(DEFAULT_HTTP_ENDPOINT)?),
+        };
+
+        let mut headers = Vec::new();
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(list) = get(name) {
+                merge_headers(&mut headers, parse_headers(list)?);
+            }
+        }
+        if let Some(list) = &cli.headers {
+            merge_headers(&mut headers, parse_headers(list)?);
+        }
+
+        let timeout = match cli.timeout {
+            Some(t) => t,
+            None => match millis_var(&get, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")? {
+                Some(t) => t,
+                None => millis_var(&get, "OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_TIMEOUT),
+            },
+        };
+        if timeout.is_zero() {
+            return Err(ExportError::InvalidSetting {
+                name: "OTLP timeout",
+                value: "0".to_owned(),
+                expected: "a positive number of milliseconds",
+            });
+        }
+
+        let ca_file = cli.ca_file.clone().or_else(|| {
+            get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+                .or_else(|| get("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+                .map(PathBuf::from)
+        });
+
+        let defaults = BatchConfig::default();
+        let max_queue_size =
+            count_var(&get, "OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(defaults.max_queue_size);
+        let max_export_batch_size = count_var(&get, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?
+            .unwrap_or(defaults.max_export_batch_size)
+            .min(max_queue_size);
+        let scheduled_delay =
+            millis_var(&get, "OTEL_BSP_SCHEDULE_DELAY")?.unwrap_or(defaults.scheduled_delay);
+
+        Ok(OtlpConfig {
+            protocol,
+            endpoint,
+            headers,
+            timeout,
+            ca_file,
+            batch: BatchConfig {
+                max_queue_size,
+                max_export_batch_size,
+                scheduled_delay,
+            },
+            retry: RetryConfig::default(),
+        })
+    }
+}
+
+/// True when the user asked for OTLP by naming an endpoint, on the command line or in
+/// the environment: the agent prints to stdout otherwise.
+pub fn endpoint_configured(env: &HashMap<String, String>, cli: &OtlpOptions) -> bool {
+    let set = |v: Option<&String>| v.is_some_and(|v| !v.trim().is_empty());
+    set(cli.endpoint.as_ref())
+        || set(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        || set(env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+}
+
+fn parse_url(value: &str) -> Result<reqwest::Url, ExportError> {
+    let invalid = |reason: String| ExportError::InvalidEndpoint {
+        endpoint: value.to_owned(),
+        reason,
+    };
+    let url = reqwest::Url::parse(value).map_err(|e| invalid(e.to_string()))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(invalid(format!(
+                "scheme {other:?} is neither http nor https"
+            )));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("no host".to_owned()));
+    }
+    Ok(url)
+}
+
+fn with_traces_path(mut url: reqwest::Url) -> String {
+    let path = url.path().trim_end_matches('/');
+    if !path.ends_with(TRACES_PATH) {
+        let joined = format!("{path}{TRACES_PATH}");
+        url.set_path(&joined);
+    }
+    url.to_string()
+}
+
+/// `k=v,k2=v2`, both sides percent-decoded and trimmed, keys lower-cased. Each
+/// header is checked here, once, against both HTTP's and gRPC's rules, so a typo is
+/// an error at start-up rather than a failed export later.
+fn parse_headers(list: &str) -> Result<Vec<(String, String)>, ExportError> {
+    let mut headers = Vec::new();
+    for entry in list.split(',').filter(|e| !e.trim().is_empty()) {
+        let invalid = |reason: &str| ExportError::InvalidHeader {
+            entry: entry.trim().to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (key, value) = entry.split_once('=').ok_or_else(|| invalid("no '='"))?;
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s.trim())
+                .decode_utf8()
+                .map(|s| s.trim().to_owned())
+                .map_err(|_| invalid("not UTF-8 once percent-decoded"))
+        };
+        let key = decode(key)?.to_ascii_lowercase();
+        let value = decode(value)?;
+        if key.is_empty() {
+            return Err(invalid("empty name"));
+        }
+        if tonic::metadata::AsciiMetadataKey::from_bytes(key.as_bytes()).is_err()
+            || reqwest::header::HeaderName::from_bytes(key.as_bytes()).is_err()
+        {
+            return Err(invalid("the name is not a valid header name"));
+        }
+        if tonic::metadata::AsciiMetadataValue::try_from(value.as_str()).is_err()
+            || reqwest::header::HeaderValue::from_str(&value).is_err()
+        {
+            return Err(invalid("the value has characters a header cannot carry"));
+        }
+        headers.push((key, value));
+    }
+    Ok(headers)
+}
+
+fn merge_headers(into: &mut Vec<(String, String)>, from: Vec<(String, String)>) {
+    for (key, value) in from {
+        match into.iter_mut().find(|(k, _)| *k == key) {
+            Some(existing) => existing.1 = value,
+            None => into.push((key, value)),
+        }
+    }
+}
+
+fn millis_var<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    name: &'static str,
+) -> Result<Option<Duration>, ExportError> {
+    get(name)
+        .map(|v| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| ExportError::InvalidSetting {
+                    name,
+                    value: v.to_owned(),
+                    expected: "a whole number of milliseconds",
+                })
+        })
+        .transpose()
+}
+
+fn count_var<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    name: &'static str,
+) -> Result<Option<usize>, ExportError> {
+    get(name)
+        .map(|v| match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ExportError::InvalidSetting {
+                name,
+                value: v.to_owned(),
+                expected: "a positive whole number",
+            }),
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn resolve(pairs: &[(&str, &str)]) -> Result<OtlpConfig, ExportError> {
+        OtlpConfig::resolve(&env(pairs), &OtlpOptions::default())
+    }
+
+    #[test]
+    fn defaults_to_http_protobuf_on_localhost() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(c.endpoint, "http://localhost:4318/v1/traces");
+        assert_eq!(c.timeout, Duration::from_secs(10));
+        assert!(c.headers.is_empty());
+        assert_eq!(c.batch, BatchConfig::default());
+    }
+
+    #[test]
+    fn grpc_protocol_defaults_to_port_4317() {
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert_eq!(c.endpoint, "http://localhost:4317");
+    }
+
+    #[test]
+    fn port_4317_without_protocol_means_grpc() {
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://jaeger:4317")]).unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert_eq!(c.endpoint, "https://jaeger:4317");
+    }
+
+    #[test]
+    fn generic_endpoint_gets_traces_path_for_http() {
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]).unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/otlp/")]).unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/otlp/v1/traces");
+        let c = resolve(&[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://collector:4318/v1/traces",
+        )])
+        .unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
+    }
+
+    #[test]
+    fn traces_endpoint_is_used_as_is_and_beats_generic() {
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://traces:9999/custom",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.endpoint, "http://traces:9999/custom");
+    }
+
+    #[test]
+    fn cli_beats_environment() {
+        let cli = OtlpOptions {
+            endpoint: Some("https://cli:4317".to_owned()),
+            protocol: Some("grpc".to_owned()),
+            headers: Some("x-team=support".to_owned()),
+            timeout: Some(Duration::from_secs(3)),
+            ca_file: Some(PathBuf::from("/etc/sonde/ca.pem")),
+        };
+        let e = env(&[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://env:4318/v1/traces",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-team=ops,authorization=Bearer%20abc",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env/ca.pem"),
+        ]);
+        let c = OtlpConfig::resolve(&e, &cli).unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert_eq!(c.endpoint, "https://cli:4317");
+        assert_eq!(
+            c.headers,
+            [
+                ("x-team".to_owned(), "support".to_owned()),
+                ("authorization".to_owned(), "Bearer abc".to_owned())
+            ]
+        );
+        assert_eq!(c.timeout, Duration::from_secs(3));
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/sonde/ca.pem")));
+    }
+
+    #[test]
+    fn headers_are_percent_decoded_trimmed_and_lower_cased() {
+        let c = resolve(&[
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                " API-Key = a%3Db%2Cc , x-tenant=shop",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=mes"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.headers,
+            [
+                ("api-key".to_owned(), "a=b,c".to_owned()),
+                ("x-tenant".to_owned(), "mes".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_headers_name_the_entry() {
+        let err = resolve(&[("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).unwrap_err();
+        assert!(err.to_string().contains("\"novalue\""), "{err}");
+        let err = resolve(&[("OTEL_EXPORTER_OTLP_HEADERS", "bad key=v")]).unwrap_err();
+        assert!(matches!(err, ExportError::InvalidHeader { .. }), "{err}");
+    }
+
+    #[test]
+    fn timeouts_are_milliseconds_and_signal_specific_wins() {
+        let c = resolve(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]).unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "700"),
+        ])
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(700));
+        let err = resolve(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]).unwrap_err();
+        assert!(
+            err.to_string().contains("OTEL_EXPORTER_OTLP_TIMEOUT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn protocols_other_than_grpc_and_protobuf_are_refused_clearly() {
+        let err = resolve(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).unwrap_err();
+        assert!(matches!(err, ExportError::UnsupportedProtocol(_)));
+        assert!(err.to_string().contains("grpc or http/protobuf"), "{err}");
+        let err = resolve(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")]).unwrap_err();
+        assert!(matches!(err, ExportError::UnknownProtocol(_)));
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_with_the_url() {
+        for bad in ["localhost:4317", "ftp://collector", "not a url"] {
+            let err = resolve(&[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]).unwrap_err();
+            assert!(
+                matches!(err, ExportError::InvalidEndpoint { .. }),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let c = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", " "),
+        ])
+        .unwrap();
+        assert_eq!(c.endpoint, "http://localhost:4318/v1/traces");
+        assert!(!endpoint_configured(
+            &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]),
+            &OtlpOptions::default()
+        ));
+        assert!(endpoint_configured(
+            &env(&[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://x:4318/v1/traces"
+            )]),
+            &OtlpOptions::default()
+        ));
+    }
+
+    #[test]
+    fn batch_variables_are_read_and_batch_fits_queue() {
+        let c = resolve(&[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+        ])
+        .unwrap();
+        assert_eq!(c.batch.max_queue_size, 100);
+        assert_eq!(c.batch.max_export_batch_size, 100);
+        assert_eq!(c.batch.scheduled_delay, Duration::from_millis(250));
+        assert!(resolve(&[("OTEL_BSP_MAX_QUEUE_SIZE", "0")]).is_err());
+    }
+}

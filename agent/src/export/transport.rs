@@ -1,0 +1,316 @@
+//! Sending one `ExportTraceServiceRequest`: OTLP/gRPC with opentelemetry-proto's
+//! generated client on tonic, or OTLP/HTTP protobuf with reqwest. Both over rustls
+//! (ring provider) with the trusted roots set here, explicitly: the system's store
+//! (honouring SSL_CERT_FILE / SSL_CERT_DIR), or Mozilla's bundle when the system has
+//! none (a distroless container), plus an optional CA file.
+//!
+//! A send answers whether a failure is worth retrying; retrying is the caller's.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
+};
+use prost::Message;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tracing::warn;
+
+use super::ExportError;
+use super::config::{OtlpConfig, Protocol};
+
+const USER_AGENT: &str = concat!("sonde/", env!("CARGO_PKG_VERSION"));
+
+/// What a delivered request came back with.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Delivered {
+    /// Spans the receiver accepted the request but refused (OTLP partial success).
+    pub rejected: u64,
+    pub message: String,
+}
+
+/// Why a send failed.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// Worth another attempt: the receiver is down, overloaded or unreachable.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Would fail again: the request or the configuration is wrong.
+    Permanent(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Transient { reason, .. } | SendError::Permanent(reason) => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+pub(super) enum Transport {
+    Grpc {
+        client: TraceServiceClient<Channel>,
+        metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    },
+    Http {
+        client: reqwest::Client,
+        url: reqwest::Url,
+    },
+}
+
+impl Transport {
+    /// A transport for `config`. Connects lazily: a collector that is down at start-up
+    /// is a failed (and retried) export, not a failed start.
+    pub fn new(config: &OtlpConfig) -> Result<Self, ExportError> {
+        let invalid = |reason: String| ExportError::InvalidEndpoint {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
+        let https = config.endpoint.starts_with("https:");
+        let roots = if https {
+            root_store(config.ca_file.as_deref())?
+        } else {
+            RootCertStore::empty()
+        };
+        match config.protocol {
+            Protocol::Grpc => {
+                let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+                    .map_err(|e| invalid(e.to_string()))?
+                    .user_agent(USER_AGENT)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .timeout(config.timeout)
+                    .connect_timeout(config.timeout);
+                if https {
+                    endpoint = endpoint
+                        .tls_config(ClientTlsConfig::new().trust_anchors(roots.roots))
+                        .map_err(|e| ExportError::Tls(e.to_string()))?;
+                }
+                let metadata = config
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = AsciiMetadataKey::from_bytes(k.as_bytes());
+                        let value = AsciiMetadataValue::try_from(v.as_str());
+                        match (key, value) {
+                            (Ok(key), Ok(value)) => Ok((key, value)),
+                            _ => Err(ExportError::InvalidHeader {
+                                entry: format!("{k}={v}"),
+                                reason: "not valid gRPC metadata".to_owned(),
+                            }),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Transport::Grpc {
+                    client: TraceServiceClient::new(endpoint.connect_lazy()),
+                    metadata,
+                })
+            }
+            Protocol::HttpProtobuf => {
+                let url =
+                    reqwest::Url::parse(&config.endpoint).map_err(|e| invalid(e.to_string()))?;
+                let mut headers = reqwest::header::HeaderMap::new();
+                for (k, v) in &config.headers {
+                    let name = reqwest::header::HeaderName::from_bytes(k.as_bytes());
+                    let value = reqwest::header::HeaderValue::from_str(v);
+                    match (name, value) {
+                        (Ok(name), Ok(value)) => {
+                            headers.insert(name, value);
+                        }
+                        _ => {
+                            return Err(ExportError::InvalidHeader {
+                                entry: format!("{k}={v}"),
+                                reason: "not a valid HTTP header".to_owned(),
+                            });
+                        }
+                    }
+                }
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| ExportError::Tls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                let client = reqwest::Client::builder()
+                    .tls_backend_preconfigured(tls)
+                    .user_agent(USER_AGENT)
+                    .default_headers(headers)
+                    .timeout(config.timeout)
+                    .connect_timeout(config.timeout)
+                    .build()
+                    .map_err(|e| ExportError::Tls(e.to_string()))?;
+                Ok(Transport::Http { client, url })
+            }
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        request: &ExportTraceServiceRequest,
+    ) -> Result<Delivered, SendError> {
+        match self {
+            Transport::Grpc { client, metadata } => {
+                let mut call = tonic::Request::new(request.clone());
+                for (key, value) in metadata.iter() {
+                    call.metadata_mut().insert(key.clone(), value.clone());
+                }
+                match client.export(call).await {
+                    Ok(response) => Ok(delivered(response.into_inner())),
+                    Err(status) => Err(grpc_error(&status)),
+                }
+            }
+            Transport::Http { client, url } => {
+                let response = client
+                    .post(url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(request.encode_to_vec())
+                    .send()
+                    .await
+                    .map_err(|e| SendError::Transient {
+                        reason: format!("POST {url}: {}", error_chain(&e)),
+                        retry_after: None,
+                    })?;
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                // A failed read of the body after a 2xx still means delivered.
+                let body = response.bytes().await.unwrap_or_default();
+                if status.is_success() {
+                    return Ok(ExportTraceServiceResponse::decode(body)
+                        .map(delivered)
+                        .unwrap_or_default());
+                }
+                let reason = format!(
+                    "POST {url}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
+                );
+                match status.as_u16() {
+                    429 | 502 | 503 | 504 => Err(SendError::Transient {
+                        reason,
+                        retry_after,
+                    }),
+                    _ => Err(SendError::Permanent(reason)),
+                }
+            }
+        }
+    }
+}
+
+fn delivered(response: ExportTraceServiceResponse) -> Delivered {
+    match response.partial_success {
+        Some(partial) => Delivered {
+            rejected: u64::try_from(partial.rejected_spans).unwrap_or(0),
+            message: partial.error_message,
+        },
+        None => Delivered::default(),
+    }
+}
+
+/// The codes the OTLP specification calls retryable. Connection failures reach us
+/// as `Unavailable`.
+fn grpc_error(status: &tonic::Status) -> SendError {
+    use tonic::Code;
+    let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => SendError::Transient {
+            reason,
+            retry_after: None,
+        },
+        _ => SendError::Permanent(reason),
+    }
+}
+
+/// reqwest's top-level message is "error sending request"; the cause says which.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, ExportError> {
+    let mut store = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    store.add_parsable_certificates(native.certs);
+    if store.is_empty() {
+        warn!(
+            errors = ?native.errors,
+            "no CA certificates in the system store; trusting the bundled Mozilla roots"
+        );
+        store.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
+    }
+    if let Some(path) = ca_file {
+        let unreadable = |reason: String| ExportError::CaFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| unreadable(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unreadable(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(unreadable("no PEM certificate in it".to_owned()));
+        }
+        for cert in certs {
+            store.add(cert).map_err(|e| unreadable(e.to_string()))?;
+        }
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_grpc_codes_are_transient() {
+        assert!(matches!(
+            grpc_error(&tonic::Status::unavailable("down")),
+            SendError::Transient { .. }
+        ));
+        assert!(matches!(
+            grpc_error(&tonic::Status::invalid_argument("bad span")),
+            SendError::Permanent(_)
+        ));
+    }
+
+    #[test]
+    fn https_endpoint_gets_roots_even_without_a_system_store() {
+        let store = root_store(None).unwrap();
+        assert!(!store.is_empty());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_with_its_path() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "not a certificate\n").unwrap();
+        let err = root_store(Some(file.path())).unwrap_err();
+        assert!(
+            err.to_string().contains(&file.path().display().to_string()),
+            "{err}"
+        );
+    }
+}
