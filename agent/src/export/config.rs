@@ -98,8 +98,9 @@ impl Default for RetryConfig {
     }
 }
 
-/// Everything the OTLP exporter needs.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything the OTLP exporter needs. Its `Debug` shows header names only: header
+/// values are usually credentials.
+#[derive(Clone, PartialEq)]
 pub struct OtlpConfig {
     pub protocol: Protocol,
     /// gRPC: the server's URL. HTTP: the full URL to POST to (ending in /v1/traces).
@@ -111,6 +112,21 @@ pub struct OtlpConfig {
     pub ca_file: Option<PathBuf>,
     pub batch: BatchConfig,
     pub retry: RetryConfig,
+}
+
+impl std::fmt::Debug for OtlpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("OtlpConfig")
+            .field("protocol", &self.protocol)
+            .field("endpoint", &self.endpoint)
+            .field("header_names", &header_names)
+            .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("batch", &self.batch)
+            .field("retry", &self.retry)
+            .finish()
+    }
 }
 
 const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
@@ -444,6 +460,18 @@ mod tests {
         );
         assert_eq!(c.timeout, Duration::from_secs(3));
         assert_eq!(c.ca_file, Some(PathBuf::from("/etc/sonde/ca.pem")));
+    }
+
+    #[test]
+    fn debug_output_hides_header_values() {
+        let c = resolve(&[(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%20s3cret",
+        )])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(shown.contains("authorization"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

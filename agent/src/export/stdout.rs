@@ -31,9 +31,9 @@ pub fn format_line(span: &Span) -> String {
         line,
         "{} {kind} {}[{}] {}",
         rfc3339_millis(span.start_unix_nanos),
-        span.resource.service_name,
+        escaped(&span.resource.service_name),
         span.resource.pid,
-        span.name,
+        escaped(&span.name),
     );
 
     let code = span.attribute(HTTP_RESPONSE_STATUS_CODE);
@@ -85,6 +85,17 @@ fn quoted_if_needed(s: &str) -> String {
         format!("{s:?}")
     } else {
         s.to_owned()
+    }
+}
+
+/// Names print bare, spaces and all, but a control character (a newline from a
+/// hostile request, say) must not forge a second line.
+fn escaped(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        let quoted = format!("{s:?}");
+        quoted[1..quoted.len() - 1].to_owned().into()
+    } else {
+        s.into()
     }
 }
 
@@ -216,6 +227,15 @@ mod tests {
             line.contains(" PRODUCER shop-api[1234] order.created publish - 12.3ms "),
             "{line}"
         );
+    }
+
+    #[test]
+    fn control_characters_cannot_forge_a_line() {
+        let mut s = span();
+        s.name = "GET /x\n2026-01-01T00:00:00.000Z SERVER fake[1] GET /".to_owned();
+        let line = format_line(&s);
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.contains("GET /x\\n2026"), "{line}");
     }
 
     #[test]
