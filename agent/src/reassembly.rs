@@ -71,9 +71,14 @@ impl StreamCursor {
     /// Accounts for one data event: `offset` of its first byte, `len` bytes moved by the
     /// syscall, `captured` the copied prefix (anything beyond `len` is ignored).
     pub fn advance<'a>(&mut self, offset: u64, len: u64, captured: &'a [u8]) -> Advance<'a> {
-        let captured = &captured[..usize::try_from(len).map_or(captured.len(), |l| l.min(captured.len()))];
+        let captured =
+            &captured[..usize::try_from(len).map_or(captured.len(), |l| l.min(captured.len()))];
         let end = offset.saturating_add(len);
-        let mut advance = Advance { before: None, data: captured, uncaptured: len - captured.len() as u64 };
+        let mut advance = Advance {
+            before: None,
+            data: captured,
+            uncaptured: len - captured.len() as u64,
+        };
         if len == 0 {
             advance.uncaptured = 0;
             return advance;
@@ -189,7 +194,14 @@ mod tests {
     fn offsets_near_u64_max_do_not_overflow() {
         let mut c = StreamCursor::new();
         let p = pieces(&mut c, u64::MAX - 1, 10, b"ab");
-        assert_eq!(p, [format!("gap {}", u64::MAX - 1), "data ab".to_owned(), "gap 8".to_owned()]);
+        assert_eq!(
+            p,
+            [
+                format!("gap {}", u64::MAX - 1),
+                "data ab".to_owned(),
+                "gap 8".to_owned()
+            ]
+        );
         assert_eq!(c.next_offset(), u64::MAX);
     }
 }

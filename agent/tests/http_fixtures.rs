@@ -33,7 +33,8 @@ fn fixtures() -> Vec<(String, Vec<Record>)> {
         .into_iter()
         .map(|p| {
             let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-            let records = parse_records(&std::fs::read(&p).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let records = parse_records(&std::fs::read(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             (name, records)
         })
         .collect()
@@ -42,7 +43,10 @@ fn fixtures() -> Vec<(String, Vec<Record>)> {
 fn parse_records(mut bytes: &[u8]) -> Result<Vec<Record>, String> {
     let mut records = Vec::new();
     while !bytes.is_empty() {
-        let nl = bytes.iter().position(|&c| c == b'\n').ok_or("record line without newline")?;
+        let nl = bytes
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or("record line without newline")?;
         let line = std::str::from_utf8(&bytes[..nl]).map_err(|e| e.to_string())?;
         bytes = &bytes[nl + 1..];
         if line.starts_with('#') || line.is_empty() {
@@ -98,7 +102,12 @@ fn run(records: &[Record]) -> (HttpParser, Vec<HttpExchange>) {
 }
 
 fn body(b: &[u8], size: u64) -> String {
-    let shown: String = b.iter().take(64).flat_map(|c| std::ascii::escape_default(*c)).map(char::from).collect();
+    let shown: String = b
+        .iter()
+        .take(64)
+        .flat_map(|c| std::ascii::escape_default(*c))
+        .map(char::from)
+        .collect();
     let more = if b.len() > 64 { "..." } else { "" };
     format!("size {size}, captured {}: \"{shown}\"{more}", b.len())
 }
@@ -116,19 +125,31 @@ fn render(p: &HttpParser, exchanges: &[HttpExchange]) -> String {
         for (n, v) in &r.headers {
             let _ = writeln!(s, "    {n}: {v}");
         }
-        let _ = writeln!(s, "  request body: {}", body(&ex.request_body, ex.request_body_size));
+        let _ = writeln!(
+            s,
+            "  request body: {}",
+            body(&ex.request_body, ex.request_body_size)
+        );
         match &ex.response {
             None => s.push_str("  response: none\n"),
             Some(resp) => {
                 let _ = writeln!(
                     s,
                     "  response: HTTP/1.{} {} {} at {}..{}",
-                    resp.version, resp.status, resp.reason, ex.response_start_ns, ex.response_end_ns
+                    resp.version,
+                    resp.status,
+                    resp.reason,
+                    ex.response_start_ns,
+                    ex.response_end_ns
                 );
                 for (n, v) in &resp.headers {
                     let _ = writeln!(s, "    {n}: {v}");
                 }
-                let _ = writeln!(s, "  response body: {}", body(&ex.response_body, ex.response_body_size));
+                let _ = writeln!(
+                    s,
+                    "  response body: {}",
+                    body(&ex.response_body, ex.response_body_size)
+                );
             }
         }
     }
@@ -147,7 +168,8 @@ fn fixtures_match_expected() {
             std::fs::write(&path, &got).unwrap();
             continue;
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let want =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         if got != want {
             failures.push(format!("--- {name}: expected\n{want}\n--- got\n{got}"));
         }
@@ -157,7 +179,10 @@ fn fixtures_match_expected() {
 
 #[test]
 fn not_http_fixtures_yield_nothing() {
-    for (name, records) in fixtures().into_iter().filter(|(n, _)| n.starts_with("not_http")) {
+    for (name, records) in fixtures()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("not_http"))
+    {
         let (p, exchanges) = run(&records);
         assert_eq!(p.is_http(), Some(false), "{name}");
         assert!(exchanges.is_empty(), "{name}");
@@ -187,7 +212,16 @@ fn prefix(records: &[Record], mut cut: usize) -> Vec<Record> {
 fn every_prefix_yields_a_prefix_of_the_exchanges() {
     for (name, records) in fixtures() {
         let (_, full) = run(&records);
-        let total: usize = records.iter().map(|r| if let Record::Data(_, d) = r { d.len() } else { 0 }).sum();
+        let total: usize = records
+            .iter()
+            .map(|r| {
+                if let Record::Data(_, d) = r {
+                    d.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
         for cut in 0..=total {
             let mut part = prefix(&records, cut);
             part.retain(|r| *r != Record::Close);

@@ -12,16 +12,26 @@ use std::sync::Arc;
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::route::template_route;
-use super::{KeyValue, Resource, Span, SpanId, SpanKind, Status, TraceId, new_span_id, new_trace_id};
+use super::{
+    KeyValue, Resource, Span, SpanId, SpanKind, Status, TraceId, new_span_id, new_trace_id,
+};
 use crate::conn::{ConnInfo, Role};
 use crate::protocols::http::HttpExchange;
 
 /// Methods the conventions know; any other is reported as `_OTHER`.
-const KNOWN_METHODS: [&str; 10] = ["CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"];
+const KNOWN_METHODS: [&str; 10] = [
+    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE",
+];
 
 /// The span of one exchange. `mono_to_unix_ns` is added to the exchange's monotonic
 /// times to get Unix times; `tls` says the bytes were read from a TLS library.
-pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mono_to_unix_ns: i128, tls: bool) -> Span {
+pub fn http_span(
+    ex: &HttpExchange,
+    conn: &ConnInfo,
+    resource: Arc<Resource>,
+    mono_to_unix_ns: i128,
+    tls: bool,
+) -> Span {
     let req = &ex.request;
     let target = Target::parse(&req.target, tls);
     let route = target.path.map(template_route);
@@ -30,7 +40,10 @@ pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mo
 
     let mut attrs = vec![KeyValue::new(semconv::HTTP_REQUEST_METHOD, method)];
     if !known {
-        attrs.push(KeyValue::new(semconv::HTTP_REQUEST_METHOD_ORIGINAL, req.method.as_str()));
+        attrs.push(KeyValue::new(
+            semconv::HTTP_REQUEST_METHOD_ORIGINAL,
+            req.method.as_str(),
+        ));
     }
     if let Some(path) = target.path {
         attrs.push(KeyValue::new(semconv::URL_PATH, path));
@@ -47,7 +60,9 @@ pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mo
         Role::Server => conn.local,
         Role::Client => conn.remote,
     };
-    let authority = target.authority.or_else(|| req.header("host").filter(|h| !h.is_empty()));
+    let authority = target
+        .authority
+        .or_else(|| req.header("host").filter(|h| !h.is_empty()));
     let (server_address, server_port) = match authority.map(split_host_port) {
         Some((host, port)) => (host.to_owned(), port.unwrap_or(own_end.port())),
         None => (own_end.ip().to_string(), own_end.port()),
@@ -56,7 +71,8 @@ pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mo
         let full = if target.absolute {
             req.target.clone()
         } else {
-            let authority = authority.map_or_else(|| authority_of(own_end, target.scheme), str::to_owned);
+            let authority =
+                authority.map_or_else(|| authority_of(own_end, target.scheme), str::to_owned);
             format!("{}://{}{}", target.scheme, authority, target.path_and_query)
         };
         attrs.push(KeyValue::new(semconv::URL_FULL, full));
@@ -64,22 +80,43 @@ pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mo
     attrs.push(KeyValue::new(semconv::SERVER_ADDRESS, server_address));
     attrs.push(KeyValue::new(semconv::SERVER_PORT, server_port));
     if ex.role == Role::Server {
-        attrs.push(KeyValue::new(semconv::CLIENT_ADDRESS, conn.remote.ip().to_string()));
+        attrs.push(KeyValue::new(
+            semconv::CLIENT_ADDRESS,
+            conn.remote.ip().to_string(),
+        ));
     }
-    attrs.push(KeyValue::new(semconv::NETWORK_PEER_ADDRESS, conn.remote.ip().to_string()));
-    attrs.push(KeyValue::new(semconv::NETWORK_PEER_PORT, conn.remote.port()));
+    attrs.push(KeyValue::new(
+        semconv::NETWORK_PEER_ADDRESS,
+        conn.remote.ip().to_string(),
+    ));
+    attrs.push(KeyValue::new(
+        semconv::NETWORK_PEER_PORT,
+        conn.remote.port(),
+    ));
     attrs.push(KeyValue::new(semconv::NETWORK_PROTOCOL_NAME, "http"));
-    attrs.push(KeyValue::new(semconv::NETWORK_PROTOCOL_VERSION, format!("1.{}", req.version)));
+    attrs.push(KeyValue::new(
+        semconv::NETWORK_PROTOCOL_VERSION,
+        format!("1.{}", req.version),
+    ));
     if let Some(agent) = req.header("user-agent") {
         attrs.push(KeyValue::new(semconv::USER_AGENT_ORIGINAL, agent));
     }
-    attrs.push(KeyValue::new(semconv::HTTP_REQUEST_BODY_SIZE, ex.request_body_size));
+    attrs.push(KeyValue::new(
+        semconv::HTTP_REQUEST_BODY_SIZE,
+        ex.request_body_size,
+    ));
 
     let status = match &ex.response {
         None => Status::Error("no response: connection closed".to_owned()),
         Some(resp) => {
-            attrs.push(KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, resp.status));
-            attrs.push(KeyValue::new(semconv::HTTP_RESPONSE_BODY_SIZE, ex.response_body_size));
+            attrs.push(KeyValue::new(
+                semconv::HTTP_RESPONSE_STATUS_CODE,
+                resp.status,
+            ));
+            attrs.push(KeyValue::new(
+                semconv::HTTP_RESPONSE_BODY_SIZE,
+                ex.response_body_size,
+            ));
             let threshold = if ex.role == Role::Server { 500 } else { 400 };
             if resp.status >= threshold {
                 attrs.push(KeyValue::new(semconv::ERROR_TYPE, resp.status.to_string()));
@@ -99,7 +136,11 @@ pub fn http_span(ex: &HttpExchange, conn: &ConnInfo, resource: Arc<Resource>, mo
         Some((trace, parent, _flags)) => (trace, Some(parent)),
         None => (new_trace_id(), None),
     };
-    let end_ns = if ex.response.is_some() { ex.response_end_ns } else { ex.request_end_ns };
+    let end_ns = if ex.response.is_some() {
+        ex.response_end_ns
+    } else {
+        ex.request_end_ns
+    };
     let start_unix_nanos = to_unix(ex.request_start_ns, mono_to_unix_ns);
     Span {
         trace_id,
@@ -240,7 +281,11 @@ fn authority_of(addr: SocketAddr, scheme: &str) -> String {
         IpAddr::V6(ip) => format!("[{ip}]"),
     };
     let default = if scheme == "https" { 443 } else { 80 };
-    if addr.port() == default { host } else { format!("{host}:{}", addr.port()) }
+    if addr.port() == default {
+        host
+    } else {
+        format!("{host}:{}", addr.port())
+    }
 }
 
 #[cfg(test)]
@@ -260,17 +305,29 @@ mod tests {
     }
 
     fn conn() -> ConnInfo {
-        ConnInfo { local: "10.0.0.1:8080".parse().unwrap(), remote: "10.0.0.2:51234".parse().unwrap() }
+        ConnInfo {
+            local: "10.0.0.1:8080".parse().unwrap(),
+            remote: "10.0.0.2:51234".parse().unwrap(),
+        }
     }
 
-    fn exchange(role: Role, method: &str, target: &str, headers: &[(&str, &str)], status: Option<u16>) -> HttpExchange {
+    fn exchange(
+        role: Role,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        status: Option<u16>,
+    ) -> HttpExchange {
         HttpExchange {
             role,
             request: RequestHead {
                 method: method.into(),
                 target: target.into(),
                 version: 1,
-                headers: headers.iter().map(|(n, v)| ((*n).into(), (*v).into())).collect(),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| ((*n).into(), (*v).into()))
+                    .collect(),
             },
             response: status.map(|status| ResponseHead {
                 status,
@@ -316,7 +373,10 @@ mod tests {
         assert_eq!(span.name, "GET /orders/{id}");
         assert_eq!(span.kind, SpanKind::Server);
         assert_eq!(span.status, Status::Unset);
-        assert_eq!((span.start_unix_nanos, span.end_unix_nanos), (1_001_000, 1_004_000));
+        assert_eq!(
+            (span.start_unix_nanos, span.end_unix_nanos),
+            (1_001_000, 1_004_000)
+        );
         assert_eq!(str_attr(&span, semconv::HTTP_REQUEST_METHOD), Some("GET"));
         assert_eq!(str_attr(&span, semconv::URL_PATH), Some("/orders/42"));
         assert_eq!(str_attr(&span, semconv::URL_QUERY), Some("verbose=1"));
@@ -325,12 +385,27 @@ mod tests {
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("shop.local"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(8443));
         assert_eq!(str_attr(&span, semconv::CLIENT_ADDRESS), Some("10.0.0.2"));
-        assert_eq!(str_attr(&span, semconv::NETWORK_PEER_ADDRESS), Some("10.0.0.2"));
+        assert_eq!(
+            str_attr(&span, semconv::NETWORK_PEER_ADDRESS),
+            Some("10.0.0.2")
+        );
         assert_eq!(int_attr(&span, semconv::NETWORK_PEER_PORT), Some(51234));
-        assert_eq!(str_attr(&span, semconv::NETWORK_PROTOCOL_NAME), Some("http"));
-        assert_eq!(str_attr(&span, semconv::NETWORK_PROTOCOL_VERSION), Some("1.1"));
-        assert_eq!(str_attr(&span, semconv::USER_AGENT_ORIGINAL), Some("curl/8.5"));
-        assert_eq!(int_attr(&span, semconv::HTTP_RESPONSE_STATUS_CODE), Some(200));
+        assert_eq!(
+            str_attr(&span, semconv::NETWORK_PROTOCOL_NAME),
+            Some("http")
+        );
+        assert_eq!(
+            str_attr(&span, semconv::NETWORK_PROTOCOL_VERSION),
+            Some("1.1")
+        );
+        assert_eq!(
+            str_attr(&span, semconv::USER_AGENT_ORIGINAL),
+            Some("curl/8.5")
+        );
+        assert_eq!(
+            int_attr(&span, semconv::HTTP_RESPONSE_STATUS_CODE),
+            Some(200)
+        );
         assert_eq!(int_attr(&span, semconv::HTTP_REQUEST_BODY_SIZE), Some(12));
         assert_eq!(int_attr(&span, semconv::HTTP_RESPONSE_BODY_SIZE), Some(34));
         assert_eq!(span.attribute(semconv::URL_FULL), None);
@@ -346,33 +421,66 @@ mod tests {
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("10.0.0.1"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(8080));
         assert_eq!(str_attr(&span, semconv::URL_SCHEME), Some("https"));
-        assert_eq!(str_attr(&span, semconv::NETWORK_PROTOCOL_VERSION), Some("1.0"));
+        assert_eq!(
+            str_attr(&span, semconv::NETWORK_PROTOCOL_VERSION),
+            Some("1.0")
+        );
         assert_eq!(span.attribute(semconv::URL_QUERY), None);
     }
 
     #[test]
     fn client_span_has_url_full() {
-        let client = ConnInfo { local: "10.0.0.2:51234".parse().unwrap(), remote: "10.0.0.9:3000".parse().unwrap() };
-        let ex = exchange(Role::Client, "GET", "/customers/7?x=1", &[("host", "crm:3000")], Some(200));
+        let client = ConnInfo {
+            local: "10.0.0.2:51234".parse().unwrap(),
+            remote: "10.0.0.9:3000".parse().unwrap(),
+        };
+        let ex = exchange(
+            Role::Client,
+            "GET",
+            "/customers/7?x=1",
+            &[("host", "crm:3000")],
+            Some(200),
+        );
         let span = http_span(&ex, &client, resource(), 0, false);
         assert_eq!(span.kind, SpanKind::Client);
-        assert_eq!(str_attr(&span, semconv::URL_FULL), Some("http://crm:3000/customers/7?x=1"));
+        assert_eq!(
+            str_attr(&span, semconv::URL_FULL),
+            Some("http://crm:3000/customers/7?x=1")
+        );
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("crm"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(3000));
         assert_eq!(span.attribute(semconv::CLIENT_ADDRESS), None);
 
         let no_host = exchange(Role::Client, "GET", "/a", &[], Some(200));
         let span = http_span(&no_host, &client, resource(), 0, true);
-        assert_eq!(str_attr(&span, semconv::URL_FULL), Some("https://10.0.0.9:3000/a"));
+        assert_eq!(
+            str_attr(&span, semconv::URL_FULL),
+            Some("https://10.0.0.9:3000/a")
+        );
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("10.0.0.9"));
 
-        let v6 = ConnInfo { local: "[::1]:5000".parse().unwrap(), remote: "[fd00::2]:443".parse().unwrap() };
+        let v6 = ConnInfo {
+            local: "[::1]:5000".parse().unwrap(),
+            remote: "[fd00::2]:443".parse().unwrap(),
+        };
         let span = http_span(&no_host, &v6, resource(), 0, true);
-        assert_eq!(str_attr(&span, semconv::URL_FULL), Some("https://[fd00::2]/a"));
+        assert_eq!(
+            str_attr(&span, semconv::URL_FULL),
+            Some("https://[fd00::2]/a")
+        );
 
-        let proxy = exchange(Role::Client, "GET", "http://files:9000/models/1.stl", &[], Some(200));
+        let proxy = exchange(
+            Role::Client,
+            "GET",
+            "http://files:9000/models/1.stl",
+            &[],
+            Some(200),
+        );
         let span = http_span(&proxy, &client, resource(), 0, false);
-        assert_eq!(str_attr(&span, semconv::URL_FULL), Some("http://files:9000/models/1.stl"));
+        assert_eq!(
+            str_attr(&span, semconv::URL_FULL),
+            Some("http://files:9000/models/1.stl")
+        );
         assert_eq!(str_attr(&span, semconv::URL_PATH), Some("/models/1.stl"));
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("files"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(9000));
@@ -380,33 +488,77 @@ mod tests {
 
     #[test]
     fn status_depends_on_role() {
-        let span = |role, status| http_span(&exchange(role, "GET", "/", &[], status), &conn(), resource(), 0, false);
-        assert_eq!(span(Role::Server, Some(503)).status, Status::Error("HTTP 503".into()));
-        assert_eq!(str_attr(&span(Role::Server, Some(503)), semconv::ERROR_TYPE), Some("503"));
+        let span = |role, status| {
+            http_span(
+                &exchange(role, "GET", "/", &[], status),
+                &conn(),
+                resource(),
+                0,
+                false,
+            )
+        };
+        assert_eq!(
+            span(Role::Server, Some(503)).status,
+            Status::Error("HTTP 503".into())
+        );
+        assert_eq!(
+            str_attr(&span(Role::Server, Some(503)), semconv::ERROR_TYPE),
+            Some("503")
+        );
         assert_eq!(span(Role::Server, Some(404)).status, Status::Unset);
-        assert_eq!(span(Role::Client, Some(404)).status, Status::Error("HTTP 404".into()));
+        assert_eq!(
+            span(Role::Client, Some(404)).status,
+            Status::Error("HTTP 404".into())
+        );
         assert_eq!(span(Role::Client, Some(302)).status, Status::Unset);
         let closed = span(Role::Client, None);
-        assert_eq!(closed.status, Status::Error("no response: connection closed".into()));
+        assert_eq!(
+            closed.status,
+            Status::Error("no response: connection closed".into())
+        );
         assert_eq!(closed.end_unix_nanos, 2_000);
         assert_eq!(closed.attribute(semconv::HTTP_RESPONSE_STATUS_CODE), None);
     }
 
     #[test]
     fn unknown_methods_are_other() {
-        let span = http_span(&exchange(Role::Server, "PROPFIND", "/dav/1", &[], Some(207)), &conn(), resource(), 0, false);
+        let span = http_span(
+            &exchange(Role::Server, "PROPFIND", "/dav/1", &[], Some(207)),
+            &conn(),
+            resource(),
+            0,
+            false,
+        );
         assert_eq!(span.name, "HTTP /dav/{id}");
-        assert_eq!(str_attr(&span, semconv::HTTP_REQUEST_METHOD), Some("_OTHER"));
-        assert_eq!(str_attr(&span, semconv::HTTP_REQUEST_METHOD_ORIGINAL), Some("PROPFIND"));
+        assert_eq!(
+            str_attr(&span, semconv::HTTP_REQUEST_METHOD),
+            Some("_OTHER")
+        );
+        assert_eq!(
+            str_attr(&span, semconv::HTTP_REQUEST_METHOD_ORIGINAL),
+            Some("PROPFIND")
+        );
     }
 
     #[test]
     fn connect_and_asterisk_targets() {
-        let span = http_span(&exchange(Role::Client, "CONNECT", "files:443", &[], Some(200)), &conn(), resource(), 0, false);
+        let span = http_span(
+            &exchange(Role::Client, "CONNECT", "files:443", &[], Some(200)),
+            &conn(),
+            resource(),
+            0,
+            false,
+        );
         assert_eq!(span.name, "CONNECT");
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("files"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(443));
-        let span = http_span(&exchange(Role::Server, "OPTIONS", "*", &[], Some(200)), &conn(), resource(), 0, false);
+        let span = http_span(
+            &exchange(Role::Server, "OPTIONS", "*", &[], Some(200)),
+            &conn(),
+            resource(),
+            0,
+            false,
+        );
         assert_eq!(span.name, "OPTIONS *");
     }
 
@@ -415,11 +567,23 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let ex = exchange(Role::Server, "GET", "/", &[("traceparent", tp)], Some(200));
         let span = http_span(&ex, &conn(), resource(), 0, false);
-        assert_eq!(crate::spans::hex(&span.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(span.parent_span_id.map(|p| crate::spans::hex(&p)), Some("00f067aa0ba902b7".into()));
+        assert_eq!(
+            crate::spans::hex(&span.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            span.parent_span_id.map(|p| crate::spans::hex(&p)),
+            Some("00f067aa0ba902b7".into())
+        );
         assert_ne!(span.span_id, span.parent_span_id.unwrap());
 
-        let bad = exchange(Role::Server, "GET", "/", &[("traceparent", "00-zz")], Some(200));
+        let bad = exchange(
+            Role::Server,
+            "GET",
+            "/",
+            &[("traceparent", "00-zz")],
+            Some(200),
+        );
         let span = http_span(&bad, &conn(), resource(), 0, false);
         assert_eq!(span.parent_span_id, None);
         assert_ne!(span.trace_id, [0; 16]);
@@ -434,7 +598,10 @@ mod tests {
         assert_eq!(flags, 1);
         assert!(parse_traceparent(&format!(" {ok}\t")).is_some());
         // A later version may carry more fields.
-        assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                .is_some()
+        );
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",

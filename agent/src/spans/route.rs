@@ -71,7 +71,10 @@ mod tests {
     #[test]
     fn numeric_ids_are_templated() {
         assert_eq!(template_route("/orders/42"), "/orders/{id}");
-        assert_eq!(template_route("/orders/42/items/7"), "/orders/{id}/items/{id}");
+        assert_eq!(
+            template_route("/orders/42/items/7"),
+            "/orders/{id}/items/{id}"
+        );
     }
 
     #[test]
@@ -94,17 +97,32 @@ mod tests {
 
     #[test]
     fn uuids_and_long_hex_are_templated() {
-        assert_eq!(template_route("/models/3F2B0C1E-8A4D-4C6E-9F10-2B3C4D5E6F70/slice"), "/models/{id}/slice");
-        assert_eq!(template_route("/objects/507f1f77bcf86cd799439011"), "/objects/{id}");
-        assert_eq!(template_route("/blobs/da39a3ee5e6b4b0d3255bfef95601890afd80709"), "/blobs/{id}");
+        assert_eq!(
+            template_route("/models/3F2B0C1E-8A4D-4C6E-9F10-2B3C4D5E6F70/slice"),
+            "/models/{id}/slice"
+        );
+        assert_eq!(
+            template_route("/objects/507f1f77bcf86cd799439011"),
+            "/objects/{id}"
+        );
+        assert_eq!(
+            template_route("/blobs/da39a3ee5e6b4b0d3255bfef95601890afd80709"),
+            "/blobs/{id}"
+        );
     }
 
     #[test]
     fn business_ids_with_letters_are_templated() {
         assert_eq!(template_route("/orders/ORD-12345"), "/orders/{id}");
-        assert_eq!(template_route("/orders/ord_123/status"), "/orders/{id}/status");
+        assert_eq!(
+            template_route("/orders/ord_123/status"),
+            "/orders/{id}/status"
+        );
         assert_eq!(template_route("/reports/2024-05-01"), "/reports/{id}");
-        assert_eq!(template_route("/sessions/aZ3kQ9xP2mL7vB1nC8dE"), "/sessions/{id}");
+        assert_eq!(
+            template_route("/sessions/aZ3kQ9xP2mL7vB1nC8dE"),
+            "/sessions/{id}"
+        );
     }
 
     #[test]

@@ -64,7 +64,10 @@ impl ResponseHead {
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// What the framing headers of a head say, read from all headers (kept or not).
@@ -140,8 +143,16 @@ pub fn response_framing(
 
 /// Whether `buf` starts a message of kind `want` (either kind when `None`).
 pub fn classify(buf: &[u8], want: Option<Kind>) -> Fit {
-    let request = if want == Some(Kind::Response) { Fit::No } else { request_line(buf) };
-    let status = if want == Some(Kind::Request) { Fit::No } else { status_line(buf) };
+    let request = if want == Some(Kind::Response) {
+        Fit::No
+    } else {
+        request_line(buf)
+    };
+    let status = if want == Some(Kind::Request) {
+        Fit::No
+    } else {
+        status_line(buf)
+    };
     match (request, status) {
         (Fit::Yes(_), _) => Fit::Yes(Kind::Request),
         (_, Fit::Yes(_)) => Fit::Yes(Kind::Response),
@@ -153,7 +164,11 @@ pub fn classify(buf: &[u8], want: Option<Kind>) -> Fit {
 /// `buf` with `lit` removed from its front, or how it fails to start with `lit`.
 fn literal<'a>(buf: &'a [u8], lit: &[u8]) -> Result<&'a [u8], Fit> {
     if buf.len() < lit.len() {
-        return Err(if lit.starts_with(buf) { Fit::Maybe } else { Fit::No });
+        return Err(if lit.starts_with(buf) {
+            Fit::Maybe
+        } else {
+            Fit::No
+        });
     }
     buf.strip_prefix(lit).ok_or(Fit::No)
 }
@@ -161,7 +176,11 @@ fn literal<'a>(buf: &'a [u8], lit: &[u8]) -> Result<&'a [u8], Fit> {
 /// `METHOD SP request-target SP HTTP/1.x CRLF` (or a bare LF).
 fn request_line(buf: &[u8]) -> Fit {
     let is_method = |c: &u8| c.is_ascii_uppercase() || *c == b'-' || *c == b'_';
-    let method = buf.iter().take(MAX_METHOD + 1).take_while(|c| is_method(c)).count();
+    let method = buf
+        .iter()
+        .take(MAX_METHOD + 1)
+        .take_while(|c| is_method(c))
+        .count();
     if method > MAX_METHOD {
         return Fit::No;
     }
@@ -291,7 +310,11 @@ fn framing_headers(headers: &[httparse::Header<'_>]) -> FramingHeaders {
     let mut f = FramingHeaders::default();
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h.value.split(|&c| c == b',').map(|c| c.trim_ascii()).rfind(|c| !c.is_empty());
+            let last = h
+                .value
+                .split(|&c| c == b',')
+                .map(|c| c.trim_ascii())
+                .rfind(|c| !c.is_empty());
             if let Some(coding) = last {
                 f.chunked = Some(coding.eq_ignore_ascii_case(b"chunked"));
             }
@@ -318,12 +341,31 @@ mod tests {
 
     #[test]
     fn request_lines_are_recognised_from_their_first_bytes() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n", None), Fit::Yes(Kind::Request));
-        assert_eq!(classify(b"M-SEARCH * HTTP/1.1\n", None), Fit::Yes(Kind::Request));
-        for prefix in ["G", "GET", "GET ", "GET /a", "GET /a ", "GET /a HTTP/1", "GET /a HTTP/1.1\r"] {
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n", None),
+            Fit::Yes(Kind::Request)
+        );
+        assert_eq!(
+            classify(b"M-SEARCH * HTTP/1.1\n", None),
+            Fit::Yes(Kind::Request)
+        );
+        for prefix in [
+            "G",
+            "GET",
+            "GET ",
+            "GET /a",
+            "GET /a ",
+            "GET /a HTTP/1",
+            "GET /a HTTP/1.1\r",
+        ] {
             assert_eq!(classify(prefix.as_bytes(), None), Fit::Maybe, "{prefix}");
         }
-        for bad in ["get / HTTP/1.1\r\n", "GET  / HTTP/1.1\r\n", "GET / HTTP/2.0\r\n", "GET / HTTP/1.1 x"] {
+        for bad in [
+            "get / HTTP/1.1\r\n",
+            "GET  / HTTP/1.1\r\n",
+            "GET / HTTP/2.0\r\n",
+            "GET / HTTP/1.1 x",
+        ] {
             assert_eq!(classify(bad.as_bytes(), None), Fit::No, "{bad}");
         }
     }
@@ -331,11 +373,20 @@ mod tests {
     #[test]
     fn status_lines_are_recognised_at_their_status_code() {
         assert_eq!(classify(b"HTTP/1.1 200 ", None), Fit::Yes(Kind::Response));
-        assert_eq!(classify(b"HTTP/1.0 404\r\n", None), Fit::Yes(Kind::Response));
+        assert_eq!(
+            classify(b"HTTP/1.0 404\r\n", None),
+            Fit::Yes(Kind::Response)
+        );
         assert_eq!(classify(b"HTTP/1.1 20", None), Fit::Maybe);
         assert_eq!(classify(b"HTTP/1.1 2000", None), Fit::No);
-        assert_eq!(classify(b"HTTP/1.1 200 OK\r\n", Some(Kind::Request)), Fit::No);
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n", Some(Kind::Response)), Fit::No);
+        assert_eq!(
+            classify(b"HTTP/1.1 200 OK\r\n", Some(Kind::Request)),
+            Fit::No
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n", Some(Kind::Response)),
+            Fit::No
+        );
     }
 
     #[test]
@@ -349,7 +400,8 @@ mod tests {
     #[test]
     fn request_head_is_parsed_with_lowercase_names() {
         let (head, framing) =
-            parse_request(b"POST /orders?x=1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\n").unwrap();
+            parse_request(b"POST /orders?x=1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\n")
+                .unwrap();
         assert_eq!(head.method, "POST");
         assert_eq!(head.target, "/orders?x=1");
         assert_eq!(head.version, 1);
@@ -366,12 +418,18 @@ mod tests {
         raw.extend_from_slice(b"Content-Length: 3\r\n\r\n");
         let (head, framing) = parse_response(&raw).unwrap();
         assert_eq!(head.headers.len(), MAX_KEPT_HEADERS);
-        assert_eq!(response_framing(head.status, Some("GET"), &framing), Some(Framing::Length(3)));
+        assert_eq!(
+            response_framing(head.status, Some("GET"), &framing),
+            Some(Framing::Length(3))
+        );
     }
 
     #[test]
     fn long_values_are_cut() {
-        let raw = format!("GET / HTTP/1.1\r\nCookie: {}\r\n\r\n", "é".repeat(MAX_HEADER_VALUE));
+        let raw = format!(
+            "GET / HTTP/1.1\r\nCookie: {}\r\n\r\n",
+            "é".repeat(MAX_HEADER_VALUE)
+        );
         let (head, _) = parse_request(raw.as_bytes()).unwrap();
         assert!(head.header("cookie").unwrap().len() <= MAX_HEADER_VALUE);
     }
@@ -379,19 +437,47 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let f = |raw: &[u8]| parse_response(raw).unwrap().1;
-        let chunked = f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!(response_framing(200, Some("GET"), &chunked), Some(Framing::Chunked));
+        let chunked =
+            f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(
+            response_framing(200, Some("GET"), &chunked),
+            Some(Framing::Chunked)
+        );
         let gzip = f(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
-        assert_eq!(response_framing(200, Some("GET"), &gzip), Some(Framing::UntilClose));
+        assert_eq!(
+            response_framing(200, Some("GET"), &gzip),
+            Some(Framing::UntilClose)
+        );
         assert_eq!(request_framing(&gzip), None);
         let none = FramingHeaders::default();
-        assert_eq!(response_framing(200, Some("GET"), &none), Some(Framing::UntilClose));
-        assert_eq!(response_framing(200, Some("HEAD"), &chunked), Some(Framing::Empty));
-        assert_eq!(response_framing(204, Some("GET"), &none), Some(Framing::Empty));
-        assert_eq!(response_framing(304, Some("GET"), &none), Some(Framing::Empty));
-        assert_eq!(response_framing(100, Some("GET"), &none), Some(Framing::Interim));
-        assert_eq!(response_framing(101, Some("GET"), &none), Some(Framing::Tunnel));
-        assert_eq!(response_framing(200, Some("CONNECT"), &none), Some(Framing::Tunnel));
+        assert_eq!(
+            response_framing(200, Some("GET"), &none),
+            Some(Framing::UntilClose)
+        );
+        assert_eq!(
+            response_framing(200, Some("HEAD"), &chunked),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            response_framing(204, Some("GET"), &none),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            response_framing(304, Some("GET"), &none),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            response_framing(100, Some("GET"), &none),
+            Some(Framing::Interim)
+        );
+        assert_eq!(
+            response_framing(101, Some("GET"), &none),
+            Some(Framing::Tunnel)
+        );
+        assert_eq!(
+            response_framing(200, Some("CONNECT"), &none),
+            Some(Framing::Tunnel)
+        );
         assert_eq!(request_framing(&none), Some(Framing::Empty));
         let same = f(b"HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\nContent-Length: 4\r\n\r\n");
         assert_eq!(response_framing(200, None, &same), Some(Framing::Length(4)));

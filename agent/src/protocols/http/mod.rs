@@ -107,7 +107,9 @@ enum Phase {
     Body(Body),
     /// Sync lost: scanning for a start line. `at_line_start` when the next byte may
     /// begin one.
-    Lost { at_line_start: bool },
+    Lost {
+        at_line_start: bool,
+    },
     /// Nothing more to parse in this direction.
     Stopped,
 }
@@ -299,7 +301,9 @@ impl HttpParser {
             Phase::Stopped => {}
             Phase::Lost { .. } => {
                 h.reset_buffer();
-                h.phase = Phase::Lost { at_line_start: true };
+                h.phase = Phase::Lost {
+                    at_line_start: true,
+                };
                 self.count_undecided_scan(d, len);
             }
             Phase::Head => self.lose_sync(dir, true, true),
@@ -318,7 +322,11 @@ impl HttpParser {
             }
             Phase::Body(Body::Chunked(Chunk::Data(left))) if len <= left => {
                 self.body_bytes(dir, None, len, ts_ns);
-                let next = if len == left { Chunk::DataEnd } else { Chunk::Data(left - len) };
+                let next = if len == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - len)
+                };
                 self.halves[d].phase = Phase::Body(Body::Chunked(next));
             }
             Phase::Body(Body::Chunked(_)) => self.lose_sync(dir, true, false),
@@ -336,7 +344,9 @@ impl HttpParser {
             Phase::Stopped => {}
             Phase::Lost { .. } => {
                 h.reset_buffer();
-                h.phase = Phase::Lost { at_line_start: true };
+                h.phase = Phase::Lost {
+                    at_line_start: true,
+                };
             }
             Phase::Head => {
                 let partial = !h.buf.is_empty();
@@ -360,8 +370,12 @@ impl HttpParser {
                     self.finish_message(dir, last);
                 }
             }
-            let request_last = self.request_dir.map_or(0, |d| self.halves[index(d)].last_ns);
-            let response_last = self.request_dir.map_or(0, |d| self.halves[index(other(d))].last_ns);
+            let request_last = self
+                .request_dir
+                .map_or(0, |d| self.halves[index(d)].last_ns);
+            let response_last = self
+                .request_dir
+                .map_or(0, |d| self.halves[index(other(d))].last_ns);
             while let Some(mut f) = self.in_flight.pop_front() {
                 if f.dropped {
                     continue;
@@ -458,7 +472,11 @@ impl HttpParser {
                 }
             }
             None if placeholder && is_request && decided => {
-                if self.last_orphan_response_ns.take().is_some_and(|t| t > before_loss_ns) {
+                if self
+                    .last_orphan_response_ns
+                    .take()
+                    .is_some_and(|t| t > before_loss_ns)
+                {
                     return;
                 }
                 let role = self.role().expect("decided");
@@ -511,7 +529,10 @@ impl HttpParser {
         let mut used = 0;
         if h.buf.is_empty() {
             // Empty lines before a message are allowed (RFC 9112 section 2.2).
-            used = data.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
+            used = data
+                .iter()
+                .take_while(|&&c| c == b'\r' || c == b'\n')
+                .count();
             if used == data.len() {
                 return used;
             }
@@ -540,7 +561,8 @@ impl HttpParser {
         used += take;
         // Recognising the start line early rejects other protocols after a few bytes;
         // a long start line is looked at again only when its line ends.
-        if !h.line_ok && (h.buf.len() <= 64 || new_line || end.is_some() || h.buf.len() >= MAX_HEAD) {
+        if !h.line_ok && (h.buf.len() <= 64 || new_line || end.is_some() || h.buf.len() >= MAX_HEAD)
+        {
             match head::classify(&h.buf, h.kind) {
                 Fit::Yes(kind) => {
                     h.line_ok = true;
@@ -577,7 +599,13 @@ impl HttpParser {
         used
     }
 
-    fn on_request_head(&mut self, dir: Direction, head: RequestHead, framing: &FramingHeaders, ts_ns: u64) {
+    fn on_request_head(
+        &mut self,
+        dir: Direction,
+        head: RequestHead,
+        framing: &FramingHeaders,
+        ts_ns: u64,
+    ) {
         let Some(framing) = head::request_framing(framing) else {
             return self.head_failed(dir);
         };
@@ -601,7 +629,13 @@ impl HttpParser {
         }
     }
 
-    fn on_response_head(&mut self, dir: Direction, head: ResponseHead, framing: &FramingHeaders, ts_ns: u64) {
+    fn on_response_head(
+        &mut self,
+        dir: Direction,
+        head: ResponseHead,
+        framing: &FramingHeaders,
+        ts_ns: u64,
+    ) {
         self.decide(other(dir));
         let start = self.halves[index(dir)].start_ns;
         if (100..200).contains(&head.status) && head.status != 101 {
@@ -611,7 +645,9 @@ impl HttpParser {
         if seq.is_none() {
             self.last_orphan_response_ns = Some(start);
         }
-        let method = seq.and_then(|s| self.in_flight.iter().find(|f| f.seq == s)).map(|f| f.exchange.request.method.clone());
+        let method = seq
+            .and_then(|s| self.in_flight.iter().find(|f| f.seq == s))
+            .map(|f| f.exchange.request.method.clone());
         let framing = head::response_framing(head.status, method.as_deref(), framing);
         if let Some(f) = seq.and_then(|s| self.in_flight_mut(s))
             && !f.dropped
@@ -655,7 +691,11 @@ impl HttpParser {
         let front = self.in_flight.front()?.seq;
         self.next_response_seq = self.next_response_seq.max(front);
         let mut chosen = None;
-        for f in self.in_flight.iter().filter(|f| f.seq >= self.next_response_seq) {
+        for f in self
+            .in_flight
+            .iter()
+            .filter(|f| f.seq >= self.next_response_seq)
+        {
             if f.exchange.request_start_ns > start_ns {
                 break;
             }
@@ -665,7 +705,11 @@ impl HttpParser {
             }
         }
         let seq = chosen?;
-        for f in self.in_flight.iter_mut().filter(|f| f.seq >= self.next_response_seq && f.seq < seq) {
+        for f in self
+            .in_flight
+            .iter_mut()
+            .filter(|f| f.seq >= self.next_response_seq && f.seq < seq)
+        {
             f.dropped = true;
             f.response_done = true;
         }
@@ -799,7 +843,13 @@ impl HttpParser {
         }
     }
 
-    fn feed_lost(&mut self, dir: Direction, mut at_line_start: bool, data: &[u8], ts_ns: u64) -> usize {
+    fn feed_lost(
+        &mut self,
+        dir: Direction,
+        mut at_line_start: bool,
+        data: &[u8],
+        ts_ns: u64,
+    ) -> usize {
         let d = index(dir);
         let h = &mut self.halves[d];
         let mut i = 0;
@@ -821,7 +871,10 @@ impl HttpParser {
             if h.buf.is_empty() {
                 h.start_ns = ts_ns;
             }
-            let end = data[i..].iter().position(|&c| c == b'\n').map_or(data.len(), |p| i + p + 1);
+            let end = data[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(data.len(), |p| i + p + 1);
             let take = (end - i).min(MAX_HEAD - h.buf.len());
             h.buf.extend_from_slice(&data[i..i + take]);
             i += take;
@@ -869,7 +922,12 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 fn placeholder_head() -> RequestHead {
-    RequestHead { method: String::new(), target: String::new(), version: 1, headers: Vec::new() }
+    RequestHead {
+        method: String::new(),
+        target: String::new(),
+        version: 1,
+        headers: Vec::new(),
+    }
 }
 
 impl HttpExchange {

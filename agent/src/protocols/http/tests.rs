@@ -3,7 +3,10 @@ use agent_common::Direction::{Egress as Out, Ingress as In};
 
 /// A one-line summary per exchange: role, request line, status, times, body sizes.
 fn summary(ex: &HttpExchange) -> String {
-    let status = ex.response.as_ref().map_or("none".to_owned(), |r| r.status.to_string());
+    let status = ex
+        .response
+        .as_ref()
+        .map_or("none".to_owned(), |r| r.status.to_string());
     format!(
         "{:?} {} {} -> {} req {}..{} resp {}..{} body {}/{}",
         ex.role,
@@ -31,10 +34,16 @@ fn run(steps: &[(Direction, &[u8])]) -> (HttpParser, Vec<String>) {
 #[test]
 fn server_exchange_with_content_length_bodies() {
     let (p, out) = run(&[
-        (In, b"POST /orders HTTP/1.1\r\nHost: shop\r\nContent-Length: 7\r\n\r\n{\"a\":1}"),
+        (
+            In,
+            b"POST /orders HTTP/1.1\r\nHost: shop\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        ),
         (Out, b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"),
     ]);
-    assert_eq!(out, ["Server POST /orders -> 201 req 10..10 resp 20..20 body 7/2"]);
+    assert_eq!(
+        out,
+        ["Server POST /orders -> 201 req 10..10 resp 20..20 body 7/2"]
+    );
     assert_eq!(p.is_http(), Some(true));
     assert_eq!(p.role(), Some(Role::Server));
 }
@@ -61,17 +70,31 @@ fn head_split_byte_by_byte_keeps_first_byte_time() {
     }
     p.feed(Out, b"HTTP/1.1 204 No Content\r\n\r\n", 500);
     let out: Vec<_> = p.take_exchanges().iter().map(summary).collect();
-    assert_eq!(out, ["Server GET /x -> 204 req 100..127 resp 500..500 body 0/0"]);
+    assert_eq!(
+        out,
+        ["Server GET /x -> 204 req 100..127 resp 500..500 body 0/0"]
+    );
 }
 
 #[test]
 fn chunked_body_is_decoded_across_reads() {
     let mut p = HttpParser::new();
     p.feed(Out, b"GET / HTTP/1.1\r\n\r\n", 1);
-    p.feed(In, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 2);
-    for (i, part) in ["1", "0;ext=1\r", "\n0123456789abcdef\r", "\n3\r\nxyz", "\r\n0\r\nX-Sum: 1\r\n", "\r\n"]
-        .iter()
-        .enumerate()
+    p.feed(
+        In,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        2,
+    );
+    for (i, part) in [
+        "1",
+        "0;ext=1\r",
+        "\n0123456789abcdef\r",
+        "\n3\r\nxyz",
+        "\r\n0\r\nX-Sum: 1\r\n",
+        "\r\n",
+    ]
+    .iter()
+    .enumerate()
     {
         p.feed(In, part.as_bytes(), 3 + i as u64);
     }
@@ -102,12 +125,18 @@ fn pipelined_requests_pair_in_order() {
 #[test]
 fn interim_responses_are_skipped() {
     let (_, out) = run(&[
-        (In, b"PUT /m HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"),
+        (
+            In,
+            b"PUT /m HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        ),
         (Out, b"HTTP/1.1 100 Continue\r\n\r\n"),
         (In, b"abc"),
         (Out, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
     ]);
-    assert_eq!(out, ["Server PUT /m -> 200 req 10..30 resp 40..40 body 3/0"]);
+    assert_eq!(
+        out,
+        ["Server PUT /m -> 200 req 10..30 resp 40..40 body 3/0"]
+    );
 }
 
 #[test]
@@ -141,8 +170,16 @@ fn request_without_response_is_emitted_at_close() {
 #[test]
 fn switching_protocols_stops_parsing() {
     let mut p = HttpParser::new();
-    p.feed(In, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 1);
-    p.feed(Out, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello", 2);
+    p.feed(
+        In,
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        1,
+    );
+    p.feed(
+        Out,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+        2,
+    );
     p.feed(In, b"GET /not-http HTTP/1.1\r\n\r\n", 3);
     p.close(4);
     let ex = p.take_exchanges();
@@ -193,7 +230,11 @@ fn oversized_head_is_not_http() {
 fn skip_inside_body_counts_as_body() {
     let mut p = HttpParser::new();
     p.feed(In, b"GET /big HTTP/1.1\r\n\r\n", 1);
-    p.feed(Out, b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\nabc", 2);
+    p.feed(
+        Out,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\nabc",
+        2,
+    );
     p.skip(Out, 9994, 2);
     p.feed(Out, b"xyz", 3);
     p.feed(In, b"GET /next HTTP/1.1\r\n\r\n", 4);
@@ -217,11 +258,18 @@ fn skip_in_a_head_drops_the_exchange_and_its_response() {
     p.skip(In, 5000, 3);
     p.feed(Out, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 4);
     p.feed(In, b"GET /3 HTTP/1.1\r\n\r\n", 5);
-    p.feed(Out, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 6);
+    p.feed(
+        Out,
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        6,
+    );
     let out: Vec<_> = p.take_exchanges().iter().map(summary).collect();
     assert_eq!(
         out,
-        ["Server GET /1 -> 200 req 1..1 resp 2..2 body 0/0", "Server GET /3 -> 404 req 5..5 resp 6..6 body 0/0"]
+        [
+            "Server GET /1 -> 200 req 1..1 resp 2..2 body 0/0",
+            "Server GET /3 -> 404 req 5..5 resp 6..6 body 0/0"
+        ]
     );
 }
 
@@ -235,7 +283,11 @@ fn lost_request_whose_response_came_first_does_not_shift_pairing() {
     p.skip(In, 19, 5);
     p.feed(In, b"GET /3 HTTP/1.1\r\n\r\n", 5);
     p.feed(Out, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", 6);
-    let out: Vec<_> = p.take_exchanges().iter().map(|e| summary(e)[..22].to_owned()).collect();
+    let out: Vec<_> = p
+        .take_exchanges()
+        .iter()
+        .map(|e| summary(e)[..22].to_owned())
+        .collect();
     assert_eq!(out, ["Server GET /1 -> 200 r", "Server GET /3 -> 201 r"]);
 }
 
@@ -243,7 +295,11 @@ fn lost_request_whose_response_came_first_does_not_shift_pairing() {
 fn gap_in_chunked_framing_resynchronises_on_the_next_response() {
     let mut p = HttpParser::new();
     p.feed(Out, b"GET /1 HTTP/1.1\r\n\r\n", 1);
-    p.feed(In, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", 2);
+    p.feed(
+        In,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        2,
+    );
     p.skip(In, 20, 3);
     p.feed(In, b"ignored tail\r\n0\r\n\r\n", 3);
     p.feed(Out, b"GET /2 HTTP/1.1\r\n\r\n", 4);
@@ -290,7 +346,10 @@ fn resync_after_a_response_gap_pairs_with_the_newest_request() {
     let out: Vec<_> = p.take_exchanges().iter().map(summary).collect();
     assert_eq!(
         out,
-        ["Client GET /1 -> 200 req 1..1 resp 2..6 body 0/100", "Client GET /3 -> 202 req 5..5 resp 6..6 body 0/0"]
+        [
+            "Client GET /1 -> 200 req 1..1 resp 2..6 body 0/100",
+            "Client GET /3 -> 202 req 5..5 resp 6..6 body 0/0"
+        ]
     );
 }
 
@@ -303,12 +362,19 @@ fn many_unanswered_requests_stay_bounded() {
     assert!(p.in_flight.len() <= MAX_IN_FLIGHT);
     // The responses of the dropped requests are discarded, the rest pair in order.
     for i in 0..(MAX_IN_FLIGHT as u64 + 10) {
-        p.feed(Out, format!("HTTP/1.1 200 OK\r\nX-N: {i}\r\nContent-Length: 0\r\n\r\n").as_bytes(), 1000 + i);
+        p.feed(
+            Out,
+            format!("HTTP/1.1 200 OK\r\nX-N: {i}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+            1000 + i,
+        );
     }
     let ex = p.take_exchanges();
     assert_eq!(ex.len(), MAX_IN_FLIGHT);
     for e in ex {
-        assert_eq!(Some(&e.request.target[1..]), e.response.as_ref().and_then(|r| r.header("x-n")));
+        assert_eq!(
+            Some(&e.request.target[1..]),
+            e.response.as_ref().and_then(|r| r.header("x-n"))
+        );
     }
 }
 
@@ -316,7 +382,11 @@ fn many_unanswered_requests_stay_bounded() {
 fn body_capture_is_bounded() {
     let mut p = HttpParser::new();
     let big = vec![b'x'; 40_000];
-    p.feed(In, format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", big.len()).as_bytes(), 1);
+    p.feed(
+        In,
+        format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", big.len()).as_bytes(),
+        1,
+    );
     p.feed(In, &big, 2);
     p.feed(Out, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 3);
     let ex = p.take_exchanges();
