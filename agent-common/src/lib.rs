@@ -191,14 +191,23 @@ pub struct ConnEvent {
     pub ret: i32,
 }
 
-/// Exec and exit of a process.
+/// Bytes of a new program's command line carried by an exec event.
+pub const MAX_ARGS: usize = 256;
+
+/// Exec and exit of a process. The exec event carries the program's name and command
+/// line, so that a process that has exited by the time user space looks (curl, a
+/// one-shot script) is still named right.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcEvent {
     pub header: EventHeader,
     /// Exit code for [`EventKind::Exit`], 0 otherwise.
     pub exit_code: i32,
-    pub _pad: u32,
+    /// Bytes of `args` that are valid (NUL-separated arguments).
+    pub args_len: u32,
+    /// The task's comm, NUL-padded.
+    pub comm: [u8; 16],
+    pub args: [u8; MAX_ARGS],
 }
 
 /// Offsets into kernel structures, read by user space from the running kernel's BTF
@@ -225,7 +234,9 @@ pub struct KernelOffsets {
     pub sk_v6_rcv_saddr: u32,
     pub sk_protocol: u32,
     pub task_exit_code: u32,
-    pub _pad: u32,
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
 }
 
 /// Settings of the programs, fixed at load time.
@@ -266,9 +277,9 @@ const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 96);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 48 + MAX_ARGS);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 104);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -5,8 +5,8 @@
 //! saves a wake-up per event under load.
 
 use agent_common::{
-    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, ProcEvent, SockInfo,
-    lost,
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_ARGS, MAX_PAYLOAD, ProcEvent,
+    SockInfo, lost,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -53,9 +53,32 @@ pub fn conn_event(kind: EventKind, pid_tgid: u64, fd: u32, info: &SockInfo, ret:
     output(&ConnEvent { header: header(kind, pid_tgid, fd), tuple: info.tuple, role: info.role, ret });
 }
 
+/// An exec or exit event, written straight into the ring buffer (it is too big for
+/// the stack). `args` is the user address range of the command line, for exec.
 #[inline(always)]
-pub fn proc_event(kind: EventKind, pid_tgid: u64, exit_code: i32) {
-    output(&ProcEvent { header: header(kind, pid_tgid, 0), exit_code, _pad: 0 });
+pub fn proc_event(kind: EventKind, pid_tgid: u64, exit_code: i32, args: Option<(u64, u64)>) {
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        count_lost(lost::RINGBUF_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).header = header(kind, pid_tgid, 0);
+        (*ev).exit_code = exit_code;
+        (*ev).args_len = 0;
+        (*ev).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
+        if let Some((start, end)) = args {
+            let mut n = end.saturating_sub(start);
+            if n > MAX_ARGS as u64 {
+                n = MAX_ARGS as u64;
+            }
+            let dst = (&raw mut (*ev).args).cast::<core::ffi::c_void>();
+            if n > 0 && bpf_probe_read_user(dst, n as u32, start as *const core::ffi::c_void) == 0 {
+                (*ev).args_len = n as u32;
+            }
+        }
+    }
+    entry.submit(wakeup_flags());
 }
 
 /// One data event: `len` bytes moved at user address `src` (0 when the bytes cannot be

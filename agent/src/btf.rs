@@ -652,7 +652,9 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_v6_daddr: field(btf, "sock", "__sk_common.skc_v6_daddr", 16)?,
         sk_v6_rcv_saddr: field(btf, "sock", "__sk_common.skc_v6_rcv_saddr", 16)?,
         sk_protocol: field(btf, "sock", "sk_protocol", 2)?,
-        _pad: 0,
+        task_mm: field(btf, "task_struct", "mm", PTR)?,
+        mm_arg_start: field(btf, "mm_struct", "arg_start", 8)?,
+        mm_arg_end: field(btf, "mm_struct", "arg_end", 8)?,
     })
 }
 

@@ -27,7 +27,8 @@ pub enum Event<'a> {
     Connect { header: EventHeader, tuple: SockTuple, ret: i32 },
     Accept { header: EventHeader, tuple: SockTuple },
     Close { header: EventHeader, tuple: SockTuple },
-    Exec { header: EventHeader },
+    /// `comm` is the program's name; `args` its NUL-separated command line (a prefix).
+    Exec { header: EventHeader, comm: String, args: Vec<String> },
     Exit { header: EventHeader, exit_code: i32 },
 }
 
@@ -38,7 +39,7 @@ impl Event<'_> {
             | Event::Connect { header, .. }
             | Event::Accept { header, .. }
             | Event::Close { header, .. }
-            | Event::Exec { header }
+            | Event::Exec { header, .. }
             | Event::Exit { header, .. } => header,
         }
     }
@@ -84,7 +85,19 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Exec | EventKind::Exit => {
             let p: ProcEvent = read(bytes, kind)?;
             Ok(match kind {
-                EventKind::Exec => Event::Exec { header: p.header },
+                EventKind::Exec => {
+                    let comm_len = p.comm.iter().position(|&c| c == 0).unwrap_or(p.comm.len());
+                    let args_len = (p.args_len as usize).min(p.args.len());
+                    Event::Exec {
+                        header: p.header,
+                        comm: String::from_utf8_lossy(&p.comm[..comm_len]).into_owned(),
+                        args: p.args[..args_len]
+                            .split(|&c| c == 0)
+                            .filter(|a| !a.is_empty())
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .collect(),
+                    }
+                }
                 _ => Event::Exit { header: p.header, exit_code: p.exit_code },
             })
         }

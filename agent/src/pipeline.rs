@@ -126,7 +126,7 @@ impl Pipeline {
                 self.conn(h.tgid, h.fd, &tuple, h.ts_ns);
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
-            Event::Exec { .. } => self.registry.exec(h.tgid),
+            Event::Exec { comm, args, .. } => self.registry.exec(h.tgid, &comm, &args),
             Event::Exit { .. } => {
                 let fds: Vec<u32> = self.conns.keys().filter(|(p, _)| *p == h.tgid).map(|(_, fd)| *fd).collect();
                 for fd in fds {

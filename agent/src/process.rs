@@ -43,14 +43,20 @@ impl ProcessRegistry {
         if self.known.len() >= MAX_PROCESSES {
             self.known.clear();
         }
-        let r = Arc::new(self.describe(pid));
+        let r = Arc::new(self.describe(pid, None));
         self.known.insert(pid, r.clone());
         r
     }
 
-    /// The process ran execve: it may be another program now.
-    pub fn exec(&mut self, pid: u32) {
-        self.known.remove(&pid);
+    /// The process ran execve: it is another program now. It is described at once,
+    /// with the kernel's `comm` and command line standing in for /proc when the process
+    /// is already gone (a curl that lived for 3 ms).
+    pub fn exec(&mut self, pid: u32, comm: &str, args: &[String]) {
+        if self.known.len() >= MAX_PROCESSES {
+            self.known.clear();
+        }
+        let r = Arc::new(self.describe(pid, Some((comm, args))));
+        self.known.insert(pid, r);
     }
 
     /// The process exited.
@@ -58,12 +64,20 @@ impl ProcessRegistry {
         self.known.remove(&pid);
     }
 
-    fn describe(&self, pid: u32) -> Resource {
+    fn describe(&self, pid: u32, exec_hint: Option<(&str, &[String])>) -> Resource {
         let dir = self.proc_root.join(pid.to_string());
         let env = read_nul_separated(&dir.join("environ"));
-        let cmdline = read_nul_separated(&dir.join("cmdline"));
+        let mut cmdline = read_nul_separated(&dir.join("cmdline"));
         let exe_path = fs::read_link(dir.join("exe")).ok();
-        let comm = fs::read_to_string(dir.join("comm")).map(|s| s.trim().to_owned()).ok();
+        let mut comm = fs::read_to_string(dir.join("comm")).map(|s| s.trim().to_owned()).ok();
+        if let Some((hint_comm, hint_args)) = exec_hint {
+            if cmdline.is_empty() {
+                cmdline = hint_args.to_vec();
+            }
+            if comm.is_none() && !hint_comm.is_empty() {
+                comm = Some(hint_comm.to_owned());
+            }
+        }
         let executable_name = exe_path
             .as_deref()
             .and_then(Path::file_name)
@@ -216,8 +230,22 @@ mod tests {
         assert_eq!(r.executable_name, "python3");
         assert!(r.attributes.iter().any(|kv| kv.key == "container.id"));
         fs::write(dir.join("environ"), b"PATH=/bin\0").unwrap();
-        reg.exec(4242);
+        reg.exec(4242, "python3", &[]);
         assert_eq!(reg.resource(4242).service_name, "shop");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn process_gone_before_lookup_is_named_from_its_exec_event() {
+        let root = std::env::temp_dir().join(format!("sonde-proc-gone-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let mut reg = ProcessRegistry::with_proc_root(&root);
+        reg.exec(77, "python3", &cmd(&["python3", "/tmp/client.py", "--n", "3"]));
+        let r = reg.resource(77);
+        assert_eq!(r.service_name, "client");
+        assert_eq!(r.executable_name, "python3");
+        reg.exec(78, "curl", &cmd(&["curl", "-s", "http://x/"]));
+        assert_eq!(reg.resource(78).service_name, "curl");
         fs::remove_dir_all(&root).unwrap();
     }
 

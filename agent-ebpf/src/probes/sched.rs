@@ -12,8 +12,21 @@ use crate::{config::setting, emit::proc_event};
 /// sched/sched_process_exec: fires in the new program's context.
 #[tracepoint]
 pub fn sched_exec(_ctx: TracePointContext) -> u32 {
-    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0);
+    // task_struct->mm->arg_start/arg_end: the new program's command line.
+    let task = unsafe { bpf_get_current_task() };
+    let mm: u64 = read(task, setting!(offsets.task_mm));
+    let args = if mm == 0 {
+        None
+    } else {
+        Some((read(mm, setting!(offsets.mm_arg_start)), read(mm, setting!(offsets.mm_arg_end))))
+    };
+    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0, args);
     0
+}
+
+#[inline(always)]
+fn read(base: u64, offset: u32) -> u64 {
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.unwrap_or(0)
 }
 
 /// sched/sched_process_exit: fires per thread; only the group leader's exit ends the
@@ -27,6 +40,6 @@ pub fn sched_exit(_ctx: TracePointContext) -> u32 {
     let task = unsafe { bpf_get_current_task() };
     let off = setting!(offsets.task_exit_code) as u64;
     let code: i32 = unsafe { bpf_probe_read_kernel((task + off) as *const i32) }.unwrap_or(0);
-    proc_event(EventKind::Exit, pid_tgid, code);
+    proc_event(EventKind::Exit, pid_tgid, code, None);
     0
 }
