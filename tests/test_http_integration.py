@@ -20,10 +20,14 @@ def expect(agent, pids, n, what):
     return spans
 
 
+_seen = []  # the spans of the current test, shown when a check fails
+
+
 def both_ends(agent, server, client, n_each, what):
     """Waits for n_each server spans (server's pids) and n_each client spans (client pid)."""
     srv = expect(agent, server.pids, n_each, f"from the server ({what})")
     cli = expect(agent, [client.pid], n_each, f"from the client ({what})")
+    _seen[:] = srv + cli
     assert by_kind(srv, SERVER) == srv, f"server process produced non-server spans:\n{fmt_spans(srv)}"
     assert by_kind(cli, CLIENT) == cli, f"client process produced non-client spans:\n{fmt_spans(cli)}"
     return srv, cli
@@ -37,8 +41,14 @@ def check_pair(srv, cli, port, *, name, path, route, status, method="GET", ua=No
         client_error = status >= 400
     common = dict(name=name, method=method, path=path, route=route, status=status, port=port,
                   t0_ns=t0, user_agent_prefix=ua, resp_body=resp_body, req_body=req_body)
-    check_span(srv, kind=SERVER, error=server_error, **common)
-    check_span(cli, kind=CLIENT, error=client_error, **common)
+    try:
+        check_span(srv, kind=SERVER, error=server_error, **common)
+        check_span(cli, kind=CLIENT, error=client_error, **common)
+        # Same node, same connection: the server span is the client span's child.
+        assert srv.trace_id == cli.trace_id and srv.parent_span_id == cli.span_id, \
+            f"server span not linked to its client span:\n  {srv}\n  {cli}"
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- all spans of this exchange ---\n{fmt_spans(_seen)}") from None
 
 
 # ---------------------------------------------------------------- single requests
@@ -108,6 +118,8 @@ def test_keepalive_pyclient_app(agent, app, t0):
     c = run_pyclient("get", "127.0.0.1", app.port, *paths)
     assert c.out["connections"] == 1, c.out
     srv, cli = both_ends(agent, app, c, 3, "3 GETs on one http.client connection")
+    assert {k.service for k in cli} <= {"pyclient.py", "pyclient"}, \
+        f"service.name of a short-lived python script:\n{fmt_spans(cli)}"
     for s, k, p, r in zip(srv, cli, paths, c.out["responses"]):
         check_pair(s, k, app.port, name="GET /orders/{id}", path=p, route="/orders/{id}",
                    status=200, ua=PY_UA, resp_body=r["len"], t0=t0)

@@ -227,6 +227,10 @@ def test_agent_exports_to_jaeger(jaeger, tmp_path, protocol, how):
         assert cli[1]["operationName"] == "GET /boom"
         assert t.get("http.response.status_code") == 500 and t.get("otel.status_code") == "ERROR", t
         assert int(tags_of(cli[0]["process"]).get("process.pid", -1)) == c.pid
+        # One trace: the server span is the child of the client span (same node, same connection).
+        assert s["traceID"] == cli[0]["traceID"], (s, cli[0])
+        assert {"refType": "CHILD_OF", "traceID": cli[0]["traceID"], "spanID": cli[0]["spanID"]} \
+            in s.get("references", []), s.get("references")
 
         assert shop in jaeger.services() and customer in jaeger.services()
         # The agent must not trace its own export connection, on either end.
