@@ -14,6 +14,7 @@ pub mod reassembly;
 pub mod spans;
 pub mod telemetry;
 pub mod context;
+pub mod context_amqp;
 pub mod events;
 pub mod pipeline;
 pub mod probes;

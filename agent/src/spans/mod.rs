@@ -4,6 +4,7 @@
 //! times, so it does not go through the OpenTelemetry SDK's live-span API: a [`Span`]
 //! is plain data that the exporters turn into OTLP.
 
+pub mod amqp;
 pub mod http;
 pub mod route;
 
