@@ -1,1 +1,585 @@
-//! (in progress)
+//! Message linker: makes each RabbitMQ delivery the child of the publish that carried
+//! the same message, across the processes of this node (DESIGN.md, rule 2).
+//!
+//! The broker hands the consumer the exchange and routing key the message was
+//! published with, its properties and its body, so a message is recognised by a
+//! [`MessageKey`]: exchange, routing key, the properties a broker does not rewrite, the
+//! body size and a digest of the body's first [`BODY_DIGEST_LEN`] octets when both
+//! sides captured them. Identical messages are matched in publish order, one delivery
+//! per queue and publish, so a fan-out links every queue's delivery to the one publish.
+//!
+//! A producer span leaves at once; what it takes to link to it stays for `remember`
+//! (messages may wait in a queue), and at least `hold` after its first match (the other
+//! queues of a fan-out). A consumer span whose publish was not seen yet (events of two
+//! processes arrive out of order) waits up to `hold`, then leaves unlinked. A consumer
+//! span with a `traceparent` of its own keeps it (rule 1), unless the publish carried
+//! the same one: then it links to the producer span, which is a child of that same
+//! parent. Linking also sets how long the message waited in the broker
+//! ([`crate::spans::amqp::BROKER_WAIT_MS`]). Memory is bounded by `max_entries`
+//! producers and as many waiting consumer spans; past that the oldest go.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    hash::{DefaultHasher, Hash, Hasher},
+    time::Duration,
+};
+
+use crate::{
+    protocols::amqp::{AmqpOperation, Message},
+    spans::{KeyValue, Span, SpanId, SpanKind, TraceId, Value, amqp::BROKER_WAIT_MS},
+};
+
+/// Body octets digested into a key: short enough that both sides usually captured them.
+pub const BODY_DIGEST_LEN: usize = 256;
+/// Queues remembered per producer entry (fan-out width tracked).
+const MAX_QUEUES_PER_PUBLISH: usize = 64;
+
+/// What identifies a message on both sides of the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageKey {
+    /// Digest of exchange, routing key, stable properties and body size.
+    fingerprint: u64,
+    /// Digest of the body's first octets, when they were captured.
+    body: Option<u64>,
+    /// The queue a delivery came from (`None` for publishes, or when unknown).
+    queue: Option<String>,
+}
+
+impl MessageKey {
+    /// The key of a publish or delivery; `None` for other operations.
+    pub fn of(op: &AmqpOperation) -> Option<Self> {
+        match op {
+            AmqpOperation::Publish(p) => Some(Self::new(&p.message, None)),
+            AmqpOperation::Delivery(d) => Some(Self::new(&d.message, d.queue.clone())),
+            _ => None,
+        }
+    }
+
+    fn new(m: &Message, queue: Option<String>) -> Self {
+        let mut h = DefaultHasher::new();
+        m.exchange.hash(&mut h);
+        m.routing_key.hash(&mut h);
+        m.body_size.hash(&mut h);
+        let p = &m.properties;
+        // Timestamp, delivery mode and priority are left out: broker plugins and queue
+        // types may set them.
+        for field in [
+            &p.content_type,
+            &p.content_encoding,
+            &p.correlation_id,
+            &p.reply_to,
+            &p.expiration,
+            &p.message_id,
+            &p.kind,
+            &p.user_id,
+            &p.app_id,
+        ] {
+            field.hash(&mut h);
+        }
+        // The broker adds x-* headers (x-death, x-delivery-count...) and removes BCC.
+        for (k, v) in &p.headers {
+            if !k.starts_with("x-") && k != "BCC" {
+                k.hash(&mut h);
+                v.hash(&mut h);
+            }
+        }
+        let want = usize::try_from(m.body_size).map_or(BODY_DIGEST_LEN, |s| s.min(BODY_DIGEST_LEN));
+        let body = (m.body.len() >= want).then(|| {
+            let mut b = DefaultHasher::new();
+            m.body[..want].hash(&mut b);
+            b.finish()
+        });
+        MessageKey {
+            fingerprint: h.finish(),
+            body,
+            queue,
+        }
+    }
+
+    fn same_message(&self, other: &MessageKey) -> bool {
+        self.fingerprint == other.fingerprint
+            && match (self.body, other.body) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// What a consumer span needs of its producer.
+struct Producer {
+    key: MessageKey,
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    start_unix_nanos: u64,
+    /// Queues whose delivery already linked to it.
+    matched: Vec<Option<String>>,
+    deadline_ns: u64,
+}
+
+struct Waiting {
+    span: Span,
+    key: MessageKey,
+    deadline_ns: u64,
+}
+
+pub struct MessageLinker {
+    hold_ns: u64,
+    remember_ns: u64,
+    max_entries: usize,
+    /// Producers by arrival sequence number, and their sequence numbers by fingerprint.
+    producers: BTreeMap<u64, Producer>,
+    producers_by_fp: HashMap<u64, VecDeque<u64>>,
+    waiting: BTreeMap<u64, Waiting>,
+    waiting_by_fp: HashMap<u64, VecDeque<u64>>,
+    next_seq: u64,
+}
+
+impl MessageLinker {
+    pub fn new(hold: Duration, remember: Duration, max_entries: usize) -> Self {
+        MessageLinker {
+            hold_ns: hold.as_nanos() as u64,
+            remember_ns: remember.as_nanos() as u64,
+            max_entries: max_entries.max(1),
+            producers: BTreeMap::new(),
+            producers_by_fp: HashMap::new(),
+            waiting: BTreeMap::new(),
+            waiting_by_fp: HashMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    /// Offers a finished RabbitMQ span with the key of its message. Returns the spans
+    /// ready to go on: a producer span at once, with any consumer spans that waited for
+    /// it, linked; a consumer span once linked (or later, from `expire`).
+    pub fn offer(&mut self, span: Span, key: MessageKey, now_ns: u64) -> Vec<Span> {
+        let mut out = Vec::new();
+        match span.kind {
+            SpanKind::Producer => {
+                self.expire_producers(now_ns);
+                if self.producers.len() >= self.max_entries {
+                    self.drop_oldest_producer();
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let fp = key.fingerprint;
+                let mut producer = Producer {
+                    key,
+                    trace_id: span.trace_id,
+                    span_id: span.span_id,
+                    parent: span.parent_span_id,
+                    start_unix_nanos: span.start_unix_nanos,
+                    matched: Vec::new(),
+                    deadline_ns: now_ns.saturating_add(self.remember_ns),
+                };
+                out.push(span);
+                // Consumer spans that waited for this publish, oldest first, one per queue.
+                let candidates: Vec<u64> = self
+                    .waiting_by_fp
+                    .get(&fp)
+                    .map(|q| q.iter().copied().collect())
+                    .unwrap_or_default();
+                for wseq in candidates {
+                    let Some(w) = self.waiting.get(&wseq) else {
+                        continue;
+                    };
+                    if !producer.key.same_message(&w.key) || producer.matched.contains(&w.key.queue)
+                    {
+                        continue;
+                    }
+                    let mut w = self.remove_waiting(wseq).expect("present above");
+                    link(
+                        &mut producer,
+                        &mut w.span,
+                        w.key.queue,
+                        now_ns,
+                        self.hold_ns,
+                    );
+                    out.push(w.span);
+                }
+                self.producers.insert(seq, producer);
+                self.producers_by_fp.entry(fp).or_default().push_back(seq);
+            }
+            SpanKind::Consumer => {
+                let found = self.producers_by_fp.get(&key.fingerprint).and_then(|q| {
+                    q.iter().copied().find(|seq| {
+                        self.producers.get(seq).is_some_and(|p| {
+                            p.key.same_message(&key) && !p.matched.contains(&key.queue)
+                        })
+                    })
+                });
+                let mut span = span;
+                if let Some(seq) = found {
+                    let producer = self.producers.get_mut(&seq).expect("found above");
+                    link(producer, &mut span, key.queue, now_ns, self.hold_ns);
+                    out.push(span);
+                } else {
+                    if self.waiting.len() >= self.max_entries
+                        && let Some((&oldest, _)) = self.waiting.first_key_value()
+                    {
+                        out.extend(self.remove_waiting(oldest).map(|w| w.span));
+                    }
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    self.waiting_by_fp
+                        .entry(key.fingerprint)
+                        .or_default()
+                        .push_back(seq);
+                    self.waiting.insert(
+                        seq,
+                        Waiting {
+                            span,
+                            key,
+                            deadline_ns: now_ns.saturating_add(self.hold_ns),
+                        },
+                    );
+                }
+            }
+            _ => out.push(span),
+        }
+        out
+    }
+
+    /// Consumer spans whose wait is over; forgets producers past their time.
+    pub fn expire(&mut self, now_ns: u64) -> Vec<Span> {
+        self.expire_producers(now_ns);
+        let due: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.deadline_ns <= now_ns)
+            .map(|(s, _)| *s)
+            .collect();
+        due.into_iter()
+            .filter_map(|s| self.remove_waiting(s))
+            .map(|w| w.span)
+            .collect()
+    }
+
+    /// Everything still waiting (at shutdown).
+    pub fn drain(&mut self) -> Vec<Span> {
+        self.producers.clear();
+        self.producers_by_fp.clear();
+        self.waiting_by_fp.clear();
+        std::mem::take(&mut self.waiting)
+            .into_values()
+            .map(|w| w.span)
+            .collect()
+    }
+
+    /// Consumer spans waiting for their producer.
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Producers remembered for deliveries to come.
+    pub fn producers_len(&self) -> usize {
+        self.producers.len()
+    }
+
+    fn remove_waiting(&mut self, seq: u64) -> Option<Waiting> {
+        let w = self.waiting.remove(&seq)?;
+        if let Some(q) = self.waiting_by_fp.get_mut(&w.key.fingerprint) {
+            q.retain(|s| *s != seq);
+            if q.is_empty() {
+                self.waiting_by_fp.remove(&w.key.fingerprint);
+            }
+        }
+        Some(w)
+    }
+
+    fn remove_producer(&mut self, seq: u64) {
+        let Some(p) = self.producers.remove(&seq) else {
+            return;
+        };
+        if let Some(q) = self.producers_by_fp.get_mut(&p.key.fingerprint) {
+            q.retain(|s| *s != seq);
+            if q.is_empty() {
+                self.producers_by_fp.remove(&p.key.fingerprint);
+            }
+        }
+    }
+
+    fn drop_oldest_producer(&mut self) {
+        if let Some((&seq, _)) = self.producers.first_key_value() {
+            self.remove_producer(seq);
+        }
+    }
+
+    fn expire_producers(&mut self, now_ns: u64) {
+        let due: Vec<u64> = self
+            .producers
+            .iter()
+            .filter(|(_, p)| p.deadline_ns <= now_ns)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in due {
+            self.remove_producer(seq);
+        }
+    }
+}
+
+/// Makes `consumer` the child of `producer`'s span (unless it carries a parent of its
+/// own that the publish did not share) and records the queue as matched.
+fn link(
+    producer: &mut Producer,
+    consumer: &mut Span,
+    queue: Option<String>,
+    now_ns: u64,
+    hold_ns: u64,
+) {
+    if producer.matched.len() < MAX_QUEUES_PER_PUBLISH {
+        producer.matched.push(queue);
+    }
+    if producer.matched.len() == 1 {
+        producer.deadline_ns = producer.deadline_ns.max(now_ns.saturating_add(hold_ns));
+    }
+    let shares_parent = consumer.parent_span_id.is_none()
+        || (consumer.trace_id == producer.trace_id && consumer.parent_span_id == producer.parent);
+    if !shares_parent {
+        return;
+    }
+    consumer.trace_id = producer.trace_id;
+    consumer.parent_span_id = Some(producer.span_id);
+    let waited_ns = consumer
+        .start_unix_nanos
+        .saturating_sub(producer.start_unix_nanos);
+    consumer.attributes.retain(|kv| kv.key != BROKER_WAIT_MS);
+    consumer.attributes.push(KeyValue::new(
+        BROKER_WAIT_MS,
+        Value::Double(waited_ns as f64 / 1e6),
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        conn::Role,
+        protocols::amqp::{Delivery, DeliveryKind, Properties, Publish},
+        spans::{Resource, Status, new_span_id, new_trace_id},
+    };
+
+    fn message(id: &str, body: &[u8]) -> Message {
+        Message {
+            exchange: "events".into(),
+            routing_key: "order.status".into(),
+            properties: Properties {
+                message_id: Some(id.into()),
+                headers: vec![("order_id".into(), "42".into())],
+                ..Properties::default()
+            },
+            body_size: body.len() as u64,
+            body: body.to_vec(),
+        }
+    }
+
+    fn publish_key(m: Message) -> MessageKey {
+        MessageKey::of(&AmqpOperation::Publish(Publish {
+            role: Role::Client,
+            channel: 1,
+            message: m,
+            mandatory: false,
+            start_ns: 0,
+            end_ns: 0,
+            confirmed: None,
+            returned: None,
+            error: None,
+            vhost: None,
+            user: None,
+        }))
+        .unwrap()
+    }
+
+    fn delivery_key(m: Message, queue: &str) -> MessageKey {
+        MessageKey::of(&AmqpOperation::Delivery(Delivery {
+            role: Role::Client,
+            kind: DeliveryKind::Deliver,
+            channel: 1,
+            consumer_tag: None,
+            queue: Some(queue.into()),
+            delivery_tag: 1,
+            redelivered: false,
+            message: m,
+            start_ns: 0,
+            end_ns: 0,
+            outcome: None,
+            error: None,
+            vhost: None,
+            user: None,
+        }))
+        .unwrap()
+    }
+
+    fn span(kind: SpanKind, start: u64) -> Span {
+        Span {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_span_id: None,
+            name: "x".into(),
+            kind,
+            start_unix_nanos: start,
+            end_unix_nanos: start + 1,
+            attributes: vec![],
+            status: Status::Unset,
+            resource: Arc::new(Resource {
+                service_name: "s".into(),
+                pid: 1,
+                executable_name: "s".into(),
+                host_name: "h".into(),
+                attributes: vec![],
+            }),
+        }
+    }
+
+    fn linker() -> MessageLinker {
+        MessageLinker::new(Duration::from_secs(2), Duration::from_secs(60), 100)
+    }
+
+    #[test]
+    fn delivery_becomes_child_of_publish_in_either_order() {
+        for consumer_first in [false, true] {
+            let mut l = linker();
+            let p = span(SpanKind::Producer, 1_000_000);
+            let c = span(SpanKind::Consumer, 4_000_000);
+            let ids = (p.trace_id, p.span_id);
+            let (pk, ck) = (
+                publish_key(message("m1", b"body")),
+                delivery_key(message("m1", b"body"), "crm"),
+            );
+            let out = if consumer_first {
+                assert!(l.offer(c, ck, 0).is_empty());
+                l.offer(p, pk, 10)
+            } else {
+                assert_eq!(l.offer(p, pk, 0).len(), 1);
+                l.offer(c, ck, 10)
+            };
+            let consumer = out.iter().find(|s| s.kind == SpanKind::Consumer).unwrap();
+            assert_eq!(
+                (consumer.trace_id, consumer.parent_span_id),
+                (ids.0, Some(ids.1))
+            );
+            assert_eq!(
+                consumer.attribute(BROKER_WAIT_MS),
+                Some(&Value::Double(3.0))
+            );
+            assert_eq!(l.waiting_len(), 0);
+        }
+    }
+
+    #[test]
+    fn fan_out_links_every_queue_to_one_publish_and_identical_messages_go_in_order() {
+        let mut l = linker();
+        let (p1, p2) = (span(SpanKind::Producer, 1), span(SpanKind::Producer, 2));
+        let (id1, id2) = (p1.span_id, p2.span_id);
+        l.offer(p1, publish_key(message("same", b"x")), 0);
+        l.offer(p2, publish_key(message("same", b"x")), 0);
+        let mut parents = Vec::new();
+        for queue in ["crm", "audit", "crm", "audit"] {
+            let out = l.offer(
+                span(SpanKind::Consumer, 5),
+                delivery_key(message("same", b"x"), queue),
+                1,
+            );
+            parents.push(out[0].parent_span_id.unwrap());
+        }
+        assert_eq!(parents, [id1, id1, id2, id2]);
+    }
+
+    #[test]
+    fn different_messages_do_not_link() {
+        let mut l = linker();
+        l.offer(
+            span(SpanKind::Producer, 1),
+            publish_key(message("a", b"x")),
+            0,
+        );
+        assert!(
+            l.offer(
+                span(SpanKind::Consumer, 2),
+                delivery_key(message("b", b"x"), "q"),
+                0
+            )
+            .is_empty()
+        );
+        assert!(
+            l.offer(
+                span(SpanKind::Consumer, 2),
+                delivery_key(message("a", b"y"), "q"),
+                0
+            )
+            .is_empty()
+        );
+        let out = l.expire(3_000_000_000);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|s| s.parent_span_id.is_none()));
+    }
+
+    #[test]
+    fn broker_headers_do_not_break_the_match() {
+        let mut delivered = message("a", b"x");
+        delivered
+            .properties
+            .headers
+            .push(("x-delivery-count".into(), "1".into()));
+        delivered.properties.timestamp = Some(1_700_000_000);
+        assert!(publish_key(message("a", b"x")).same_message(&delivery_key(delivered, "q")));
+    }
+
+    #[test]
+    fn own_traceparent_wins_unless_the_publish_shared_it() {
+        let mut l = linker();
+        let p = span(SpanKind::Producer, 1);
+        let mut c = span(SpanKind::Consumer, 2);
+        let foreign = (c.trace_id, new_span_id());
+        c.parent_span_id = Some(foreign.1);
+        l.offer(p, publish_key(message("a", b"x")), 0);
+        let out = l.offer(c, delivery_key(message("a", b"x"), "q"), 0);
+        assert_eq!(
+            (out[0].trace_id, out[0].parent_span_id),
+            (foreign.0, Some(foreign.1))
+        );
+
+        let upstream = (new_trace_id(), new_span_id());
+        let mut p = span(SpanKind::Producer, 1);
+        (p.trace_id, p.parent_span_id) = (upstream.0, Some(upstream.1));
+        let producer_id = p.span_id;
+        let mut c = span(SpanKind::Consumer, 2);
+        (c.trace_id, c.parent_span_id) = (upstream.0, Some(upstream.1));
+        l.offer(p, publish_key(message("b", b"x")), 0);
+        let out = l.offer(c, delivery_key(message("b", b"x"), "q"), 0);
+        assert_eq!(
+            (out[0].trace_id, out[0].parent_span_id),
+            (upstream.0, Some(producer_id))
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_and_producers_are_forgotten() {
+        let mut l = MessageLinker::new(Duration::from_nanos(100), Duration::from_nanos(1000), 3);
+        for i in 0..10 {
+            l.offer(
+                span(SpanKind::Producer, 1),
+                publish_key(message(&i.to_string(), b"x")),
+                0,
+            );
+        }
+        assert_eq!(l.producers_len(), 3);
+        let mut released = 0;
+        for i in 10..20 {
+            released += l
+                .offer(
+                    span(SpanKind::Consumer, 1),
+                    delivery_key(message(&i.to_string(), b"x"), "q"),
+                    0,
+                )
+                .len();
+        }
+        assert_eq!((l.waiting_len(), released), (3, 7));
+        assert_eq!(l.expire(100).len(), 3);
+        l.expire(1000);
+        assert_eq!(l.producers_len(), 0);
+        assert!(l.drain().is_empty());
+    }
+}
