@@ -15,12 +15,16 @@ use crate::{
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
     probes::{ProbeOptions, Probes},
     telemetry::Metrics,
+    tls::{TlsDiscovery, TlsTarget},
 };
 
 /// How often the ring buffer is drained when the kernel did not wake us: programs wake
 /// the reader only past `WAKEUP_BYTES`, to save wake-ups under load.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 const WAKEUP_BYTES: u64 = 256 * 1024;
+/// How often processes with connections are looked at again for TLS libraries they
+/// loaded since (Python loads libssl on `import ssl`).
+const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 fn output_of(args: &RunArgs) -> Result<Output> {
     let otlp = OtlpOptions {
@@ -76,7 +80,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ring_buffer_bytes: args.ring_buffer_mb * 1024 * 1024,
         wakeup_bytes: WAKEUP_BYTES,
     };
-    let (probes, ring) = Probes::load(&opts)?;
+    let (mut probes, ring) = Probes::load(&opts)?;
+    let mut tls = TlsDiscovery::default();
+    let mut targets = tls.scan_library_dirs();
+    targets.extend(tls.scan_all_processes());
+    attach_tls(&mut probes, targets);
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
 
@@ -91,6 +99,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    let mut last_rescan = std::time::Instant::now();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -101,6 +110,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = tick.tick() => {
                 drain(ring.get_mut(), &mut pipeline, &metrics);
                 pipeline.tick(monotonic_ns());
+                let mut targets: Vec<_> =
+                    pipeline.take_new_processes().into_iter().flat_map(|pid| tls.scan_process(pid)).collect();
+                if last_rescan.elapsed() >= TLS_RESCAN_INTERVAL {
+                    last_rescan = std::time::Instant::now();
+                    targets.extend(pipeline.active_processes().into_iter().flat_map(|pid| tls.scan_process(pid)));
+                }
+                attach_tls(&mut probes, targets);
                 metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
@@ -119,6 +135,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     export_task.shutdown(Duration::from_secs(10)).await;
     info!("stopped");
     Ok(())
+}
+
+fn attach_tls(probes: &mut Probes, targets: Vec<TlsTarget>) {
+    for target in targets {
+        match probes.attach_tls(&target) {
+            Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
+            Err(e) => warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde"),
+        }
+    }
 }
 
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics) {

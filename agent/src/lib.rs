@@ -21,3 +21,4 @@ pub mod probes;
 pub mod process;
 pub mod agent;
 pub mod config;
+pub mod tls;

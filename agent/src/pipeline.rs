@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{Direction, SockTuple};
+use agent_common::{Direction, SockTuple, SyscallId};
 use tracing::debug;
 
 use crate::{
@@ -60,6 +60,15 @@ struct Conn {
     ingress: StreamCursor,
     egress: StreamCursor,
     last_ns: u64,
+    /// Plaintext from a TLS library was seen: bytes on the wire are ciphertext and
+    /// ignored; the parser reads the plaintext stream.
+    tls: bool,
+    /// The connect or accept was seen, so the first bytes are the start of the stream;
+    /// otherwise the connection predates the agent (or was forgotten) and the parser
+    /// must look for a message boundary first.
+    from_start: bool,
+    /// Whether any bytes were given to the parser yet.
+    fed: bool,
 }
 
 pub struct Pipeline {
@@ -73,6 +82,8 @@ pub struct Pipeline {
     mono_to_unix_ns: i128,
     sink: Sink,
     last_ns: u64,
+    /// Processes that exec'd since the last `take_new_processes`.
+    new_processes: Vec<u32>,
 }
 
 impl Pipeline {
@@ -87,6 +98,7 @@ impl Pipeline {
             mono_to_unix_ns: mono_to_unix_offset(),
             sink,
             last_ns: 0,
+            new_processes: Vec::new(),
         }
     }
 
@@ -103,7 +115,25 @@ impl Pipeline {
                 let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
                 let Some(conn) = conn else { return };
                 conn.last_ns = h.ts_ns;
+                let tls = SyscallId::is_tls(data.syscall);
+                if tls && !conn.tls {
+                    // The handshake went by as ciphertext; start over on the plaintext.
+                    conn.tls = true;
+                    conn.parser = Some(HttpParser::new());
+                    conn.ingress = StreamCursor::new();
+                    conn.egress = StreamCursor::new();
+                    conn.fed = false;
+                } else if !tls && conn.tls {
+                    return;
+                }
                 let Some(parser) = conn.parser.as_mut() else { return };
+                if !conn.fed {
+                    conn.fed = true;
+                    if !conn.from_start {
+                        parser.resync(Direction::Ingress);
+                        parser.resync(Direction::Egress);
+                    }
+                }
                 let cursor = match dir {
                     Direction::Ingress => &mut conn.ingress,
                     Direction::Egress => &mut conn.egress,
@@ -123,10 +153,17 @@ impl Pipeline {
             Event::Connect { tuple, .. } | Event::Accept { tuple, .. } => {
                 // A new connection on this descriptor: whatever was there is over.
                 self.close(h.tgid, h.fd, h.ts_ns);
-                self.conn(h.tgid, h.fd, &tuple, h.ts_ns);
+                if let Some(conn) = self.conn(h.tgid, h.fd, &tuple, h.ts_ns) {
+                    conn.from_start = true;
+                }
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
-            Event::Exec { comm, args, .. } => self.registry.exec(h.tgid, &comm, &args),
+            Event::Exec { comm, args, .. } => {
+                self.registry.exec(h.tgid, &comm, &args);
+                if self.new_processes.len() < 4096 {
+                    self.new_processes.push(h.tgid);
+                }
+            }
             Event::Exit { .. } => {
                 let fds: Vec<u32> = self.conns.keys().filter(|(p, _)| *p == h.tgid).map(|(_, fd)| *fd).collect();
                 for fd in fds {
@@ -135,6 +172,30 @@ impl Pipeline {
                 self.registry.exit(h.tgid);
             }
         }
+    }
+
+    /// Sets the clock offset added to event times to get Unix times; replays of
+    /// captures, whose times are Unix times already, set 0.
+    pub fn set_mono_to_unix(&mut self, offset_ns: i128) {
+        self.mono_to_unix_ns = offset_ns;
+    }
+
+    /// Names a process that has no /proc entry to read (replayed captures).
+    pub fn register_process(&mut self, pid: u32, resource: Resource) {
+        self.registry.insert(pid, resource);
+    }
+
+    /// Processes that started a new program since the last call (for TLS discovery).
+    pub fn take_new_processes(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.new_processes)
+    }
+
+    /// Processes with connections now.
+    pub fn active_processes(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.conns.keys().map(|(pid, _)| *pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// Periodic work: release spans that waited long enough, forget idle connections.
@@ -194,6 +255,9 @@ impl Pipeline {
                     ingress: StreamCursor::new(),
                     egress: StreamCursor::new(),
                     last_ns: ts_ns,
+                    tls: false,
+                    from_start: false,
+                    fed: false,
                 },
             );
             self.metrics
@@ -245,13 +309,14 @@ impl Pipeline {
         }
         let info = conn.info;
         let resource = conn.resource.clone();
+        let tls = conn.tls;
         for ex in exchanges {
-            self.emit(&ex, &info, resource.clone(), now_ns);
+            self.emit(&ex, &info, resource.clone(), tls, now_ns);
         }
     }
 
-    fn emit(&mut self, ex: &HttpExchange, info: &ConnInfo, resource: Arc<Resource>, now_ns: u64) {
-        let span = http_span(ex, info, resource, self.mono_to_unix_ns, false);
+    fn emit(&mut self, ex: &HttpExchange, info: &ConnInfo, resource: Arc<Resource>, tls: bool, now_ns: u64) {
+        let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
         Metrics::inc(&self.metrics.spans_built);
         let key = ConnKey::new(ex.role, info.local, info.remote);
         for span in self.linker.offer(span, key, &ex.request.method, &ex.request.target, now_ns) {

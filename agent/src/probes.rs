@@ -15,7 +15,7 @@ use agent_common::{KernelOffsets, MAX_PAYLOAD, ProbeConfig, lost, maps};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeScope},
 };
 use thiserror::Error;
 use tracing::{debug, info};
@@ -228,6 +228,11 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         attach_process_hooks(&mut ebpf)?;
+        for program in TLS_PROGRAMS {
+            uprobe(&mut ebpf, program)?
+                .load()
+                .map_err(|source| ProbeError::Program { program, source })?;
+        }
         match backend {
             Backend::Kprobe => attach_kprobes(&mut ebpf)?,
             _ => attach_tracepoints(&mut ebpf)?,
@@ -247,6 +252,31 @@ impl Probes {
             .filter_map(|i| self.lost.get(&i, 0).ok())
             .map(|per_cpu| per_cpu.iter().sum::<u64>())
             .sum()
+    }
+
+    /// Puts the TLS uprobes on one library or executable (all processes that map it).
+    pub fn attach_tls(&mut self, target: &crate::tls::TlsTarget) -> Result<(), ProbeError> {
+        let s = &target.symbols;
+        let points = [
+            ("ssl_read_enter", s.ssl_read),
+            ("ssl_write_enter", s.ssl_write),
+            ("ssl_read_ex_enter", s.ssl_read_ex),
+            ("ssl_write_ex_enter", s.ssl_write_ex),
+        ];
+        for (program, offset) in points {
+            let Some(offset) = offset else { continue };
+            for program in [program, "ssl_ret"] {
+                let probe = uprobe(&mut self.ebpf, program)?;
+                probe
+                    .attach(UProbeAttachLocation::AbsoluteOffset(offset), &target.path, UProbeScope::AllProcesses)
+                    .map_err(|source| ProbeError::Attach {
+                        program,
+                        hook: format!("uprobe {}+{offset:#x}", target.path.display()),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Detaches every program (also done on drop).
@@ -325,6 +355,14 @@ fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
             }
         },
     }
+}
+
+const TLS_PROGRAMS: [&str; 5] =
+    ["ssl_read_enter", "ssl_write_enter", "ssl_read_ex_enter", "ssl_write_ex_enter", "ssl_ret"];
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    program.try_into().map_err(|source| ProbeError::Program { program: name, source })
 }
 
 fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ProbeError> {

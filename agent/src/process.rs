@@ -59,6 +59,11 @@ impl ProcessRegistry {
         self.known.insert(pid, r);
     }
 
+    /// Names a process by hand (replayed captures have no /proc to read).
+    pub fn insert(&mut self, pid: u32, resource: Resource) {
+        self.known.insert(pid, Arc::new(resource));
+    }
+
     /// The process exited.
     pub fn exit(&mut self, pid: u32) {
         self.known.remove(&pid);

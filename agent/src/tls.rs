@@ -1,0 +1,246 @@
+//! Finding TLS libraries to put uprobes on: OpenSSL (libssl.so.3, libssl.so.1.1) and
+//! executables that carry OpenSSL or BoringSSL statically and keep its symbols
+//! (Node.js does), found by their SSL_read/SSL_write symbols with the `object` crate.
+//!
+//! A uprobe is attached to a file (its inode), so every process that maps the file is
+//! covered, including processes that start later. Each file is examined once.
+
+use std::{
+    collections::HashSet,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSegment, ObjectSymbol};
+use tracing::{debug, info};
+
+/// File offsets of the TLS functions in one ELF file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSymbols {
+    pub ssl_read: Option<u64>,
+    pub ssl_write: Option<u64>,
+    pub ssl_read_ex: Option<u64>,
+    pub ssl_write_ex: Option<u64>,
+}
+
+impl TlsSymbols {
+    pub fn is_usable(&self) -> bool {
+        self.ssl_read.is_some() && self.ssl_write.is_some()
+    }
+}
+
+/// The TLS functions defined (not merely imported) in the ELF file at `path`, as file
+/// offsets, or None when it has none.
+pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
+    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    // SAFETY: the mapping is read-only and private; a file changed underneath while
+    // mapped could give wrong symbols, which only makes a probe miss.
+    let map = unsafe { memmap_file(&file) }.map_err(|e| e.to_string())?;
+    let elf = object::File::parse(&*map).map_err(|e| e.to_string())?;
+    let mut found = TlsSymbols::default();
+    let segments: Vec<(u64, u64, u64)> = elf
+        .segments()
+        .map(|s| (s.address(), s.size(), s.file_range().0))
+        .collect();
+    let to_offset = |addr: u64| {
+        segments
+            .iter()
+            .find(|(va, size, _)| addr >= *va && addr < va + size)
+            .map(|(va, _, off)| addr - va + off)
+    };
+    for sym in elf.dynamic_symbols().chain(elf.symbols()) {
+        if sym.is_undefined() || sym.address() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        let slot = match name {
+            "SSL_read" => &mut found.ssl_read,
+            "SSL_write" => &mut found.ssl_write,
+            "SSL_read_ex" => &mut found.ssl_read_ex,
+            "SSL_write_ex" => &mut found.ssl_write_ex,
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = to_offset(sym.address());
+        }
+    }
+    Ok(found.is_usable().then_some(found))
+}
+
+/// A read-only private mapping of a whole file.
+unsafe fn memmap_file(file: &fs::File) -> std::io::Result<Mapped> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(Mapped { ptr: std::ptr::null_mut(), len: 0 });
+    }
+    let ptr = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Mapped { ptr, len })
+}
+
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr..ptr+len is a live read-only mapping owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// A file found to hold TLS functions, to attach to.
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    /// Path to open, through /proc/PID/root for files inside containers.
+    pub path: PathBuf,
+    pub symbols: TlsSymbols,
+}
+
+/// Remembers which files were examined, by (device, inode).
+#[derive(Default)]
+pub struct TlsDiscovery {
+    examined: HashSet<(u64, u64)>,
+}
+
+/// Directories where distributions keep libssl.
+const LIBRARY_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/usr/local/ssl/lib",
+];
+
+fn is_libssl(name: &str) -> bool {
+    name.starts_with("libssl.so") || name.starts_with("libboringssl")
+}
+
+impl TlsDiscovery {
+    /// The host's own libssl files, whether or not a process maps them yet.
+    pub fn scan_library_dirs(&mut self) -> Vec<TlsTarget> {
+        let mut out = Vec::new();
+        for dir in LIBRARY_DIRS {
+            let Ok(entries) = fs::read_dir(dir) else { continue };
+            for e in entries.flatten() {
+                if is_libssl(&e.file_name().to_string_lossy()) {
+                    out.extend(self.examine(&e.path()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every running process's TLS libraries and executable.
+    pub fn scan_all_processes(&mut self) -> Vec<TlsTarget> {
+        let pids: Vec<u32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+            .collect();
+        pids.into_iter().flat_map(|pid| self.scan_process(pid)).collect()
+    }
+
+    /// One process's mapped libssl files and its executable.
+    pub fn scan_process(&mut self, pid: u32) -> Vec<TlsTarget> {
+        if pid == std::process::id() {
+            return Vec::new();
+        }
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+            candidates.push(exe);
+        }
+        if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+            for line in maps.lines() {
+                let Some(path) = line.split_whitespace().nth(5) else { continue };
+                let name = path.rsplit('/').next().unwrap_or(path);
+                if path.starts_with('/') && is_libssl(name) {
+                    candidates.push(PathBuf::from(path));
+                }
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+        let mut out = Vec::new();
+        for c in candidates {
+            let inside = root.join(c.strip_prefix("/").unwrap_or(&c));
+            out.extend(self.examine(&inside));
+        }
+        out
+    }
+
+    fn examine(&mut self, path: &Path) -> Option<TlsTarget> {
+        let meta = fs::metadata(path).ok()?;
+        if !meta.is_file() || !self.examined.insert((meta.dev(), meta.ino())) {
+            return None;
+        }
+        match find_tls_symbols(path) {
+            Ok(Some(symbols)) => {
+                info!(path = %path.display(), ex = symbols.ssl_read_ex.is_some(), "TLS library found");
+                Some(TlsTarget { path: path.to_owned(), symbols })
+            }
+            Ok(None) => {
+                if is_libssl(&path.file_name().unwrap_or_default().to_string_lossy()) {
+                    info!(path = %path.display(), "no SSL_read/SSL_write symbols in this TLS library; skipped");
+                } else {
+                    debug!(path = %path.display(), "no TLS functions");
+                }
+                None
+            }
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "not an ELF file we can read; skipped");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_libssl_has_the_functions_and_curl_only_imports_them() {
+        let mut d = TlsDiscovery::default();
+        let found = d.scan_library_dirs();
+        let libssl3 = found
+            .iter()
+            .find(|t| t.path.to_string_lossy().contains("libssl.so.3"))
+            .expect("libssl.so.3 is installed on the build machine (Debian's libssl3)");
+        assert!(libssl3.symbols.ssl_read_ex.is_some() && libssl3.symbols.ssl_write_ex.is_some());
+        assert_ne!(libssl3.symbols.ssl_read, libssl3.symbols.ssl_write);
+        // curl links libssl dynamically: it imports SSL_write but does not define it.
+        assert_eq!(find_tls_symbols(Path::new("/usr/bin/curl")).unwrap(), None);
+        // A second scan finds nothing new: each file is examined once.
+        assert!(d.scan_library_dirs().is_empty());
+    }
+
+    #[test]
+    fn non_elf_files_are_skipped_with_an_error() {
+        assert!(find_tls_symbols(Path::new("/etc/hostname")).is_err());
+    }
+}

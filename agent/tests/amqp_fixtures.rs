@@ -1,0 +1,260 @@
+//! Real RabbitMQ captures (agent/tests/fixtures/amqp/<case>.pcap, taken with tcpdump on
+//! loopback while capture.py drove pika against a local broker) replayed through the
+//! AMQP parser, the span builder and the message linker; the operations and spans
+//! must match <case>.expected. Set UPDATE_EXPECT=1 to rewrite the expected files after
+//! a deliberate change, and review the diff.
+//!
+//! The pcap reader here is test-only: loopback Ethernet, IPv4 or IPv6, TCP, no
+//! reordering; retransmitted bytes are dropped by sequence number.
+
+use std::{collections::HashMap, fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use agent_common::Direction;
+use pcap_file::pcap::PcapReader;
+use sonde::{
+    conn::ConnInfo,
+    context_amqp::{MessageKey, MessageLinker},
+    protocols::amqp::{AmqpOperation, AmqpParser},
+    spans::{Resource, Span, SpanId, Status, amqp::amqp_span, hex},
+};
+
+/// One TCP connection's payload, per syscall-like segment, from the client's view.
+struct Connection {
+    client: SocketAddr,
+    server: SocketAddr,
+    /// (direction seen by the client, bytes, ns since the capture's first packet)
+    segments: Vec<(Direction, Vec<u8>, u64)>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/amqp").join(name)
+}
+
+/// The TCP connections of a capture, in the order they were opened.
+fn connections(case: &str) -> Vec<Connection> {
+    let file = File::open(fixture(&format!("{case}.pcap"))).expect("fixture exists");
+    let mut reader = PcapReader::new(file).expect("a classic pcap file");
+    let mut conns: Vec<Connection> = Vec::new();
+    let mut by_pair: HashMap<(SocketAddr, SocketAddr), (usize, Direction)> = HashMap::new();
+    let mut next_seq: HashMap<(SocketAddr, SocketAddr), u32> = HashMap::new();
+    let mut first_ts = None;
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.expect("readable packet");
+        let ts = packet.timestamp.as_nanos() as u64;
+        let t0 = *first_ts.get_or_insert(ts);
+        let Some((src, dst, seq, flags, payload)) = tcp(&packet.data) else { continue };
+        let (syn, ack) = (flags & 0x02 != 0, flags & 0x10 != 0);
+        if syn {
+            next_seq.insert((src, dst), seq.wrapping_add(1));
+            if !ack {
+                by_pair.insert((src, dst), (conns.len(), Direction::Egress));
+                by_pair.insert((dst, src), (conns.len(), Direction::Ingress));
+                conns.push(Connection { client: src, server: dst, segments: Vec::new() });
+            }
+            continue;
+        }
+        let (Some(&(i, dir)), Some(expected)) = (by_pair.get(&(src, dst)), next_seq.get_mut(&(src, dst))) else {
+            continue;
+        };
+        // Drop what was already seen (retransmissions).
+        let behind = expected.wrapping_sub(seq) as usize;
+        if behind >= payload.len() && behind < 1 << 30 {
+            continue;
+        }
+        let fresh = if behind < 1 << 30 { &payload[behind..] } else { payload };
+        *expected = seq.wrapping_add(payload.len() as u32);
+        if !fresh.is_empty() {
+            conns[i].segments.push((dir, fresh.to_vec(), ts - t0));
+        }
+    }
+    conns
+}
+
+/// Source, destination, sequence number, flags and payload of an Ethernet TCP frame.
+fn tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, u8, &[u8])> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip = frame.get(14..)?;
+    let (src, dst, segment) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if ip[9] != 6 {
+                return None;
+            }
+            let src: [u8; 4] = ip[12..16].try_into().ok()?;
+            let dst: [u8; 4] = ip[16..20].try_into().ok()?;
+            (std::net::IpAddr::from(src), std::net::IpAddr::from(dst), ip.get(ihl..total)?)
+        }
+        0x86dd => {
+            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if ip[6] != 6 {
+                return None;
+            }
+            let src: [u8; 16] = ip[8..24].try_into().ok()?;
+            let dst: [u8; 16] = ip[24..40].try_into().ok()?;
+            (std::net::IpAddr::from(src), std::net::IpAddr::from(dst), ip.get(40..40 + len)?)
+        }
+        _ => return None,
+    };
+    let sport = u16::from_be_bytes([segment[0], segment[1]]);
+    let dport = u16::from_be_bytes([segment[2], segment[3]]);
+    let seq = u32::from_be_bytes(segment[4..8].try_into().ok()?);
+    let offset = usize::from(segment[12] >> 4) * 4;
+    Some((SocketAddr::new(src, sport), SocketAddr::new(dst, dport), seq, segment[13], segment.get(offset..)?))
+}
+
+/// Parses one connection; `cap` octets of each segment are captured, the rest skipped.
+fn operations(conn: &Connection, cap: usize) -> Vec<AmqpOperation> {
+    let mut p = AmqpParser::new();
+    let mut last = 0;
+    for (dir, data, ts) in &conn.segments {
+        let n = cap.min(data.len());
+        p.feed(*dir, &data[..n], *ts);
+        p.skip(*dir, (data.len() - n) as u64, *ts);
+        last = *ts;
+    }
+    p.close(last);
+    assert_ne!(p.is_amqp(), Some(false));
+    p.take_operations()
+}
+
+fn resource(name: String) -> Arc<Resource> {
+    Arc::new(Resource { service_name: name, pid: 1, executable_name: "python3".into(), host_name: "test".into(), attributes: vec![] })
+}
+
+/// The golden text of a capture: each connection's operations, then every span after
+/// linking, with parents written as the label of the span they point to.
+fn replay(case: &str) -> String {
+    let conns = connections(case);
+    let mut text = String::new();
+    let mut spans: Vec<(String, Span, MessageKey)> = Vec::new();
+    for (i, conn) in conns.iter().enumerate() {
+        text.push_str(&format!("connection c{i}\n"));
+        let info = ConnInfo { local: conn.client, remote: conn.server };
+        for op in operations(conn, usize::MAX) {
+            text.push_str(&format!("  {op}\n"));
+            if let (Some(span), Some(key)) = (amqp_span(&op, &info, resource(format!("c{i}")), 0), MessageKey::of(&op)) {
+                spans.push((format!("c{i}.{}", spans.len()), span, key));
+            } else if let Some(span) = amqp_span(&op, &info, resource(format!("c{i}")), 0) {
+                text.push_str(&format!("  error span: {} {:?}\n", span.name, span.status));
+            }
+        }
+    }
+    // Offer spans as the pipeline would: in the order they end.
+    spans.sort_by_key(|(_, s, _)| s.end_unix_nanos);
+    let labels: HashMap<SpanId, String> = spans.iter().map(|(l, s, _)| (s.span_id, l.clone())).collect();
+    let mut linker = MessageLinker::new(Duration::from_secs(5), Duration::from_secs(300), 1000);
+    let mut out = Vec::new();
+    for (_, span, key) in spans {
+        let now = span.end_unix_nanos;
+        out.extend(linker.offer(span, key, now));
+    }
+    out.extend(linker.drain());
+    out.sort_by(|a, b| labels[&a.span_id].cmp(&labels[&b.span_id]));
+    text.push_str("spans\n");
+    for s in &out {
+        let parent = match s.parent_span_id {
+            None => "-".to_owned(),
+            Some(p) => labels.get(&p).cloned().unwrap_or_else(|| format!("{}/{}", hex(&s.trace_id), hex(&p))),
+        };
+        let status = match &s.status {
+            Status::Error(e) => format!(" error={e:?}"),
+            _ => String::new(),
+        };
+        let mut attrs: Vec<String> = s.attributes.iter().map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+        attrs.sort();
+        text.push_str(&format!(
+            "  {} {:?} {:?} parent={parent}{status}\n    {}\n",
+            labels[&s.span_id],
+            s.kind,
+            s.name,
+            attrs.join(" ")
+        ));
+    }
+    text
+}
+
+fn check(case: &str) {
+    let got = replay(case);
+    let path = fixture(&format!("{case}.expected"));
+    if std::env::var_os("UPDATE_EXPECT").is_some() {
+        std::fs::write(&path, &got).expect("write expected");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).expect("expected file exists");
+    assert_eq!(got, want, "{case}: replay differs from {}", path.display());
+}
+
+#[test]
+fn confirms_acks() {
+    check("confirms_acks");
+}
+
+#[test]
+fn nack_requeue() {
+    check("nack_requeue");
+}
+
+#[test]
+fn large_body() {
+    check("large_body");
+}
+
+#[test]
+fn fanout() {
+    check("fanout");
+}
+
+#[test]
+fn get_return_error() {
+    check("get_return_error");
+}
+
+/// With only the first 4 KiB of every segment captured, as the kernel side does, the
+/// same messages come out, with shorter body prefixes.
+#[test]
+fn capture_cap_keeps_the_same_messages() {
+    for case in ["confirms_acks", "nack_requeue", "large_body", "fanout", "get_return_error"] {
+        for conn in connections(case) {
+            let full = operations(&conn, usize::MAX);
+            let capped = operations(&conn, 4096);
+            let strip = |ops: &[AmqpOperation]| -> Vec<String> {
+                ops.iter()
+                    .map(|op| match op {
+                        AmqpOperation::Publish(p) => {
+                            format!("publish {} {} {} {:?}", p.message.exchange, p.message.routing_key, p.message.body_size, p.confirmed)
+                        }
+                        AmqpOperation::Delivery(d) => {
+                            format!("delivery {} {} {} {:?}", d.message.routing_key, d.delivery_tag, d.message.body_size, d.outcome)
+                        }
+                        other => other.to_string(),
+                    })
+                    .collect()
+            };
+            assert_eq!(strip(&capped), strip(&full), "{case}");
+        }
+    }
+}
+
+/// Every split of each direction's bytes into two reads gives the same operations.
+#[test]
+fn any_read_boundary_gives_the_same_operations() {
+    for conn in connections("confirms_acks") {
+        let expected: Vec<String> = operations(&conn, usize::MAX).iter().map(ToString::to_string).collect();
+        for (i, (_, data, _)) in conn.segments.iter().enumerate() {
+            for cut in 1..data.len() {
+                let mut split = Connection { client: conn.client, server: conn.server, segments: Vec::new() };
+                for (j, (dir, d, ts)) in conn.segments.iter().enumerate() {
+                    if i == j {
+                        split.segments.push((*dir, d[..cut].to_vec(), *ts));
+                        split.segments.push((*dir, d[cut..].to_vec(), *ts));
+                    } else {
+                        split.segments.push((*dir, d.clone(), *ts));
+                    }
+                }
+                let got: Vec<String> = operations(&split, usize::MAX).iter().map(ToString::to_string).collect();
+                assert_eq!(got, expected, "segment {i} cut {cut}");
+            }
+        }
+    }
+}
