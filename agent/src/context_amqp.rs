@@ -43,19 +43,23 @@ pub struct MessageKey {
     body: Option<u64>,
     /// The queue a delivery came from (`None` for publishes, or when unknown).
     queue: Option<String>,
+    /// A redelivery: it may link to a publish whose delivery to the queue already did.
+    redelivered: bool,
 }
 
 impl MessageKey {
     /// The key of a publish or delivery; `None` for other operations.
     pub fn of(op: &AmqpOperation) -> Option<Self> {
         match op {
-            AmqpOperation::Publish(p) => Some(Self::new(&p.message, None)),
-            AmqpOperation::Delivery(d) => Some(Self::new(&d.message, d.queue.clone())),
+            AmqpOperation::Publish(p) => Some(Self::new(&p.message, None, false)),
+            AmqpOperation::Delivery(d) => {
+                Some(Self::new(&d.message, d.queue.clone(), d.redelivered))
+            }
             _ => None,
         }
     }
 
-    fn new(m: &Message, queue: Option<String>) -> Self {
+    fn new(m: &Message, queue: Option<String>, redelivered: bool) -> Self {
         let mut h = DefaultHasher::new();
         m.exchange.hash(&mut h);
         m.routing_key.hash(&mut h);
@@ -93,6 +97,7 @@ impl MessageKey {
             fingerprint: h.finish(),
             body,
             queue,
+            redelivered,
         }
     }
 
@@ -201,13 +206,23 @@ impl MessageLinker {
                 self.producers_by_fp.entry(fp).or_default().push_back(seq);
             }
             SpanKind::Consumer => {
-                let found = self.producers_by_fp.get(&key.fingerprint).and_then(|q| {
-                    q.iter().copied().find(|seq| {
-                        self.producers.get(seq).is_some_and(|p| {
-                            p.key.same_message(&key) && !p.matched.contains(&key.queue)
+                let candidates = self.producers_by_fp.get(&key.fingerprint);
+                let first = |already_matched: bool| {
+                    candidates.and_then(|q| {
+                        q.iter().copied().find(|seq| {
+                            self.producers.get(seq).is_some_and(|p| {
+                                p.key.same_message(&key)
+                                    && p.matched.contains(&key.queue) == already_matched
+                            })
                         })
                     })
-                });
+                };
+                // A redelivery comes from a publish already delivered to the queue, if seen.
+                let found = if key.redelivered {
+                    first(true).or_else(|| first(false))
+                } else {
+                    first(false)
+                };
                 let mut span = span;
                 if let Some(seq) = found {
                     let producer = self.producers.get_mut(&seq).expect("found above");
@@ -327,7 +342,7 @@ fn link(
     now_ns: u64,
     hold_ns: u64,
 ) {
-    if producer.matched.len() < MAX_QUEUES_PER_PUBLISH {
+    if producer.matched.len() < MAX_QUEUES_PER_PUBLISH && !producer.matched.contains(&queue) {
         producer.matched.push(queue);
     }
     if producer.matched.len() == 1 {
@@ -485,6 +500,26 @@ mod tests {
             parents.push(out[0].parent_span_id.unwrap());
         }
         assert_eq!(parents, [id1, id1, id2, id2]);
+    }
+
+    #[test]
+    fn redelivery_links_to_the_publish_already_delivered() {
+        let mut l = linker();
+        let p = span(SpanKind::Producer, 1);
+        let id = p.span_id;
+        l.offer(p, publish_key(message("a", b"x")), 0);
+        let first = l.offer(
+            span(SpanKind::Consumer, 2),
+            delivery_key(message("a", b"x"), "q"),
+            0,
+        );
+        let mut again = delivery_key(message("a", b"x"), "q");
+        again.redelivered = true;
+        let second = l.offer(span(SpanKind::Consumer, 3), again, 0);
+        assert_eq!(
+            (first[0].parent_span_id, second[0].parent_span_id),
+            (Some(id), Some(id))
+        );
     }
 
     #[test]

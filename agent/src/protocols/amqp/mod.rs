@@ -79,8 +79,8 @@ const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
 const FRAME_END: u8 = 0xCE;
 const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
-/// reply-success: a normal close.
-const REPLY_SUCCESS: u16 = 200;
+/// Reply codes from here up are errors (311 content-too-large is the first).
+const FIRST_ERROR_CODE: u16 = 300;
 
 /// Content properties of a message (the `basic` class), as text.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -141,9 +141,10 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
-    /// A close with a reply code other than 200 (reply-success).
+    /// A close with an error reply code (300 and up: soft and hard errors). Clients
+    /// close normally with 200 (reply-success), pika with 0.
     pub fn is_error(&self) -> bool {
-        self.reply_code != REPLY_SUCCESS
+        self.reply_code >= FIRST_ERROR_CODE
     }
 
     /// The name of the method that caused the close, as `class.method`.
@@ -251,7 +252,7 @@ pub enum Topology {
 /// - `Delivery`: when acked, nacked or rejected (the `multiple` flag settles every
 ///   earlier tag of the channel), at once for auto-ack consumers and gets, or when the
 ///   channel or connection closes (`outcome` `None`).
-/// - `ChannelError`, `ConnectionError`: a close with a reply code other than 200.
+/// - `ChannelError`, `ConnectionError`: a close with an error reply code (300 and up).
 /// - `Topology`: when declared (bound), or when the queue declaration was answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AmqpOperation {
