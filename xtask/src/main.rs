@@ -121,6 +121,18 @@ fn workspace_root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
+/// cargo's target directory: CARGO_TARGET_DIR when set (relative to the workspace), else target/.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
+}
+
+fn sonde_bin(root: &Path) -> PathBuf {
+    target_dir(root).join("release/sonde")
+}
+
 fn step(what: &str) {
     eprintln!("\n==> xtask: {what}");
 }
@@ -218,10 +230,11 @@ fn build_ebpf(root: &Path) -> Result<()> {
         ])
         .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
-        .arg(root.join("target/ebpf")))?;
+        .arg(target_dir(root).join("ebpf")))?;
     eprintln!(
         "xtask: eBPF object at {}",
-        root.join("target/ebpf")
+        target_dir(root)
+            .join("ebpf")
             .join(EBPF_TARGET)
             .join("release/sonde-ebpf")
             .display()
@@ -237,7 +250,7 @@ fn build(root: &Path) -> Result<()> {
 }
 
 fn run_agent(root: &Path, args: Vec<OsString>) -> Result<()> {
-    let bin = root.join("target/release/sonde");
+    let bin = sonde_bin(root);
     let mut full: Vec<OsString> = Vec::new();
     let first_is_flag = args
         .first()
@@ -289,7 +302,7 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
     let status = status_of(
         as_root(&py)
             .current_dir(root)
-            .env("SONDE_BIN", root.join("target/release/sonde"))
+            .env("SONDE_BIN", sonde_bin(root))
             .args(["-m", "pytest", "tests/", "-v"])
             .args(&t.pytest_args),
     )?;
