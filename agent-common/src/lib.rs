@@ -81,6 +81,17 @@ pub enum SyscallId {
     Recvmsg = 6,
     Sendmsg = 7,
     Sendfile = 8,
+    /// Plaintext returned by a TLS library's read (SSL_read, SSL_read_ex).
+    TlsRead = 9,
+    /// Plaintext handed to a TLS library's write (SSL_write, SSL_write_ex).
+    TlsWrite = 10,
+}
+
+impl SyscallId {
+    /// Whether the event carries TLS plaintext rather than bytes on the wire.
+    pub fn is_tls(v: u32) -> bool {
+        v == SyscallId::TlsRead as u32 || v == SyscallId::TlsWrite as u32
+    }
 }
 
 impl SyscallId {
@@ -95,6 +106,8 @@ impl SyscallId {
             6 => "recvmsg",
             7 => "sendmsg",
             8 => "sendfile",
+            9 => "tls_read",
+            10 => "tls_write",
             _ => "unknown",
         }
     }
@@ -156,6 +169,13 @@ pub struct SockInfo {
     pub ingress_bytes: u64,
     /// Bytes sent so far (the next egress stream offset).
     pub egress_bytes: u64,
+    /// 1 once a TLS library was seen using this socket: its bytes on the wire are
+    /// ciphertext and are no longer sent up; the plaintext comes from the uprobes.
+    pub is_tls: u32,
+    pub _pad: u32,
+    /// Plaintext bytes received / sent through the TLS library (stream offsets).
+    pub tls_ingress_bytes: u64,
+    pub tls_egress_bytes: u64,
 }
 
 /// Header of a data event; `captured` payload bytes follow it in the ring buffer.
@@ -274,7 +294,7 @@ pub const S_IFSOCK: u16 = 0o140000;
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 88);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 48 + MAX_ARGS);

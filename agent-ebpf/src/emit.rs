@@ -92,22 +92,21 @@ pub fn data_event(
     syscall: u32,
     src: u64,
     len: u64,
+    tls: bool,
 ) {
     // The stream offset advances whether or not the event gets through, so that user
-    // space sees a lost event as a gap of the right size.
+    // space sees a lost event as a gap of the right size. Plaintext from a TLS library
+    // and bytes on the wire are two streams, each with its own count.
     let offset = unsafe {
-        match direction {
-            Direction::Ingress => {
-                let o = (*info).ingress_bytes;
-                (*info).ingress_bytes = o + len;
-                o
-            }
-            Direction::Egress => {
-                let o = (*info).egress_bytes;
-                (*info).egress_bytes = o + len;
-                o
-            }
-        }
+        let counter = match (direction, tls) {
+            (Direction::Ingress, false) => &raw mut (*info).ingress_bytes,
+            (Direction::Egress, false) => &raw mut (*info).egress_bytes,
+            (Direction::Ingress, true) => &raw mut (*info).tls_ingress_bytes,
+            (Direction::Egress, true) => &raw mut (*info).tls_egress_bytes,
+        };
+        let o = *counter;
+        *counter = o + len;
+        o
     };
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return };
     let mut captured = setting!(payload_cap) as u64;

@@ -3,3 +3,4 @@
 
 mod sched;
 mod sys;
+pub mod tls;

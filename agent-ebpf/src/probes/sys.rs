@@ -42,9 +42,14 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
         return;
     }
     let fd = fd as u32;
-    match lookup((pid_tgid >> 32) as u32, fd) {
-        Some(info) if unsafe { (*info).is_tcp } == 1 => {}
+    let info = match lookup((pid_tgid >> 32) as u32, fd) {
+        Some(info) if unsafe { (*info).is_tcp } == 1 => info,
         _ => return,
+    };
+    // Inside SSL_read/SSL_write this is the library moving ciphertext: it tells which
+    // socket the TLS session uses, and its bytes are not sent up.
+    if crate::probes::tls::note_socket_io(pid_tgid, fd) || unsafe { (*info).is_tls } == 1 {
+        return;
     }
     let pending = PendingCall { call: call as u32, fd, ptr, count };
     let _ = PENDING.insert(pid_tgid, pending, 0);
@@ -68,11 +73,11 @@ fn exit_io(ret: i64) {
     let fd = pending.fd;
     let call = pending.call;
     if call == SyscallId::Read as u32 || call == SyscallId::Recvfrom as u32 {
-        data_event(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, len);
+        data_event(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, len, false);
     } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
-        data_event(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, len);
+        data_event(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, len, false);
     } else if call == SyscallId::Sendfile as u32 {
-        data_event(pid_tgid, fd, info, Direction::Egress, call, 0, len);
+        data_event(pid_tgid, fd, info, Direction::Egress, call, 0, len, false);
     } else if call == SyscallId::Readv as u32 {
         iov_events(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, pending.count, len);
     } else if call == SyscallId::Writev as u32 {
@@ -111,12 +116,12 @@ fn iov_events(
         let len: u64 = unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
         let n = if len < remaining { len } else { remaining };
         if n > 0 {
-            data_event(pid_tgid, fd, info, dir, call, base, n);
+            data_event(pid_tgid, fd, info, dir, call, base, n, false);
         }
         remaining -= n;
     }
     if remaining > 0 {
-        data_event(pid_tgid, fd, info, dir, call, 0, remaining);
+        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false);
     }
 }
 
