@@ -4,16 +4,22 @@
 //! `sonde run` says so.
 
 fn main() -> anyhow::Result<()> {
-    let toolchain = std::env::var("SONDE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly-2026-05-20".into());
+    let toolchain =
+        std::env::var("SONDE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly-2026-05-20".into());
     println!("cargo:rerun-if-env-changed=SONDE_EBPF_TOOLCHAIN");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent-ebpf");
     let root = root.to_str().expect("the workspace path is UTF-8");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "agent-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "agent-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )?;
     let object = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("sonde-ebpf");
-    let skipped = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skipped =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skipped {
         std::fs::write(&object, [])?;
     }

@@ -50,7 +50,12 @@ fn output<T>(event: &T) {
 
 #[inline(always)]
 pub fn conn_event(kind: EventKind, pid_tgid: u64, fd: u32, info: &SockInfo, ret: i32) {
-    output(&ConnEvent { header: header(kind, pid_tgid, fd), tuple: info.tuple, role: info.role, ret });
+    output(&ConnEvent {
+        header: header(kind, pid_tgid, fd),
+        tuple: info.tuple,
+        role: info.role,
+        ret,
+    });
 }
 
 /// An exec or exit event, written straight into the ring buffer (it is too big for
@@ -108,7 +113,9 @@ pub fn data_event(
         *counter = o + len;
         o
     };
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return };
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
     let mut captured = setting!(payload_cap) as u64;
     if captured > len {
         captured = len;
@@ -137,7 +144,8 @@ pub fn data_event(
             syscall,
             role: (*info).role,
         };
-        let size = core::mem::size_of::<DataEvent>() as u64 + (captured & (MAX_PAYLOAD as u64 * 2 - 1));
+        let size =
+            core::mem::size_of::<DataEvent>() as u64 + (captured & (MAX_PAYLOAD as u64 * 2 - 1));
         if size > core::mem::size_of::<crate::maps::DataBuf>() as u64 {
             return;
         }

@@ -4,8 +4,7 @@
 //! a socket; file->private_data (struct socket)->sk (struct sock) has the addresses.
 
 use agent_common::{
-    AF_INET, AF_INET6, IPPROTO_TCP, S_IFMT, S_IFSOCK, SOCK_STREAM, SockInfo, SockTuple, lost,
-    role,
+    AF_INET, AF_INET6, IPPROTO_TCP, S_IFMT, S_IFSOCK, SOCK_STREAM, SockInfo, SockTuple, lost, role,
 };
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
@@ -96,7 +95,10 @@ fn tuple_of(sk: u64) -> Result<SockTuple, ()> {
 /// or not) in `SOCKETS`. Returns the new entry, or None when the kernel reads failed.
 #[inline(always)]
 pub fn classify(tgid: u32, fd: u32, conn_role: u32) -> Option<SockInfo> {
-    let mut info = SockInfo { role: conn_role, ..SockInfo::default() };
+    let mut info = SockInfo {
+        role: conn_role,
+        ..SockInfo::default()
+    };
     match tcp_sock_of_fd(fd) {
         Ok(0) => {}
         Ok(sk) => match tuple_of(sk) {

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::{
     config::{OutputKind, RunArgs},
     events::decode,
-    export::{self, Output, OtlpConfig, OtlpOptions},
+    export::{self, OtlpConfig, OtlpOptions, Output},
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
     probes::{ProbeOptions, Probes},
     telemetry::Metrics,
@@ -35,11 +35,13 @@ fn output_of(args: &RunArgs) -> Result<Output> {
         ca_file: args.otlp_ca_file.clone(),
     };
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let kind = args.output.unwrap_or(if export::endpoint_configured(&env, &otlp) {
-        OutputKind::Otlp
-    } else {
-        OutputKind::Stdout
-    });
+    let kind = args
+        .output
+        .unwrap_or(if export::endpoint_configured(&env, &otlp) {
+            OutputKind::Otlp
+        } else {
+            OutputKind::Stdout
+        });
     Ok(match kind {
         OutputKind::Stdout => Output::Stdout,
         OutputKind::OtlpJson => {
@@ -72,7 +74,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (exporter, export_task) = export::spawn(output, metrics.clone())?;
 
     if !args.ring_buffer_mb.is_power_of_two() {
-        bail!("--ring-buffer-mb must be a power of two, not {}", args.ring_buffer_mb);
+        bail!(
+            "--ring-buffer-mb must be a power of two, not {}",
+            args.ring_buffer_mb
+        );
     }
     let opts = ProbeOptions {
         backend: args.probe_backend,
@@ -85,12 +90,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut targets = tls.scan_library_dirs();
     targets.extend(tls.scan_all_processes());
     attach_tls(&mut probes, targets);
-    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
 
     let sink_exporter = exporter.clone();
-    let pipeline_opts = PipelineOptions { max_connections: args.max_connections, ..Default::default() };
-    let mut pipeline = Pipeline::new(pipeline_opts, metrics.clone(), Box::new(move |span| sink_exporter.export(span)));
+    let pipeline_opts = PipelineOptions {
+        max_connections: args.max_connections,
+        ..Default::default()
+    };
+    let mut pipeline = Pipeline::new(
+        pipeline_opts,
+        metrics.clone(),
+        Box::new(move |span| sink_exporter.export(span)),
+    );
 
     // SAFETY: the descriptor is the ring buffer map's, owned by `ring` itself, so it
     // stays open and the same for as long as the AsyncFd holds it.
@@ -124,8 +138,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
 
-    metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
-    metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .events_lost
+        .store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
     let mut ring = ring.into_inner();
     probes.detach();
     drain(&mut ring, &mut pipeline, &metrics);
@@ -141,7 +159,9 @@ fn attach_tls(probes: &mut Probes, targets: Vec<TlsTarget>) {
     for target in targets {
         match probes.attach_tls(&target) {
             Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
-            Err(e) => warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde"),
+            Err(e) => {
+                warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde")
+            }
         }
     }
 }

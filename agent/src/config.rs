@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::probes::Backend;
 
 #[derive(Debug, Parser)]
-#[command(name = "sonde", version, about = "Zero-code distributed tracing agent (eBPF -> OpenTelemetry)")]
+#[command(
+    name = "sonde",
+    version,
+    about = "Zero-code distributed tracing agent (eBPF -> OpenTelemetry)"
+)]
 pub struct Cli {
     /// Log filter, as RUST_LOG: error, warn, info, debug, trace, or per module.
     #[arg(long, env = "SONDE_LOG", default_value = "info", global = true)]

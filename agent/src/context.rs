@@ -30,8 +30,14 @@ impl ConnKey {
     /// The key of a connection seen by a process in `role` with these addresses.
     pub fn new(role: Role, local: SocketAddr, remote: SocketAddr) -> Self {
         match role {
-            Role::Client => ConnKey { client: local, server: remote },
-            Role::Server => ConnKey { client: remote, server: local },
+            Role::Client => ConnKey {
+                client: local,
+                server: remote,
+            },
+            Role::Server => ConnKey {
+                client: remote,
+                server: local,
+            },
         }
     }
 }
@@ -66,7 +72,14 @@ impl Linker {
 
     /// Offers a finished HTTP span. It either pairs with a waiting span of the other end
     /// (both are returned, linked) or waits.
-    pub fn offer(&mut self, span: Span, key: ConnKey, method: &str, target: &str, now_ns: u64) -> Vec<Span> {
+    pub fn offer(
+        &mut self,
+        span: Span,
+        key: ConnKey,
+        method: &str,
+        target: &str,
+        now_ns: u64,
+    ) -> Vec<Span> {
         let request = (method.to_owned(), target.to_owned());
         let other_kind = match span.kind {
             SpanKind::Client => SpanKind::Server,
@@ -100,7 +113,18 @@ impl Linker {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.by_conn.entry(key.clone()).or_default().push_back(seq);
-        self.pending.insert(seq, (key, Pending { span, request, deadline_ns: now_ns + self.hold_ns, seq }));
+        self.pending.insert(
+            seq,
+            (
+                key,
+                Pending {
+                    span,
+                    request,
+                    deadline_ns: now_ns + self.hold_ns,
+                    seq,
+                },
+            ),
+        );
         out
     }
 
@@ -183,7 +207,11 @@ mod tests {
     }
 
     fn key() -> ConnKey {
-        ConnKey::new(Role::Client, "127.0.0.1:40000".parse().unwrap(), "127.0.0.1:8080".parse().unwrap())
+        ConnKey::new(
+            Role::Client,
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -192,7 +220,11 @@ mod tests {
             let mut l = Linker::new(Duration::from_secs(1), 100);
             let (c, s) = (span(SpanKind::Client), span(SpanKind::Server));
             let client_id = (c.trace_id, c.span_id);
-            let server_key = ConnKey::new(Role::Server, "127.0.0.1:8080".parse().unwrap(), "127.0.0.1:40000".parse().unwrap());
+            let server_key = ConnKey::new(
+                Role::Server,
+                "127.0.0.1:8080".parse().unwrap(),
+                "127.0.0.1:40000".parse().unwrap(),
+            );
             assert_eq!(server_key, key());
             let out = if server_first {
                 assert!(l.offer(s, server_key, "GET", "/", 0).is_empty());
@@ -216,11 +248,17 @@ mod tests {
         let propagated = (s.trace_id, new_span_id());
         s.parent_span_id = Some(propagated.1);
         assert!(l.offer(s, key(), "GET", "/a", 0).is_empty());
-        assert!(l.offer(span(SpanKind::Client), key(), "GET", "/b", 0).is_empty());
+        assert!(
+            l.offer(span(SpanKind::Client), key(), "GET", "/b", 0)
+                .is_empty()
+        );
         assert!(l.expire(50).is_empty());
         let out = l.offer(span(SpanKind::Client), key(), "GET", "/a", 60);
         let server = out.iter().find(|s| s.kind == SpanKind::Server).unwrap();
-        assert_eq!((server.trace_id, server.parent_span_id), (propagated.0, Some(propagated.1)));
+        assert_eq!(
+            (server.trace_id, server.parent_span_id),
+            (propagated.0, Some(propagated.1))
+        );
         assert_eq!(l.expire(1000).len(), 1);
         assert!(l.is_empty());
     }
@@ -230,7 +268,9 @@ mod tests {
         let mut l = Linker::new(Duration::from_secs(60), 3);
         let mut released = 0;
         for i in 0..10 {
-            released += l.offer(span(SpanKind::Client), key(), "GET", &format!("/{i}"), 0).len();
+            released += l
+                .offer(span(SpanKind::Client), key(), "GET", &format!("/{i}"), 0)
+                .len();
         }
         assert_eq!(l.len(), 3);
         assert_eq!(released, 7);

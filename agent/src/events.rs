@@ -15,7 +15,11 @@ pub enum DecodeError {
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
     #[error("{kind:?} record of {len} bytes is shorter than its {need}-byte layout")]
-    Truncated { kind: EventKind, len: usize, need: usize },
+    Truncated {
+        kind: EventKind,
+        len: usize,
+        need: usize,
+    },
     #[error("data record says {captured} payload bytes but carries {carried}")]
     PayloadMismatch { captured: u32, carried: usize },
 }
@@ -23,13 +27,34 @@ pub enum DecodeError {
 /// A decoded event, borrowing its payload from the ring buffer record.
 #[derive(Debug)]
 pub enum Event<'a> {
-    Data { header: EventHeader, data: DataEvent, payload: &'a [u8] },
-    Connect { header: EventHeader, tuple: SockTuple, ret: i32 },
-    Accept { header: EventHeader, tuple: SockTuple },
-    Close { header: EventHeader, tuple: SockTuple },
+    Data {
+        header: EventHeader,
+        data: DataEvent,
+        payload: &'a [u8],
+    },
+    Connect {
+        header: EventHeader,
+        tuple: SockTuple,
+        ret: i32,
+    },
+    Accept {
+        header: EventHeader,
+        tuple: SockTuple,
+    },
+    Close {
+        header: EventHeader,
+        tuple: SockTuple,
+    },
     /// `comm` is the program's name; `args` its NUL-separated command line (a prefix).
-    Exec { header: EventHeader, comm: String, args: Vec<String> },
-    Exit { header: EventHeader, exit_code: i32 },
+    Exec {
+        header: EventHeader,
+        comm: String,
+        args: Vec<String>,
+    },
+    Exit {
+        header: EventHeader,
+        exit_code: i32,
+    },
 }
 
 impl Event<'_> {
@@ -48,7 +73,11 @@ impl Event<'_> {
 fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
     let need = std::mem::size_of::<T>();
     if bytes.len() < need {
-        return Err(DecodeError::Truncated { kind, len: bytes.len(), need });
+        return Err(DecodeError::Truncated {
+            kind,
+            len: bytes.len(),
+            need,
+        });
     }
     // SAFETY: the length is checked; T is a #[repr(C)] plain-data type from agent-common
     // for which every bit pattern is valid; read_unaligned copes with any alignment.
@@ -72,14 +101,28 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     carried: bytes.len() - start,
                 });
             }
-            Ok(Event::Data { header: data.header, data, payload: &bytes[start..end] })
+            Ok(Event::Data {
+                header: data.header,
+                data,
+                payload: &bytes[start..end],
+            })
         }
         EventKind::Connect | EventKind::Accept | EventKind::Close => {
             let c: ConnEvent = read(bytes, kind)?;
             Ok(match kind {
-                EventKind::Connect => Event::Connect { header: c.header, tuple: c.tuple, ret: c.ret },
-                EventKind::Accept => Event::Accept { header: c.header, tuple: c.tuple },
-                _ => Event::Close { header: c.header, tuple: c.tuple },
+                EventKind::Connect => Event::Connect {
+                    header: c.header,
+                    tuple: c.tuple,
+                    ret: c.ret,
+                },
+                EventKind::Accept => Event::Accept {
+                    header: c.header,
+                    tuple: c.tuple,
+                },
+                _ => Event::Close {
+                    header: c.header,
+                    tuple: c.tuple,
+                },
             })
         }
         EventKind::Exec | EventKind::Exit => {
@@ -98,14 +141,21 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                             .collect(),
                     }
                 }
-                _ => Event::Exit { header: p.header, exit_code: p.exit_code },
+                _ => Event::Exit {
+                    header: p.header,
+                    exit_code: p.exit_code,
+                },
             })
         }
     }
 }
 
 pub fn direction(raw: u32) -> Direction {
-    if raw == Direction::Egress as u32 { Direction::Egress } else { Direction::Ingress }
+    if raw == Direction::Egress as u32 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    }
 }
 
 pub fn role_of(raw: u32) -> Option<Role> {
@@ -126,7 +176,13 @@ mod tests {
     }
 
     fn header(kind: EventKind) -> EventHeader {
-        EventHeader { kind: kind as u32, tgid: 10, tid: 11, fd: 3, ts_ns: 99 }
+        EventHeader {
+            kind: kind as u32,
+            tgid: 10,
+            tid: 11,
+            fd: 3,
+            ts_ns: 99,
+        }
     }
 
     #[test]
@@ -170,8 +226,14 @@ mod tests {
             role: 0,
         };
         let b = bytes_of(&ev);
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::PayloadMismatch { .. }));
+        assert!(matches!(
+            decode(&b).unwrap_err(),
+            DecodeError::PayloadMismatch { .. }
+        ));
         let c = bytes_of(&header(EventKind::Connect));
-        assert!(matches!(decode(&c).unwrap_err(), DecodeError::Truncated { .. }));
+        assert!(matches!(
+            decode(&c).unwrap_err(),
+            DecodeError::Truncated { .. }
+        ));
     }
 }

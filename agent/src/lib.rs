@@ -6,19 +6,19 @@
 //! protocols (HTTP/1.x) -> spans (semantic-convention spans) -> export.
 
 pub mod admin;
+pub mod agent;
 pub mod btf;
+pub mod config;
 pub mod conn;
+pub mod context;
+pub mod context_amqp;
+pub mod events;
 pub mod export;
+pub mod pipeline;
+pub mod probes;
+pub mod process;
 pub mod protocols;
 pub mod reassembly;
 pub mod spans;
 pub mod telemetry;
-pub mod context;
-pub mod context_amqp;
-pub mod events;
-pub mod pipeline;
-pub mod probes;
-pub mod process;
-pub mod agent;
-pub mod config;
 pub mod tls;

@@ -126,7 +126,9 @@ impl Pipeline {
                 } else if !tls && conn.tls {
                     return;
                 }
-                let Some(parser) = conn.parser.as_mut() else { return };
+                let Some(parser) = conn.parser.as_mut() else {
+                    return;
+                };
                 if !conn.fed {
                     conn.fed = true;
                     if !conn.from_start {
@@ -165,7 +167,12 @@ impl Pipeline {
                 }
             }
             Event::Exit { .. } => {
-                let fds: Vec<u32> = self.conns.keys().filter(|(p, _)| *p == h.tgid).map(|(_, fd)| *fd).collect();
+                let fds: Vec<u32> = self
+                    .conns
+                    .keys()
+                    .filter(|(p, _)| *p == h.tgid)
+                    .map(|(_, fd)| *fd)
+                    .collect();
                 for fd in fds {
                     self.close(h.tgid, fd, h.ts_ns);
                 }
@@ -206,13 +213,18 @@ impl Pipeline {
         }
         let idle = self.opts.idle_timeout.as_nanos() as u64;
         let before = self.conns.len();
-        self.conns.retain(|_, c| now_ns.saturating_sub(c.last_ns) < idle);
+        self.conns
+            .retain(|_, c| now_ns.saturating_sub(c.last_ns) < idle);
         if self.conns.len() != before {
-            debug!(forgotten = before - self.conns.len(), "idle connections forgotten");
+            debug!(
+                forgotten = before - self.conns.len(),
+                "idle connections forgotten"
+            );
         }
-        self.metrics
-            .connections_tracked
-            .store(self.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.connections_tracked.store(
+            self.conns.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Ends everything: open exchanges, waiting spans (at shutdown).
@@ -229,11 +241,12 @@ impl Pipeline {
 
     fn conn(&mut self, tgid: u32, fd: u32, tuple: &SockTuple, ts_ns: u64) -> Option<&mut Conn> {
         let key = (tgid, fd);
-        if let Some(c) = self.conns.get(&key) {
-            if c.tuple != *tuple && *tuple != SockTuple::default() {
-                // The descriptor was reused without a close we saw.
-                self.close(tgid, fd, ts_ns);
-            }
+        if let Some(c) = self.conns.get(&key)
+            && c.tuple != *tuple
+            && *tuple != SockTuple::default()
+        {
+            // The descriptor was reused without a close we saw.
+            self.close(tgid, fd, ts_ns);
         }
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= self.opts.max_connections {
@@ -260,16 +273,18 @@ impl Pipeline {
                     fed: false,
                 },
             );
-            self.metrics
-                .connections_tracked
-                .store(self.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.connections_tracked.store(
+                self.conns.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         self.conns.get_mut(&key)
     }
 
     fn evict_oldest(&mut self) {
         let n = (self.conns.len() / 8).max(1);
-        let mut by_age: Vec<((u32, u32), u64)> = self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
+        let mut by_age: Vec<((u32, u32), u64)> =
+            self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
         by_age.sort_by_key(|(_, t)| *t);
         for (k, _) in by_age.into_iter().take(n) {
             self.conns.remove(&k);
@@ -283,10 +298,10 @@ impl Pipeline {
 
     fn flush_conn(&mut self, tgid: u32, fd: u32, ts_ns: u64, closed: bool) {
         if let Some(conn) = self.conns.get_mut(&(tgid, fd)) {
-            if let Some(p) = conn.parser.as_mut() {
-                if closed {
-                    p.close(ts_ns);
-                }
+            if let Some(p) = conn.parser.as_mut()
+                && closed
+            {
+                p.close(ts_ns);
             }
             self.after_parse(tgid, fd, ts_ns);
         }
@@ -296,8 +311,12 @@ impl Pipeline {
     /// Turns what the parser finished into spans; gives up on connections that are not
     /// HTTP.
     fn after_parse(&mut self, tgid: u32, fd: u32, now_ns: u64) {
-        let Some(conn) = self.conns.get_mut(&(tgid, fd)) else { return };
-        let Some(parser) = conn.parser.as_mut() else { return };
+        let Some(conn) = self.conns.get_mut(&(tgid, fd)) else {
+            return;
+        };
+        let Some(parser) = conn.parser.as_mut() else {
+            return;
+        };
         let exchanges = parser.take_exchanges();
         if parser.is_http() == Some(false) {
             debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is not HTTP/1.x; ignored");
@@ -315,11 +334,21 @@ impl Pipeline {
         }
     }
 
-    fn emit(&mut self, ex: &HttpExchange, info: &ConnInfo, resource: Arc<Resource>, tls: bool, now_ns: u64) {
+    fn emit(
+        &mut self,
+        ex: &HttpExchange,
+        info: &ConnInfo,
+        resource: Arc<Resource>,
+        tls: bool,
+        now_ns: u64,
+    ) {
         let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
         Metrics::inc(&self.metrics.spans_built);
         let key = ConnKey::new(ex.role, info.local, info.remote);
-        for span in self.linker.offer(span, key, &ex.request.method, &ex.request.target, now_ns) {
+        for span in self
+            .linker
+            .offer(span, key, &ex.request.method, &ex.request.target, now_ns)
+        {
             (self.sink)(span);
         }
     }
@@ -328,7 +357,10 @@ impl Pipeline {
 /// The difference between the Unix clock and CLOCK_MONOTONIC, which eBPF timestamps use.
 pub fn mono_to_unix_offset() -> i128 {
     fn now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         unsafe { libc::clock_gettime(clock, &mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
     }
@@ -337,7 +369,10 @@ pub fn mono_to_unix_offset() -> i128 {
 
 /// CLOCK_MONOTONIC now, in ns.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -381,15 +416,25 @@ impl OwnSockets {
             .collect();
         self.local_ports.clear();
         for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else { continue };
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
             for line in text.lines().skip(1) {
                 let cols: Vec<&str> = line.split_whitespace().collect();
-                let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else { continue };
-                let Ok(inode) = inode.parse::<u64>() else { continue };
+                let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else {
+                    continue;
+                };
+                let Ok(inode) = inode.parse::<u64>() else {
+                    continue;
+                };
                 if !inodes.contains(&inode) {
                     continue;
                 }
-                if let Some(port) = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                if let Some(port) = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
                     self.local_ports.insert(port);
                 }
             }

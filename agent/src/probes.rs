@@ -5,11 +5,7 @@
 //! registry below says which program needs which hook, so that a missing kernel feature
 //! is reported by name.
 
-use std::{
-    ffi::CString,
-    fmt,
-    path::Path,
-};
+use std::{ffi::CString, fmt, path::Path};
 
 use agent_common::{KernelOffsets, MAX_PAYLOAD, ProbeConfig, lost, maps};
 use aya::{
@@ -239,11 +235,28 @@ impl Probes {
         }
         info!(backend = %backend, payload_cap = opts.payload_cap, "probes attached");
 
-        let events = ebpf.take_map(maps::EVENTS).ok_or(ProbeError::MissingMap(maps::EVENTS))?;
-        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map { name: maps::EVENTS, source })?;
-        let lost = ebpf.take_map(maps::LOST).ok_or(ProbeError::MissingMap(maps::LOST))?;
-        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map { name: maps::LOST, source })?;
-        Ok((Probes { ebpf, backend, lost }, events))
+        let events = ebpf
+            .take_map(maps::EVENTS)
+            .ok_or(ProbeError::MissingMap(maps::EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map {
+            name: maps::EVENTS,
+            source,
+        })?;
+        let lost = ebpf
+            .take_map(maps::LOST)
+            .ok_or(ProbeError::MissingMap(maps::LOST))?;
+        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
+            name: maps::LOST,
+            source,
+        })?;
+        Ok((
+            Probes {
+                ebpf,
+                backend,
+                lost,
+            },
+            events,
+        ))
     }
 
     /// Events the programs dropped so far, over all causes and CPUs.
@@ -268,7 +281,11 @@ impl Probes {
             for program in [program, "ssl_ret"] {
                 let probe = uprobe(&mut self.ebpf, program)?;
                 probe
-                    .attach(UProbeAttachLocation::AbsoluteOffset(offset), &target.path, UProbeScope::AllProcesses)
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &target.path,
+                        UProbeScope::AllProcesses,
+                    )
                     .map_err(|source| ProbeError::Attach {
                         program,
                         hook: format!("uprobe {}+{offset:#x}", target.path.display()),
@@ -308,7 +325,10 @@ fn check_privileges() -> Result<(), ProbeError> {
 
 fn raise_memlock_limit() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         debug!("could not raise RLIMIT_MEMLOCK; fine on Linux 5.11 and newer");
     }
@@ -316,12 +336,22 @@ fn raise_memlock_limit() {
 
 /// Mounts tracefs when it is missing: tracepoints are found through it.
 fn ensure_tracefs() -> Result<(), ProbeError> {
-    if Path::new(TRACEFS).join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+    if Path::new(TRACEFS).join("events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
         return Ok(());
     }
     let src = CString::new("tracefs").expect("no NUL");
     let target = CString::new(TRACEFS).expect("no NUL");
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
     }
@@ -332,7 +362,10 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
 /// Whether this kernel can create kprobes through perf events.
 fn kprobes_available() -> Result<(), String> {
     if !cfg!(target_arch = "x86_64") {
-        return Err("the kprobe backend reads x86-64 syscall registers; this is another architecture".into());
+        return Err(
+            "the kprobe backend reads x86-64 syscall registers; this is another architecture"
+                .into(),
+        );
     }
     if !Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         return Err("/sys/bus/event_source/devices/kprobe is missing".into());
@@ -357,42 +390,65 @@ fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
     }
 }
 
-const TLS_PROGRAMS: [&str; 5] =
-    ["ssl_read_enter", "ssl_write_enter", "ssl_read_ex_enter", "ssl_write_ex_enter", "ssl_ret"];
+const TLS_PROGRAMS: [&str; 5] = [
+    "ssl_read_enter",
+    "ssl_write_enter",
+    "ssl_read_ex_enter",
+    "ssl_write_ex_enter",
+    "ssl_ret",
+];
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
     let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    program.try_into().map_err(|source| ProbeError::Program { program: name, source })
+    program.try_into().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })
 }
 
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ProbeError> {
+fn tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, ProbeError> {
     let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    let tp: &mut TracePoint = program
-        .try_into()
-        .map_err(|source| ProbeError::Program { program: name, source })?;
+    let tp: &mut TracePoint = program.try_into().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })?;
     Ok(tp)
 }
 
-fn attach_tp(ebpf: &mut Ebpf, program: &'static str, category: &str, names: &[&str]) -> Result<(), ProbeError> {
+fn attach_tp(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    category: &str,
+    names: &[&str],
+) -> Result<(), ProbeError> {
     let tp = tracepoint(ebpf, program)?;
-    tp.load().map_err(|source| ProbeError::Program { program, source })?;
+    tp.load()
+        .map_err(|source| ProbeError::Program { program, source })?;
     for name in names {
         if category == "syscalls" && !tracepoint_exists(category, name) {
             return Err(ProbeError::NoSyscallTracepoint((*name).to_owned()));
         }
-        tp.attach(category, name).map_err(|source| ProbeError::Attach {
-            program,
-            hook: format!("tracepoint {category}/{name}"),
-            source,
-        })?;
+        tp.attach(category, name)
+            .map_err(|source| ProbeError::Attach {
+                program,
+                hook: format!("tracepoint {category}/{name}"),
+                source,
+            })?;
     }
     Ok(())
 }
 
 fn tracepoint_exists(category: &str, name: &str) -> bool {
-    [TRACEFS, "/sys/kernel/debug/tracing"]
-        .iter()
-        .any(|root| Path::new(root).join("events").join(category).join(name).exists())
+    [TRACEFS, "/sys/kernel/debug/tracing"].iter().any(|root| {
+        Path::new(root)
+            .join("events")
+            .join(category)
+            .join(name)
+            .exists()
+    })
 }
 
 fn attach_process_hooks(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
@@ -416,12 +472,20 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
             .ok_or(ProbeError::MissingMap(program))?
             .try_into()
             .map_err(|source| ProbeError::Program { program, source })?;
-        kp.load().map_err(|source| ProbeError::Program { program, source })?;
+        kp.load()
+            .map_err(|source| ProbeError::Program { program, source })?;
         for sys in hook.syscalls {
             let symbol = format!("__x64_sys_{sys}");
             kp.attach(&symbol, 0).map_err(|source| ProbeError::Attach {
                 program,
-                hook: format!("{} {symbol}", if hook.on_return { "kretprobe" } else { "kprobe" }),
+                hook: format!(
+                    "{} {symbol}",
+                    if hook.on_return {
+                        "kretprobe"
+                    } else {
+                        "kprobe"
+                    }
+                ),
                 source,
             })?;
         }

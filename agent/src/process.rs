@@ -32,7 +32,11 @@ impl ProcessRegistry {
         let host_name = fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
-        ProcessRegistry { proc_root: root.into(), host_name, known: HashMap::new() }
+        ProcessRegistry {
+            proc_root: root.into(),
+            host_name,
+            known: HashMap::new(),
+        }
     }
 
     /// The resource of `pid`, read from /proc on first use.
@@ -74,7 +78,9 @@ impl ProcessRegistry {
         let env = read_nul_separated(&dir.join("environ"));
         let mut cmdline = read_nul_separated(&dir.join("cmdline"));
         let exe_path = fs::read_link(dir.join("exe")).ok();
-        let mut comm = fs::read_to_string(dir.join("comm")).map(|s| s.trim().to_owned()).ok();
+        let mut comm = fs::read_to_string(dir.join("comm"))
+            .map(|s| s.trim().to_owned())
+            .ok();
         if let Some((hint_comm, hint_args)) = exec_hint {
             if cmdline.is_empty() {
                 cmdline = hint_args.to_vec();
@@ -86,17 +92,21 @@ impl ProcessRegistry {
         let executable_name = exe_path
             .as_deref()
             .and_then(Path::file_name)
-            .map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_owned()
+            })
             .or(comm)
             .unwrap_or_else(|| format!("pid-{pid}"));
 
         let mut attributes = Vec::new();
         let mut service_name = None;
         for var in &env {
-            if let Some(v) = var.strip_prefix("OTEL_SERVICE_NAME=") {
-                if !v.is_empty() {
-                    service_name = Some(v.to_owned());
-                }
+            if let Some(v) = var.strip_prefix("OTEL_SERVICE_NAME=")
+                && !v.is_empty()
+            {
+                service_name = Some(v.to_owned());
             }
         }
         for var in &env {
@@ -117,7 +127,10 @@ impl ProcessRegistry {
 
         use opentelemetry_semantic_conventions::resource as res;
         if let Some(p) = &exe_path {
-            attributes.push(KeyValue::new(res::PROCESS_EXECUTABLE_PATH, p.to_string_lossy().into_owned()));
+            attributes.push(KeyValue::new(
+                res::PROCESS_EXECUTABLE_PATH,
+                p.to_string_lossy().into_owned(),
+            ));
         }
         if !cmdline.is_empty() {
             attributes.push(KeyValue::new(res::PROCESS_COMMAND, cmdline[0].clone()));
@@ -125,7 +138,13 @@ impl ProcessRegistry {
         if let Some(id) = container_id(&dir.join("cgroup")) {
             attributes.push(KeyValue::new(res::CONTAINER_ID, id));
         }
-        Resource { service_name, pid, executable_name, host_name: self.host_name.clone(), attributes }
+        Resource {
+            service_name,
+            pid,
+            executable_name,
+            host_name: self.host_name.clone(),
+            attributes,
+        }
     }
 }
 
@@ -160,7 +179,10 @@ fn known_resource_key(k: &str) -> Option<&'static str> {
 
 fn is_interpreter(exe: &str) -> bool {
     let base = exe.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
-    matches!(base, "python" | "node" | "nodejs" | "ruby" | "perl" | "php" | "bash" | "sh" | "deno" | "bun")
+    matches!(
+        base,
+        "python" | "node" | "nodejs" | "ruby" | "perl" | "php" | "bash" | "sh" | "deno" | "bun"
+    )
 }
 
 /// For an interpreter, the script or module it runs, without directory or extension.
@@ -180,8 +202,10 @@ fn script_name(exe: &str, cmdline: &[String]) -> Option<String> {
             continue;
         }
         let file = Path::new(a).file_name()?.to_string_lossy().into_owned();
+        const SCRIPT_EXTENSIONS: &[&str] =
+            &["py", "js", "mjs", "cjs", "ts", "rb", "pl", "php", "sh"];
         let stem = match file.rsplit_once('.') {
-            Some((stem, ext)) if matches!(ext, "py" | "js" | "mjs" | "cjs" | "ts" | "rb" | "pl" | "php" | "sh") => stem.to_owned(),
+            Some((stem, ext)) if SCRIPT_EXTENSIONS.contains(&ext) => stem.to_owned(),
             _ => file,
         };
         return Some(stem);
@@ -213,11 +237,29 @@ mod tests {
 
     #[test]
     fn interpreters_are_named_after_their_script() {
-        assert_eq!(script_name("python3", &cmd(&["python3", "-u", "/srv/shop.py"])), Some("shop".into()));
-        assert_eq!(script_name("python3.11", &cmd(&["python3", "-m", "http.server", "8000"])), Some("http.server".into()));
-        assert_eq!(script_name("node", &cmd(&["node", "crm.js"])), Some("crm".into()));
-        assert_eq!(script_name("python3", &cmd(&["python3", "-c", "print(1)"])), None);
-        assert_eq!(script_name("nginx", &cmd(&["nginx", "-g", "daemon off;"])), None);
+        assert_eq!(
+            script_name("python3", &cmd(&["python3", "-u", "/srv/shop.py"])),
+            Some("shop".into())
+        );
+        assert_eq!(
+            script_name(
+                "python3.11",
+                &cmd(&["python3", "-m", "http.server", "8000"])
+            ),
+            Some("http.server".into())
+        );
+        assert_eq!(
+            script_name("node", &cmd(&["node", "crm.js"])),
+            Some("crm".into())
+        );
+        assert_eq!(
+            script_name("python3", &cmd(&["python3", "-c", "print(1)"])),
+            None
+        );
+        assert_eq!(
+            script_name("nginx", &cmd(&["nginx", "-g", "daemon off;"])),
+            None
+        );
     }
 
     #[test]
@@ -225,10 +267,21 @@ mod tests {
         let root = std::env::temp_dir().join(format!("sonde-proc-{}", std::process::id()));
         let dir = root.join("4242");
         fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("environ"), b"PATH=/bin\0OTEL_SERVICE_NAME=shop-api\0").unwrap();
+        fs::write(
+            dir.join("environ"),
+            b"PATH=/bin\0OTEL_SERVICE_NAME=shop-api\0",
+        )
+        .unwrap();
         fs::write(dir.join("cmdline"), b"python3\0shop.py\0").unwrap();
         fs::write(dir.join("comm"), b"python3\n").unwrap();
-        fs::write(dir.join("cgroup"), format!("0::/kubepods/pod1/cri-containerd-{}.scope\n", "ab".repeat(32))).unwrap();
+        fs::write(
+            dir.join("cgroup"),
+            format!(
+                "0::/kubepods/pod1/cri-containerd-{}.scope\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
         let mut reg = ProcessRegistry::with_proc_root(&root);
         let r = reg.resource(4242);
         assert_eq!(r.service_name, "shop-api");
@@ -245,7 +298,11 @@ mod tests {
         let root = std::env::temp_dir().join(format!("sonde-proc-gone-{}", std::process::id()));
         fs::create_dir_all(&root).unwrap();
         let mut reg = ProcessRegistry::with_proc_root(&root);
-        reg.exec(77, "python3", &cmd(&["python3", "/tmp/client.py", "--n", "3"]));
+        reg.exec(
+            77,
+            "python3",
+            &cmd(&["python3", "/tmp/client.py", "--n", "3"]),
+        );
         let r = reg.resource(77);
         assert_eq!(r.service_name, "client");
         assert_eq!(r.executable_name, "python3");

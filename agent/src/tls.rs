@@ -73,10 +73,20 @@ unsafe fn memmap_file(file: &fs::File) -> std::io::Result<Mapped> {
     use std::os::fd::AsRawFd;
     let len = file.metadata()?.len() as usize;
     if len == 0 {
-        return Ok(Mapped { ptr: std::ptr::null_mut(), len: 0 });
+        return Ok(Mapped {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        });
     }
     let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
     };
     if ptr == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
@@ -143,7 +153,9 @@ impl TlsDiscovery {
     pub fn scan_library_dirs(&mut self) -> Vec<TlsTarget> {
         let mut out = Vec::new();
         for dir in LIBRARY_DIRS {
-            let Ok(entries) = fs::read_dir(dir) else { continue };
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 if is_libssl(&e.file_name().to_string_lossy()) {
                     out.extend(self.examine(&e.path()));
@@ -161,7 +173,9 @@ impl TlsDiscovery {
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
             .collect();
-        pids.into_iter().flat_map(|pid| self.scan_process(pid)).collect()
+        pids.into_iter()
+            .flat_map(|pid| self.scan_process(pid))
+            .collect()
     }
 
     /// One process's mapped libssl files and its executable.
@@ -176,7 +190,9 @@ impl TlsDiscovery {
         }
         if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
             for line in maps.lines() {
-                let Some(path) = line.split_whitespace().nth(5) else { continue };
+                let Some(path) = line.split_whitespace().nth(5) else {
+                    continue;
+                };
                 let name = path.rsplit('/').next().unwrap_or(path);
                 if path.starts_with('/') && is_libssl(name) {
                     candidates.push(PathBuf::from(path));
@@ -201,7 +217,10 @@ impl TlsDiscovery {
         match find_tls_symbols(path) {
             Ok(Some(symbols)) => {
                 info!(path = %path.display(), ex = symbols.ssl_read_ex.is_some(), "TLS library found");
-                Some(TlsTarget { path: path.to_owned(), symbols })
+                Some(TlsTarget {
+                    path: path.to_owned(),
+                    symbols,
+                })
             }
             Ok(None) => {
                 if is_libssl(&path.file_name().unwrap_or_default().to_string_lossy()) {

@@ -18,7 +18,10 @@ pub fn sched_exec(_ctx: TracePointContext) -> u32 {
     let args = if mm == 0 {
         None
     } else {
-        Some((read(mm, setting!(offsets.mm_arg_start)), read(mm, setting!(offsets.mm_arg_end))))
+        Some((
+            read(mm, setting!(offsets.mm_arg_start)),
+            read(mm, setting!(offsets.mm_arg_end)),
+        ))
     };
     proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0, args);
     0

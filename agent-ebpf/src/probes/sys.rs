@@ -51,14 +51,21 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
     if crate::probes::tls::note_socket_io(pid_tgid, fd) || unsafe { (*info).is_tls } == 1 {
         return;
     }
-    let pending = PendingCall { call: call as u32, fd, ptr, count };
+    let pending = PendingCall {
+        call: call as u32,
+        fd,
+        ptr,
+        count,
+    };
     let _ = PENDING.insert(pid_tgid, pending, 0);
 }
 
 #[inline(always)]
 fn exit_io(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else { return };
+    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
+        return;
+    };
     let _ = PENDING.remove(pid_tgid);
     if ret <= 0 {
         return;
@@ -73,20 +80,62 @@ fn exit_io(ret: i64) {
     let fd = pending.fd;
     let call = pending.call;
     if call == SyscallId::Read as u32 || call == SyscallId::Recvfrom as u32 {
-        data_event(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, len, false);
+        data_event(
+            pid_tgid,
+            fd,
+            info,
+            Direction::Ingress,
+            call,
+            pending.ptr,
+            len,
+            false,
+        );
     } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
-        data_event(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, len, false);
+        data_event(
+            pid_tgid,
+            fd,
+            info,
+            Direction::Egress,
+            call,
+            pending.ptr,
+            len,
+            false,
+        );
     } else if call == SyscallId::Sendfile as u32 {
         data_event(pid_tgid, fd, info, Direction::Egress, call, 0, len, false);
     } else if call == SyscallId::Readv as u32 {
-        iov_events(pid_tgid, fd, info, Direction::Ingress, call, pending.ptr, pending.count, len);
+        iov_events(
+            pid_tgid,
+            fd,
+            info,
+            Direction::Ingress,
+            call,
+            pending.ptr,
+            pending.count,
+            len,
+        );
     } else if call == SyscallId::Writev as u32 {
-        iov_events(pid_tgid, fd, info, Direction::Egress, call, pending.ptr, pending.count, len);
+        iov_events(
+            pid_tgid,
+            fd,
+            info,
+            Direction::Egress,
+            call,
+            pending.ptr,
+            pending.count,
+            len,
+        );
     } else if call == SyscallId::Recvmsg as u32 || call == SyscallId::Sendmsg as u32 {
         // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (x86-64 and arm64 ABI).
-        let iov: u64 = unsafe { bpf_probe_read_user((pending.ptr + 16) as *const u64) }.unwrap_or(0);
-        let iovlen: u64 = unsafe { bpf_probe_read_user((pending.ptr + 24) as *const u64) }.unwrap_or(0);
-        let dir = if call == SyscallId::Recvmsg as u32 { Direction::Ingress } else { Direction::Egress };
+        let iov: u64 =
+            unsafe { bpf_probe_read_user((pending.ptr + 16) as *const u64) }.unwrap_or(0);
+        let iovlen: u64 =
+            unsafe { bpf_probe_read_user((pending.ptr + 24) as *const u64) }.unwrap_or(0);
+        let dir = if call == SyscallId::Recvmsg as u32 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
         iov_events(pid_tgid, fd, info, dir, call, iov, iovlen, len);
     }
 }
@@ -113,7 +162,8 @@ fn iov_events(
         }
         // struct iovec { void *iov_base; size_t iov_len; }
         let base: u64 = unsafe { bpf_probe_read_user((iov + i * 16) as *const u64) }.unwrap_or(0);
-        let len: u64 = unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
+        let len: u64 =
+            unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
         let n = if len < remaining { len } else { remaining };
         if n > 0 {
             data_event(pid_tgid, fd, info, dir, call, base, n, false);
@@ -132,14 +182,21 @@ fn enter_connect(fd: u64) {
     if !traced(pid_tgid) {
         return;
     }
-    let pending = PendingCall { call: CALL_CONNECT, fd: fd as u32, ptr: 0, count: 0 };
+    let pending = PendingCall {
+        call: CALL_CONNECT,
+        fd: fd as u32,
+        ptr: 0,
+        count: 0,
+    };
     let _ = PENDING.insert(pid_tgid, pending, 0);
 }
 
 #[inline(always)]
 fn exit_connect(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else { return };
+    let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
+        return;
+    };
     let _ = PENDING.remove(pid_tgid);
     if pending.call != CALL_CONNECT || (ret != 0 && ret != -EINPROGRESS) {
         return;
@@ -180,7 +237,9 @@ fn enter_close(fd: u64) {
     }
     let tgid = (pid_tgid >> 32) as u32;
     let fd = fd as u32;
-    let Some(info) = (unsafe { SOCKETS.get(key(tgid, fd)) }).copied() else { return };
+    let Some(info) = (unsafe { SOCKETS.get(key(tgid, fd)) }).copied() else {
+        return;
+    };
     if info.is_tcp == 1 {
         conn_event(EventKind::Close, pid_tgid, fd, &info, 0);
     }
@@ -203,7 +262,12 @@ macro_rules! tp_io {
     ($enter:ident, $exit:ident, $call:expr, $ptr_arg:expr, $count_arg:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter_io($call, tp_arg(&ctx, 0), tp_arg(&ctx, $ptr_arg), tp_arg(&ctx, $count_arg));
+            enter_io(
+                $call,
+                tp_arg(&ctx, 0),
+                tp_arg(&ctx, $ptr_arg),
+                tp_arg(&ctx, $count_arg),
+            );
             0
         }
         #[tracepoint]
@@ -218,12 +282,36 @@ tp_io!(sys_read_enter, sys_read_exit, SyscallId::Read, 1, 2);
 tp_io!(sys_write_enter, sys_write_exit, SyscallId::Write, 1, 2);
 tp_io!(sys_readv_enter, sys_readv_exit, SyscallId::Readv, 1, 2);
 tp_io!(sys_writev_enter, sys_writev_exit, SyscallId::Writev, 1, 2);
-tp_io!(sys_recvfrom_enter, sys_recvfrom_exit, SyscallId::Recvfrom, 1, 2);
+tp_io!(
+    sys_recvfrom_enter,
+    sys_recvfrom_exit,
+    SyscallId::Recvfrom,
+    1,
+    2
+);
 tp_io!(sys_sendto_enter, sys_sendto_exit, SyscallId::Sendto, 1, 2);
-tp_io!(sys_recvmsg_enter, sys_recvmsg_exit, SyscallId::Recvmsg, 1, 2);
-tp_io!(sys_sendmsg_enter, sys_sendmsg_exit, SyscallId::Sendmsg, 1, 2);
+tp_io!(
+    sys_recvmsg_enter,
+    sys_recvmsg_exit,
+    SyscallId::Recvmsg,
+    1,
+    2
+);
+tp_io!(
+    sys_sendmsg_enter,
+    sys_sendmsg_exit,
+    SyscallId::Sendmsg,
+    1,
+    2
+);
 // sendfile64(out_fd, in_fd, offset, count): the socket is out_fd; no user buffer.
-tp_io!(sys_sendfile_enter, sys_sendfile_exit, SyscallId::Sendfile, 1, 3);
+tp_io!(
+    sys_sendfile_enter,
+    sys_sendfile_exit,
+    SyscallId::Sendfile,
+    1,
+    3
+);
 
 #[tracepoint]
 pub fn sys_connect_enter(ctx: TracePointContext) -> u32 {
@@ -264,7 +352,9 @@ const PT_REGS_ARG: [u64; 4] = [112, 104, 96, 56];
 
 #[inline(always)]
 fn kp_arg(ctx: &ProbeContext, n: usize) -> u64 {
-    let Some(regs) = ctx.arg::<u64>(0) else { return 0 };
+    let Some(regs) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
     unsafe { bpf_probe_read_kernel((regs + PT_REGS_ARG[n]) as *const u64) }.unwrap_or(0)
 }
 
@@ -278,7 +368,12 @@ macro_rules! kp_io {
     ($enter:ident, $exit:ident, $call:expr, $ptr_arg:expr, $count_arg:expr) => {
         #[kprobe]
         pub fn $enter(ctx: ProbeContext) -> u32 {
-            enter_io($call, kp_arg(&ctx, 0), kp_arg(&ctx, $ptr_arg), kp_arg(&ctx, $count_arg));
+            enter_io(
+                $call,
+                kp_arg(&ctx, 0),
+                kp_arg(&ctx, $ptr_arg),
+                kp_arg(&ctx, $count_arg),
+            );
             0
         }
         #[kretprobe]
@@ -293,11 +388,23 @@ kp_io!(kp_read_enter, kp_read_exit, SyscallId::Read, 1, 2);
 kp_io!(kp_write_enter, kp_write_exit, SyscallId::Write, 1, 2);
 kp_io!(kp_readv_enter, kp_readv_exit, SyscallId::Readv, 1, 2);
 kp_io!(kp_writev_enter, kp_writev_exit, SyscallId::Writev, 1, 2);
-kp_io!(kp_recvfrom_enter, kp_recvfrom_exit, SyscallId::Recvfrom, 1, 2);
+kp_io!(
+    kp_recvfrom_enter,
+    kp_recvfrom_exit,
+    SyscallId::Recvfrom,
+    1,
+    2
+);
 kp_io!(kp_sendto_enter, kp_sendto_exit, SyscallId::Sendto, 1, 2);
 kp_io!(kp_recvmsg_enter, kp_recvmsg_exit, SyscallId::Recvmsg, 1, 2);
 kp_io!(kp_sendmsg_enter, kp_sendmsg_exit, SyscallId::Sendmsg, 1, 2);
-kp_io!(kp_sendfile_enter, kp_sendfile_exit, SyscallId::Sendfile, 1, 3);
+kp_io!(
+    kp_sendfile_enter,
+    kp_sendfile_exit,
+    SyscallId::Sendfile,
+    1,
+    3
+);
 
 #[kprobe]
 pub fn kp_connect_enter(ctx: ProbeContext) -> u32 {

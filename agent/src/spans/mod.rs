@@ -100,7 +100,10 @@ pub struct KeyValue {
 
 impl KeyValue {
     pub fn new(key: &'static str, value: impl Into<Value>) -> Self {
-        KeyValue { key, value: value.into() }
+        KeyValue {
+            key,
+            value: value.into(),
+        }
     }
 }
 
@@ -139,7 +142,10 @@ pub struct Span {
 impl Span {
     /// The value of attribute `key`, if the span has it.
     pub fn attribute(&self, key: &str) -> Option<&Value> {
-        self.attributes.iter().find(|kv| kv.key == key).map(|kv| &kv.value)
+        self.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .map(|kv| &kv.value)
     }
 }
 
