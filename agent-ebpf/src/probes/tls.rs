@@ -1,0 +1,180 @@
+//! TLS plaintext at the library boundary: uprobes and uretprobes on OpenSSL (and
+//! BoringSSL, which keeps the same names):
+//!   int SSL_write(SSL *ssl, const void *buf, int num);
+//!   int SSL_read(SSL *ssl, void *buf, int num);
+//!   int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written);
+//!   int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes);
+//! The plain forms return the byte count; the _ex forms return 1 and store the count
+//! through the last argument.
+//!
+//! Which socket an SSL object uses is learnt from the socket syscall the library makes
+//! on the same thread inside the call (a socket BIO), else from the last socket the
+//! thread used just before (a memory BIO, as in Node.js, whose event loop moves the
+//! ciphertext itself), and is then remembered per SSL object.
+
+use agent_common::{Direction, SyscallId};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{config::setting, emit::data_event, socket::lookup};
+
+const KIND_READ: u32 = 0;
+const KIND_WRITE: u32 = 1;
+const KIND_READ_EX: u32 = 2;
+const KIND_WRITE_EX: u32 = 3;
+const NO_FD: u32 = u32::MAX;
+
+/// A TLS library call in flight on a thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    pub ssl: u64,
+    pub buf: u64,
+    /// For the _ex forms, where the library stores the byte count.
+    pub count_ptr: u64,
+    pub kind: u32,
+    /// The socket the library used during the call, or NO_FD.
+    pub fd: u32,
+}
+
+/// Calls in flight, by thread (pid_tgid).
+#[map(name = "TLS_CALLS")]
+static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslKey {
+    pub tgid: u64,
+    pub ssl: u64,
+}
+
+/// (process, SSL object) -> socket descriptor.
+#[map(name = "SSL_FDS")]
+static SSL_FDS: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// The TCP socket each thread used last (for libraries with memory BIOs).
+#[map(name = "LAST_FD")]
+static LAST_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// Called from the socket syscall hooks for TCP sockets. Returns true when the thread
+/// is inside a TLS library call: the bytes are ciphertext.
+#[inline(always)]
+pub fn note_socket_io(pid_tgid: u64, fd: u32) -> bool {
+    let _ = LAST_FD.insert(pid_tgid, fd, 0);
+    match TLS_CALLS.get_ptr_mut(pid_tgid) {
+        Some(call) => {
+            unsafe { (*call).fd = fd };
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+        return;
+    }
+    let call = TlsCall {
+        ssl: ctx.arg::<u64>(0).unwrap_or(0),
+        buf: ctx.arg::<u64>(1).unwrap_or(0),
+        count_ptr: if kind == KIND_READ_EX || kind == KIND_WRITE_EX {
+            ctx.arg::<u64>(3).unwrap_or(0)
+        } else {
+            0
+        },
+        kind,
+        fd: NO_FD,
+    };
+    let _ = TLS_CALLS.insert(pid_tgid, call, 0);
+}
+
+#[inline(always)]
+fn exit(ctx: &RetProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = TLS_CALLS.remove(pid_tgid);
+    let ret = ctx.ret::<i64>() as i32;
+    let len: u64 = if call.kind == KIND_READ_EX || call.kind == KIND_WRITE_EX {
+        if ret != 1 {
+            return;
+        }
+        unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
+    } else {
+        if ret <= 0 {
+            return;
+        }
+        ret as u64
+    };
+    if len == 0 {
+        return;
+    }
+    let tgid = pid_tgid >> 32;
+    let ssl_key = SslKey {
+        tgid,
+        ssl: call.ssl,
+    };
+    let mut fd = call.fd;
+    if fd == NO_FD {
+        fd = match unsafe { SSL_FDS.get(&ssl_key) } {
+            Some(fd) => *fd,
+            None => match unsafe { LAST_FD.get(pid_tgid) } {
+                Some(fd) => *fd,
+                None => return,
+            },
+        };
+    }
+    let _ = SSL_FDS.insert(&ssl_key, fd, 0);
+    let Some(info) = lookup(tgid as u32, fd) else {
+        return;
+    };
+    unsafe {
+        if (*info).is_tcp != 1 {
+            return;
+        }
+        (*info).is_tls = 1;
+    }
+    let (dir, syscall) = if call.kind == KIND_READ || call.kind == KIND_READ_EX {
+        (Direction::Ingress, SyscallId::TlsRead)
+    } else {
+        (Direction::Egress, SyscallId::TlsWrite)
+    };
+    data_event(pid_tgid, fd, info, dir, syscall as u32, call.buf, len, true);
+}
+
+#[uprobe]
+pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_READ);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_WRITE);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_READ_EX);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_WRITE_EX);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
+    exit(&ctx);
+    0
+}
