@@ -7,7 +7,9 @@
 //! The pcap reader here is test-only: loopback Ethernet, IPv4 or IPv6, TCP, no
 //! reordering; retransmitted bytes are dropped by sequence number.
 
-use std::{collections::HashMap, fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,
+};
 
 use agent_common::Direction;
 use pcap_file::pcap::PcapReader;
@@ -27,7 +29,9 @@ struct Connection {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/amqp").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/amqp")
+        .join(name)
 }
 
 /// The TCP connections of a capture, in the order they were opened.
@@ -42,18 +46,26 @@ fn connections(case: &str) -> Vec<Connection> {
         let packet = packet.expect("readable packet");
         let ts = packet.timestamp.as_nanos() as u64;
         let t0 = *first_ts.get_or_insert(ts);
-        let Some((src, dst, seq, flags, payload)) = tcp(&packet.data) else { continue };
+        let Some((src, dst, seq, flags, payload)) = tcp(&packet.data) else {
+            continue;
+        };
         let (syn, ack) = (flags & 0x02 != 0, flags & 0x10 != 0);
         if syn {
             next_seq.insert((src, dst), seq.wrapping_add(1));
             if !ack {
                 by_pair.insert((src, dst), (conns.len(), Direction::Egress));
                 by_pair.insert((dst, src), (conns.len(), Direction::Ingress));
-                conns.push(Connection { client: src, server: dst, segments: Vec::new() });
+                conns.push(Connection {
+                    client: src,
+                    server: dst,
+                    segments: Vec::new(),
+                });
             }
             continue;
         }
-        let (Some(&(i, dir)), Some(expected)) = (by_pair.get(&(src, dst)), next_seq.get_mut(&(src, dst))) else {
+        let (Some(&(i, dir)), Some(expected)) =
+            (by_pair.get(&(src, dst)), next_seq.get_mut(&(src, dst)))
+        else {
             continue;
         };
         // Drop what was already seen (retransmissions).
@@ -61,7 +73,11 @@ fn connections(case: &str) -> Vec<Connection> {
         if behind >= payload.len() && behind < 1 << 30 {
             continue;
         }
-        let fresh = if behind < 1 << 30 { &payload[behind..] } else { payload };
+        let fresh = if behind < 1 << 30 {
+            &payload[behind..]
+        } else {
+            payload
+        };
         *expected = seq.wrapping_add(payload.len() as u32);
         if !fresh.is_empty() {
             conns[i].segments.push((dir, fresh.to_vec(), ts - t0));
@@ -83,7 +99,11 @@ fn tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, u8, &[u8])> {
             }
             let src: [u8; 4] = ip[12..16].try_into().ok()?;
             let dst: [u8; 4] = ip[16..20].try_into().ok()?;
-            (std::net::IpAddr::from(src), std::net::IpAddr::from(dst), ip.get(ihl..total)?)
+            (
+                std::net::IpAddr::from(src),
+                std::net::IpAddr::from(dst),
+                ip.get(ihl..total)?,
+            )
         }
         0x86dd => {
             let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
@@ -92,7 +112,11 @@ fn tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, u8, &[u8])> {
             }
             let src: [u8; 16] = ip[8..24].try_into().ok()?;
             let dst: [u8; 16] = ip[24..40].try_into().ok()?;
-            (std::net::IpAddr::from(src), std::net::IpAddr::from(dst), ip.get(40..40 + len)?)
+            (
+                std::net::IpAddr::from(src),
+                std::net::IpAddr::from(dst),
+                ip.get(40..40 + len)?,
+            )
         }
         _ => return None,
     };
@@ -100,7 +124,13 @@ fn tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, u8, &[u8])> {
     let dport = u16::from_be_bytes([segment[2], segment[3]]);
     let seq = u32::from_be_bytes(segment[4..8].try_into().ok()?);
     let offset = usize::from(segment[12] >> 4) * 4;
-    Some((SocketAddr::new(src, sport), SocketAddr::new(dst, dport), seq, segment[13], segment.get(offset..)?))
+    Some((
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        seq,
+        segment[13],
+        segment.get(offset..)?,
+    ))
 }
 
 /// Parses one connection; `cap` octets of each segment are captured, the rest skipped.
@@ -119,7 +149,13 @@ fn operations(conn: &Connection, cap: usize) -> Vec<AmqpOperation> {
 }
 
 fn resource(name: String) -> Arc<Resource> {
-    Arc::new(Resource { service_name: name, pid: 1, executable_name: "python3".into(), host_name: "test".into(), attributes: vec![] })
+    Arc::new(Resource {
+        service_name: name,
+        pid: 1,
+        executable_name: "python3".into(),
+        host_name: "test".into(),
+        attributes: vec![],
+    })
 }
 
 /// The golden text of a capture: each connection's operations, then every span after
@@ -130,10 +166,16 @@ fn replay(case: &str) -> String {
     let mut spans: Vec<(String, Span, MessageKey)> = Vec::new();
     for (i, conn) in conns.iter().enumerate() {
         text.push_str(&format!("connection c{i}\n"));
-        let info = ConnInfo { local: conn.client, remote: conn.server };
+        let info = ConnInfo {
+            local: conn.client,
+            remote: conn.server,
+        };
         for op in operations(conn, usize::MAX) {
             text.push_str(&format!("  {op}\n"));
-            if let (Some(span), Some(key)) = (amqp_span(&op, &info, resource(format!("c{i}")), 0), MessageKey::of(&op)) {
+            if let (Some(span), Some(key)) = (
+                amqp_span(&op, &info, resource(format!("c{i}")), 0),
+                MessageKey::of(&op),
+            ) {
                 spans.push((format!("c{i}.{}", spans.len()), span, key));
             } else if let Some(span) = amqp_span(&op, &info, resource(format!("c{i}")), 0) {
                 text.push_str(&format!("  error span: {} {:?}\n", span.name, span.status));
@@ -142,7 +184,10 @@ fn replay(case: &str) -> String {
     }
     // Offer spans as the pipeline would: in the order they end.
     spans.sort_by_key(|(_, s, _)| s.end_unix_nanos);
-    let labels: HashMap<SpanId, String> = spans.iter().map(|(l, s, _)| (s.span_id, l.clone())).collect();
+    let labels: HashMap<SpanId, String> = spans
+        .iter()
+        .map(|(l, s, _)| (s.span_id, l.clone()))
+        .collect();
     let mut linker = MessageLinker::new(Duration::from_secs(5), Duration::from_secs(300), 1000);
     let mut out = Vec::new();
     for (_, span, key) in spans {
@@ -155,13 +200,20 @@ fn replay(case: &str) -> String {
     for s in &out {
         let parent = match s.parent_span_id {
             None => "-".to_owned(),
-            Some(p) => labels.get(&p).cloned().unwrap_or_else(|| format!("{}/{}", hex(&s.trace_id), hex(&p))),
+            Some(p) => labels
+                .get(&p)
+                .cloned()
+                .unwrap_or_else(|| format!("{}/{}", hex(&s.trace_id), hex(&p))),
         };
         let status = match &s.status {
             Status::Error(e) => format!(" error={e:?}"),
             _ => String::new(),
         };
-        let mut attrs: Vec<String> = s.attributes.iter().map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+        let mut attrs: Vec<String> = s
+            .attributes
+            .iter()
+            .map(|kv| format!("{}={}", kv.key, kv.value))
+            .collect();
         attrs.sort();
         text.push_str(&format!(
             "  {} {:?} {:?} parent={parent}{status}\n    {}\n",
@@ -214,7 +266,13 @@ fn get_return_error() {
 /// same messages come out, with shorter body prefixes.
 #[test]
 fn capture_cap_keeps_the_same_messages() {
-    for case in ["confirms_acks", "nack_requeue", "large_body", "fanout", "get_return_error"] {
+    for case in [
+        "confirms_acks",
+        "nack_requeue",
+        "large_body",
+        "fanout",
+        "get_return_error",
+    ] {
         for conn in connections(case) {
             let full = operations(&conn, usize::MAX);
             let capped = operations(&conn, 4096);
@@ -222,10 +280,22 @@ fn capture_cap_keeps_the_same_messages() {
                 ops.iter()
                     .map(|op| match op {
                         AmqpOperation::Publish(p) => {
-                            format!("publish {} {} {} {:?}", p.message.exchange, p.message.routing_key, p.message.body_size, p.confirmed)
+                            format!(
+                                "publish {} {} {} {:?}",
+                                p.message.exchange,
+                                p.message.routing_key,
+                                p.message.body_size,
+                                p.confirmed
+                            )
                         }
                         AmqpOperation::Delivery(d) => {
-                            format!("delivery {} {} {} {:?}", d.message.routing_key, d.delivery_tag, d.message.body_size, d.outcome)
+                            format!(
+                                "delivery {} {} {} {:?}",
+                                d.message.routing_key,
+                                d.delivery_tag,
+                                d.message.body_size,
+                                d.outcome
+                            )
                         }
                         other => other.to_string(),
                     })
@@ -240,10 +310,17 @@ fn capture_cap_keeps_the_same_messages() {
 #[test]
 fn any_read_boundary_gives_the_same_operations() {
     for conn in connections("confirms_acks") {
-        let expected: Vec<String> = operations(&conn, usize::MAX).iter().map(ToString::to_string).collect();
+        let expected: Vec<String> = operations(&conn, usize::MAX)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         for (i, (_, data, _)) in conn.segments.iter().enumerate() {
             for cut in 1..data.len() {
-                let mut split = Connection { client: conn.client, server: conn.server, segments: Vec::new() };
+                let mut split = Connection {
+                    client: conn.client,
+                    server: conn.server,
+                    segments: Vec::new(),
+                };
                 for (j, (dir, d, ts)) in conn.segments.iter().enumerate() {
                     if i == j {
                         split.segments.push((*dir, d[..cut].to_vec(), *ts));
@@ -252,7 +329,10 @@ fn any_read_boundary_gives_the_same_operations() {
                         split.segments.push((*dir, d.clone(), *ts));
                     }
                 }
-                let got: Vec<String> = operations(&split, usize::MAX).iter().map(ToString::to_string).collect();
+                let got: Vec<String> = operations(&split, usize::MAX)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 assert_eq!(got, expected, "segment {i} cut {cut}");
             }
         }

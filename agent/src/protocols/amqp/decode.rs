@@ -28,7 +28,7 @@ pub(super) fn method(payload: &[u8]) -> Option<AMQPClass> {
         return None;
     }
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => Some(class),
+        Ok(([], class)) => Some(class),
         _ => None,
     }
 }
@@ -46,7 +46,7 @@ pub(super) fn content_header(payload: &[u8]) -> Option<ContentHeader> {
         return None;
     }
     match parse_content_header(payload) {
-        Ok((rest, h)) if rest.is_empty() => {
+        Ok(([], h)) => {
             let p = &h.properties;
             let s = |v: &Option<amq_protocol::types::ShortString>| {
                 v.as_ref().map(|s| s.as_str().to_owned())

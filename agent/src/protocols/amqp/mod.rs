@@ -1443,14 +1443,13 @@ impl AmqpParser {
 
     /// What a queue name means on a channel: empty is the last queue declared there.
     fn queue_name(&self, channel: u16, name: &str) -> String {
-        if name.is_empty() {
-            if let Some(q) = self
+        if name.is_empty()
+            && let Some(q) = self
                 .channels
                 .get(&channel)
                 .and_then(|c| c.last_queue.as_ref())
-            {
-                return q.clone();
-            }
+        {
+            return q.clone();
         }
         name.to_owned()
     }
