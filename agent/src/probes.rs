@@ -276,22 +276,31 @@ impl Probes {
             ("ssl_read_ex_enter", s.ssl_read_ex),
             ("ssl_write_ex_enter", s.ssl_write_ex),
         ];
+        let mut hooks: Vec<(&'static str, u64)> = Vec::new();
         for (program, offset) in points {
-            let Some(offset) = offset else { continue };
-            for program in [program, "ssl_ret"] {
-                let probe = uprobe(&mut self.ebpf, program)?;
-                probe
-                    .attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
-                        &target.path,
-                        UProbeScope::AllProcesses,
-                    )
-                    .map_err(|source| ProbeError::Attach {
-                        program,
-                        hook: format!("uprobe {}+{offset:#x}", target.path.display()),
-                        source,
-                    })?;
+            if let Some(offset) = offset {
+                hooks.push((program, offset));
+                hooks.push(("ssl_ret", offset));
             }
+        }
+        if let Some(go) = &s.go {
+            hooks.push(("go_tls_read_enter", go.read));
+            hooks.push(("go_tls_write_enter", go.write));
+            hooks.extend(go.returns.iter().map(|r| ("go_tls_ret", *r)));
+        }
+        for (program, offset) in hooks {
+            let probe = uprobe(&mut self.ebpf, program)?;
+            probe
+                .attach(
+                    UProbeAttachLocation::AbsoluteOffset(offset),
+                    &target.path,
+                    UProbeScope::AllProcesses,
+                )
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    hook: format!("uprobe {}+{offset:#x}", target.path.display()),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -390,12 +399,15 @@ fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
     }
 }
 
-const TLS_PROGRAMS: [&str; 5] = [
+const TLS_PROGRAMS: [&str; 8] = [
     "ssl_read_enter",
     "ssl_write_enter",
     "ssl_read_ex_enter",
     "ssl_write_ex_enter",
     "ssl_ret",
+    "go_tls_read_enter",
+    "go_tls_write_enter",
+    "go_tls_ret",
 ];
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {

@@ -2,6 +2,10 @@
 //! executables that carry OpenSSL or BoringSSL statically and keep its symbols
 //! (Node.js does), found by their SSL_read/SSL_write symbols with the `object` crate.
 //!
+//! Go programs carry their own TLS (crypto/tls): `(*Conn).Read` and `(*Conn).Write`
+//! are found in the symbol table, and their RET instructions by decoding the function
+//! (iced-x86), because Go functions must not get uretprobes.
+//!
 //! A uprobe is attached to a file (its inode), so every process that maps the file is
 //! covered, including processes that start later. Each file is examined once.
 
@@ -12,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 use tracing::{debug, info};
 
 /// File offsets of the TLS functions in one ELF file.
@@ -22,13 +26,26 @@ pub struct TlsSymbols {
     pub ssl_write: Option<u64>,
     pub ssl_read_ex: Option<u64>,
     pub ssl_write_ex: Option<u64>,
+    /// Go crypto/tls: entries of (*Conn).Read and (*Conn).Write, and every RET
+    /// instruction of both.
+    pub go: Option<GoTls>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GoTls {
+    pub read: u64,
+    pub write: u64,
+    pub returns: Vec<u64>,
 }
 
 impl TlsSymbols {
     pub fn is_usable(&self) -> bool {
-        self.ssl_read.is_some() && self.ssl_write.is_some()
+        (self.ssl_read.is_some() && self.ssl_write.is_some()) || self.go.is_some()
     }
 }
+
+const GO_TLS_READ: &str = "crypto/tls.(*Conn).Read";
+const GO_TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
 
 /// The TLS functions defined (not merely imported) in the ELF file at `path`, as file
 /// offsets, or None when it has none.
@@ -49,11 +66,16 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             .find(|(va, size, _)| addr >= *va && addr < va + size)
             .map(|(va, _, off)| addr - va + off)
     };
+    let mut go_functions: Vec<(&str, u64, u64)> = Vec::new();
     for sym in elf.dynamic_symbols().chain(elf.symbols()) {
         if sym.is_undefined() || sym.address() == 0 {
             continue;
         }
         let Ok(name) = sym.name() else { continue };
+        if name == GO_TLS_READ || name == GO_TLS_WRITE {
+            go_functions.push((name, sym.address(), sym.size()));
+            continue;
+        }
         let slot = match name {
             "SSL_read" => &mut found.ssl_read,
             "SSL_write" => &mut found.ssl_write,
@@ -65,7 +87,49 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             *slot = to_offset(sym.address());
         }
     }
+    if go_functions.len() >= 2 && elf.architecture() == object::Architecture::X86_64 {
+        found.go = go_tls(&elf, &map, &go_functions, to_offset);
+    }
     Ok(found.is_usable().then_some(found))
+}
+
+/// Entries and RET instructions of Go's TLS read and write, as file offsets.
+fn go_tls(
+    elf: &object::File<'_>,
+    data: &[u8],
+    functions: &[(&str, u64, u64)],
+    to_offset: impl Fn(u64) -> Option<u64>,
+) -> Option<GoTls> {
+    let text = elf.section_by_name(".text")?;
+    let (text_off, _) = text.file_range()?;
+    let mut go = GoTls::default();
+    for (name, addr, size) in functions {
+        let entry = to_offset(*addr)?;
+        if *name == GO_TLS_READ {
+            go.read = entry;
+        } else {
+            go.write = entry;
+        }
+        let start = usize::try_from(addr.checked_sub(text.address())? + text_off).ok()?;
+        let code = data.get(start..start + usize::try_from(*size).ok()?)?;
+        go.returns
+            .extend(ret_offsets(code, *addr).into_iter().filter_map(&to_offset));
+    }
+    (go.read != 0 && go.write != 0 && !go.returns.is_empty()).then_some(go)
+}
+
+/// Addresses of the RET instructions in x86-64 machine code loaded at `address`.
+fn ret_offsets(code: &[u8], address: u64) -> Vec<u64> {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.mnemonic() == Mnemonic::Ret {
+            out.push(instr.ip());
+        }
+    }
+    out
 }
 
 /// A read-only private mapping of a whole file.
@@ -216,7 +280,12 @@ impl TlsDiscovery {
         }
         match find_tls_symbols(path) {
             Ok(Some(symbols)) => {
-                info!(path = %path.display(), ex = symbols.ssl_read_ex.is_some(), "TLS library found");
+                info!(
+                    path = %path.display(),
+                    openssl = symbols.ssl_read.is_some(),
+                    go = symbols.go.is_some(),
+                    "TLS functions found"
+                );
                 Some(TlsTarget {
                     path: path.to_owned(),
                     symbols,
@@ -256,6 +325,13 @@ mod tests {
         assert_eq!(find_tls_symbols(Path::new("/usr/bin/curl")).unwrap(), None);
         // A second scan finds nothing new: each file is examined once.
         assert!(d.scan_library_dirs().is_empty());
+    }
+
+    #[test]
+    fn ret_instructions_are_found_by_decoding_not_by_byte_value() {
+        // mov eax, 0xc3c3c3c3 ; ret ; int3 ; ret
+        let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xcc, 0xc3];
+        assert_eq!(ret_offsets(&code, 0x1000), vec![0x1005, 0x1007]);
     }
 
     #[test]

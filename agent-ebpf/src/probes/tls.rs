@@ -102,20 +102,30 @@ fn exit(ctx: &RetProbeContext) {
     };
     let _ = TLS_CALLS.remove(pid_tgid);
     let ret = ctx.ret::<i64>() as i32;
+    if let Some(len) = plaintext_len(&call, ret) {
+        emit_plaintext(pid_tgid, &call, len);
+    }
+}
+
+#[inline(always)]
+fn plaintext_len(call: &TlsCall, ret: i32) -> Option<u64> {
     let len: u64 = if call.kind == KIND_READ_EX || call.kind == KIND_WRITE_EX {
         if ret != 1 {
-            return;
+            return None;
         }
         unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
     } else {
         if ret <= 0 {
-            return;
+            return None;
         }
         ret as u64
     };
-    if len == 0 {
-        return;
-    }
+    (len > 0).then_some(len)
+}
+
+/// Sends `len` plaintext bytes of `call` up, on the socket the session uses.
+#[inline(always)]
+fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
     let tgid = pid_tgid >> 32;
     let ssl_key = SslKey {
         tgid,
@@ -176,5 +186,78 @@ pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
     exit(&ctx);
+    0
+}
+
+// ---- Go crypto/tls ----
+//
+// func (c *Conn) Write(b []byte) (int, error) and func (c *Conn) Read(b []byte) (int, error)
+// with Go's register ABI (amd64, Go 1.17+): c in RAX, b's pointer in RBX, its length in
+// RCX; the int result comes back in RAX. The current goroutine is in R14. Goroutines
+// move between threads, so calls are keyed by goroutine, and the return is caught by
+// uprobes on the function's RET instructions (user space finds them): a uretprobe would
+// corrupt Go's movable stacks.
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoCallKey {
+    pub tgid: u64,
+    pub goroutine: u64,
+}
+
+/// Go TLS calls in flight, by goroutine.
+#[map(name = "GO_TLS_CALLS")]
+static GO_TLS_CALLS: HashMap<GoCallKey, TlsCall> = HashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn go_enter(ctx: &ProbeContext, kind: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+        return;
+    }
+    let regs = unsafe { &*ctx.regs };
+    let key = GoCallKey {
+        tgid: pid_tgid >> 32,
+        goroutine: regs.r14,
+    };
+    let call = TlsCall {
+        ssl: regs.rax,
+        buf: regs.rbx,
+        count_ptr: 0,
+        kind,
+        fd: NO_FD,
+    };
+    let _ = GO_TLS_CALLS.insert(&key, &call, 0);
+}
+
+#[uprobe]
+pub fn go_tls_read_enter(ctx: ProbeContext) -> u32 {
+    go_enter(&ctx, KIND_READ);
+    0
+}
+
+#[uprobe]
+pub fn go_tls_write_enter(ctx: ProbeContext) -> u32 {
+    go_enter(&ctx, KIND_WRITE);
+    0
+}
+
+/// On a RET instruction of (*Conn).Read or (*Conn).Write.
+#[uprobe]
+pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let regs = unsafe { &*ctx.regs };
+    let key = GoCallKey {
+        tgid: pid_tgid >> 32,
+        goroutine: regs.r14,
+    };
+    let Some(call) = (unsafe { GO_TLS_CALLS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = GO_TLS_CALLS.remove(&key);
+    let n = regs.rax as i64;
+    if n > 0 {
+        emit_plaintext(pid_tgid, &call, n as u64);
+    }
     0
 }
