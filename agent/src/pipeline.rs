@@ -17,11 +17,16 @@ use tracing::debug;
 use crate::{
     conn::ConnInfo,
     context::{ConnKey, Linker},
+    context_amqp::{MessageKey, MessageLinker},
     events::{Event, direction},
     process::ProcessRegistry,
-    protocols::http::{HttpExchange, HttpParser},
+    protocols::{
+        amqp::AmqpOperation,
+        detect::{ConnParser, Parsed, Verdict},
+        http::HttpExchange,
+    },
     reassembly::{Piece, StreamCursor},
-    spans::{Resource, Span, http::http_span},
+    spans::{Resource, Span, amqp::amqp_span, http::http_span},
     telemetry::Metrics,
 };
 
@@ -36,6 +41,10 @@ pub struct PipelineOptions {
     pub link_hold: Duration,
     /// Most spans waiting for their other end.
     pub max_pending_spans: usize,
+    /// How long a RabbitMQ delivery waits for the publish that carried its message.
+    pub message_hold: Duration,
+    /// How long a publish is remembered for later deliveries (fan-out, redelivery).
+    pub message_memory: Duration,
 }
 
 impl Default for PipelineOptions {
@@ -45,6 +54,8 @@ impl Default for PipelineOptions {
             idle_timeout: Duration::from_secs(600),
             link_hold: Duration::from_millis(1500),
             max_pending_spans: 100_000,
+            message_hold: Duration::from_secs(3),
+            message_memory: Duration::from_secs(120),
         }
     }
 }
@@ -56,7 +67,7 @@ struct Conn {
     info: ConnInfo,
     tuple: SockTuple,
     resource: Arc<Resource>,
-    parser: Option<HttpParser>,
+    parser: Option<ConnParser>,
     ingress: StreamCursor,
     egress: StreamCursor,
     last_ns: u64,
@@ -76,6 +87,7 @@ pub struct Pipeline {
     registry: ProcessRegistry,
     conns: HashMap<(u32, u32), Conn>,
     linker: Linker,
+    messages: MessageLinker,
     own: OwnSockets,
     metrics: Arc<Metrics>,
     /// Add to a CLOCK_MONOTONIC time to get Unix time (both in ns).
@@ -84,12 +96,18 @@ pub struct Pipeline {
     last_ns: u64,
     /// Processes that exec'd since the last `take_new_processes`.
     new_processes: Vec<u32>,
+    last_conn_tick_ns: u64,
 }
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
         Pipeline {
             linker: Linker::new(opts.link_hold, opts.max_pending_spans),
+            messages: MessageLinker::new(
+                opts.message_hold,
+                opts.message_memory,
+                opts.max_pending_spans,
+            ),
             opts,
             registry: ProcessRegistry::new(),
             conns: HashMap::new(),
@@ -99,6 +117,7 @@ impl Pipeline {
             sink,
             last_ns: 0,
             new_processes: Vec::new(),
+            last_conn_tick_ns: 0,
         }
     }
 
@@ -119,7 +138,7 @@ impl Pipeline {
                 if tls && !conn.tls {
                     // The handshake went by as ciphertext; start over on the plaintext.
                     conn.tls = true;
-                    conn.parser = Some(HttpParser::new());
+                    conn.parser = Some(ConnParser::new());
                     conn.ingress = StreamCursor::new();
                     conn.egress = StreamCursor::new();
                     conn.fed = false;
@@ -211,6 +230,30 @@ impl Pipeline {
         for span in self.linker.expire(now_ns) {
             (self.sink)(span);
         }
+        for span in self.messages.expire(now_ns) {
+            (self.sink)(span);
+        }
+        // AMQP publishes waiting for a possible basic.return finish on idle
+        // connections; once a second is plenty.
+        if now_ns.saturating_sub(self.last_conn_tick_ns) >= 1_000_000_000 {
+            self.last_conn_tick_ns = now_ns;
+            let amqp: Vec<(u32, u32)> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.parser, Some(ConnParser::Amqp(_))))
+                .map(|(k, _)| *k)
+                .collect();
+            for (tgid, fd) in amqp {
+                if let Some(p) = self
+                    .conns
+                    .get_mut(&(tgid, fd))
+                    .and_then(|c| c.parser.as_mut())
+                {
+                    p.tick(now_ns);
+                }
+                self.after_parse(tgid, fd, now_ns);
+            }
+        }
         let idle = self.opts.idle_timeout.as_nanos() as u64;
         let before = self.conns.len();
         self.conns
@@ -235,6 +278,9 @@ impl Pipeline {
             self.flush_conn(tgid, fd, now, false);
         }
         for span in self.linker.drain() {
+            (self.sink)(span);
+        }
+        for span in self.messages.drain() {
             (self.sink)(span);
         }
     }
@@ -264,7 +310,7 @@ impl Pipeline {
                     info,
                     tuple: *tuple,
                     resource,
-                    parser: (!ours).then(HttpParser::new),
+                    parser: (!ours).then(ConnParser::new),
                     ingress: StreamCursor::new(),
                     egress: StreamCursor::new(),
                     last_ns: ts_ns,
@@ -308,8 +354,8 @@ impl Pipeline {
         self.conns.remove(&(tgid, fd));
     }
 
-    /// Turns what the parser finished into spans; gives up on connections that are not
-    /// HTTP.
+    /// Turns what the parser finished into spans; gives up on connections that no
+    /// parser understands.
     fn after_parse(&mut self, tgid: u32, fd: u32, now_ns: u64) {
         let Some(conn) = self.conns.get_mut(&(tgid, fd)) else {
             return;
@@ -317,24 +363,27 @@ impl Pipeline {
         let Some(parser) = conn.parser.as_mut() else {
             return;
         };
-        let exchanges = parser.take_exchanges();
-        if parser.is_http() == Some(false) {
-            debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is not HTTP/1.x; ignored");
+        let parsed = parser.take();
+        if parser.verdict() == Verdict::Unknown {
+            debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is neither HTTP/1.x nor AMQP 0-9-1; ignored");
             Metrics::inc(&self.metrics.parse_failures);
             conn.parser = None;
         }
-        if exchanges.is_empty() {
+        if parsed.is_empty() {
             return;
         }
         let info = conn.info;
         let resource = conn.resource.clone();
         let tls = conn.tls;
-        for ex in exchanges {
-            self.emit(&ex, &info, resource.clone(), tls, now_ns);
+        for item in parsed {
+            match item {
+                Parsed::Http(ex) => self.emit_http(&ex, &info, resource.clone(), tls, now_ns),
+                Parsed::Amqp(op) => self.emit_amqp(&op, &info, resource.clone(), now_ns),
+            }
         }
     }
 
-    fn emit(
+    fn emit_http(
         &mut self,
         ex: &HttpExchange,
         info: &ConnInfo,
@@ -349,6 +398,26 @@ impl Pipeline {
             .linker
             .offer(span, key, &ex.request.method, &ex.request.target, now_ns)
         {
+            (self.sink)(span);
+        }
+    }
+
+    fn emit_amqp(
+        &mut self,
+        op: &AmqpOperation,
+        info: &ConnInfo,
+        resource: Arc<Resource>,
+        now_ns: u64,
+    ) {
+        let Some(span) = amqp_span(op, info, resource, self.mono_to_unix_ns) else {
+            return;
+        };
+        Metrics::inc(&self.metrics.spans_built);
+        let out = match MessageKey::of(op) {
+            Some(key) => self.messages.offer(span, key, now_ns),
+            None => vec![span],
+        };
+        for span in out {
             (self.sink)(span);
         }
     }

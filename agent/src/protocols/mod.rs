@@ -2,4 +2,5 @@
 //! bytes" rather than guessing) and tolerant of gaps in the captured stream.
 
 pub mod amqp;
+pub mod detect;
 pub mod http;
