@@ -56,6 +56,9 @@ struct TestArgs {
     /// Skip `cargo test` (unit tests).
     #[arg(long)]
     no_unit: bool,
+    /// Skip the release build (pytest then uses the existing binary, or SONDE_BIN).
+    #[arg(long)]
+    no_build: bool,
     /// Skip the privileged pytest suite.
     #[arg(long)]
     no_integration: bool,
@@ -293,7 +296,9 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
     if t.no_integration {
         return Ok(());
     }
-    build(root)?;
+    if !t.no_build {
+        build(root)?;
+    }
     step("integration and end-to-end tests: pytest tests/");
     let py = root.join("tests/.venv/bin/python");
     if !py.exists() {
@@ -302,7 +307,10 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
     let status = status_of(
         as_root(&py)
             .current_dir(root)
-            .env("SONDE_BIN", sonde_bin(root))
+            .env(
+                "SONDE_BIN",
+                std::env::var_os("SONDE_BIN").unwrap_or_else(|| sonde_bin(root).into()),
+            )
             .args(["-m", "pytest", "tests/", "-v"])
             .args(&t.pytest_args),
     )?;
