@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Trace every process on this node (needs root) and export spans.
     Run(RunArgs),
+    /// Turn a pcap or pcapng capture (tcpdump -w) into spans with the same pipeline.
+    Replay(ReplayArgs),
 }
 
 /// Where spans go.
@@ -87,4 +89,37 @@ pub struct RunArgs {
     /// Most connections tracked at once.
     #[arg(long, env = "SONDE_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The capture: pcap or pcapng (tcpdump -w, tshark -w, dumpcap), of Ethernet, Linux
+    /// cooked (SLL, SLL2), loopback/null or raw IP frames.
+    pub file: PathBuf,
+
+    /// Span output. Default: otlp when an OTLP endpoint is set (flag or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT), stdout otherwise.
+    #[arg(long, env = "SONDE_OUTPUT", value_enum)]
+    pub output: Option<OutputKind>,
+
+    /// File for --output otlp-json (appended to).
+    #[arg(long, env = "SONDE_OUTPUT_FILE")]
+    pub output_file: Option<PathBuf>,
+
+    /// OTLP endpoint, e.g. http://jaeger:4317 (gRPC) or http://jaeger:4318 (HTTP).
+    /// Overrides OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "SONDE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default grpc).
+    #[arg(long, env = "SONDE_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+
+    /// Extra OTLP headers, k=v,k2=v2 (merged over OTEL_EXPORTER_OTLP_HEADERS).
+    #[arg(long, env = "SONDE_OTLP_HEADERS")]
+    pub otlp_headers: Option<String>,
+
+    /// PEM file of CA certificates to trust for an https OTLP endpoint.
+    #[arg(long, env = "SONDE_OTLP_CA_FILE")]
+    pub otlp_ca_file: Option<PathBuf>,
 }

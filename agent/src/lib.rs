@@ -17,6 +17,7 @@ pub mod export;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
+pub mod replay;
 pub mod protocols;
 pub mod reassembly;
 pub mod spans;

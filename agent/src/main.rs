@@ -23,6 +23,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => sonde::agent::run(args).await,
+            Command::Replay(args) => sonde::replay::run(args).await,
         }
     });
     match result {
