@@ -95,8 +95,9 @@ pub enum ReplayError {
     )]
     NotACapture { path: PathBuf, reason: String },
     #[error(
-        "{}: packet {packet} is cut short: the file ends inside it (was the capture still \
-         being written, or copied partly?); the packets before it were replayed",
+        "{}: packet {packet} is cut short: the file ends inside it (the capture was still \
+         being written or was copied partly, or the packet's length field is corrupt); \
+         the packets before it were replayed",
         path.display()
     )]
     Truncated { path: PathBuf, packet: u64 },

@@ -22,7 +22,9 @@ use pcap_file::{
     pcap::{PcapHeader, PcapPacket, PcapWriter},
     pcapng::{
         PcapNgWriter,
-        blocks::{enhanced_packet::EnhancedPacketBlock, interface_description::InterfaceDescriptionBlock},
+        blocks::{
+            enhanced_packet::EnhancedPacketBlock, interface_description::InterfaceDescriptionBlock,
+        },
     },
 };
 use sonde::{
@@ -74,7 +76,11 @@ fn render(spans: &[Span]) -> String {
         _ => 1,
     };
     sorted.sort_by_key(|s| (s.start_unix_nanos, kind_order(s.kind), s.name.clone()));
-    let line_of: HashMap<[u8; 8], usize> = sorted.iter().enumerate().map(|(i, s)| (s.span_id, i + 1)).collect();
+    let line_of: HashMap<[u8; 8], usize> = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.span_id, i + 1))
+        .collect();
     let mut out = String::new();
     for (i, s) in sorted.iter().enumerate() {
         let status = match &s.status {
@@ -82,7 +88,9 @@ fn render(spans: &[Span]) -> String {
             _ => "",
         };
         let parent = match s.parent_span_id {
-            Some(p) => line_of.get(&p).map_or("elsewhere".to_owned(), |n| format!("#{n}")),
+            Some(p) => line_of
+                .get(&p)
+                .map_or("elsewhere".to_owned(), |n| format!("#{n}")),
             None => "-".to_owned(),
         };
         let _ = writeln!(
@@ -111,7 +119,12 @@ fn check_expected(name: &str, got: &str) {
         return;
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(got, want, "{name}: replayed spans differ from {}", path.display());
+    assert_eq!(
+        got,
+        want,
+        "{name}: replayed spans differ from {}",
+        path.display()
+    );
 }
 
 #[test]
@@ -123,13 +136,24 @@ fn real_captures_give_the_expected_spans() {
         .collect();
     cases.sort();
     let formats: Vec<_> = cases.iter().filter_map(|p| p.extension()).collect();
-    assert!(formats.contains(&"pcap".as_ref()) && formats.contains(&"pcapng".as_ref()), "{cases:?}");
+    assert!(
+        formats.contains(&"pcap".as_ref()) && formats.contains(&"pcapng".as_ref()),
+        "{cases:?}"
+    );
     for case in &cases {
         let (spans, outcome) = replay(case);
-        assert!(outcome.error.is_none(), "{}: {:?}", case.display(), outcome.error);
+        assert!(
+            outcome.error.is_none(),
+            "{}: {:?}",
+            case.display(),
+            outcome.error
+        );
         assert_eq!(outcome.summary.spans, spans.len() as u64);
         assert!(!spans.is_empty(), "{}", case.display());
-        check_expected(&case.file_stem().unwrap().to_string_lossy(), &render(&spans));
+        check_expected(
+            &case.file_stem().unwrap().to_string_lossy(),
+            &render(&spans),
+        );
     }
 }
 
@@ -177,7 +201,13 @@ impl Conv {
         } else {
             (self.server_seq, self.client_seq)
         };
-        self.segs.push(Seg { from_client, seq, ack, flags, payload: payload.to_vec() });
+        self.segs.push(Seg {
+            from_client,
+            seq,
+            ack,
+            flags,
+            payload: payload.to_vec(),
+        });
         let used = payload.len() as u32 + u32::from(flags & (SYN | FIN) != 0);
         if from_client {
             self.client_seq = self.client_seq.wrapping_add(used);
@@ -189,7 +219,13 @@ impl Conv {
     fn handshake(mut self) -> Self {
         self.push(true, SYN, b"");
         let isn = self.server_seq;
-        self.segs.push(Seg { from_client: false, seq: isn, ack: self.client_seq, flags: SYN | ACK, payload: vec![] });
+        self.segs.push(Seg {
+            from_client: false,
+            seq: isn,
+            ack: self.client_seq,
+            flags: SYN | ACK,
+            payload: vec![],
+        });
         self.server_seq = isn.wrapping_add(1);
         self.push(true, ACK, b"");
         self
@@ -216,12 +252,16 @@ impl Conv {
 
     /// Indices of the segments carrying payload from the server.
     fn server_data(&self) -> Vec<usize> {
-        (0..self.segs.len()).filter(|&i| !self.segs[i].from_client && !self.segs[i].payload.is_empty()).collect()
+        (0..self.segs.len())
+            .filter(|&i| !self.segs[i].from_client && !self.segs[i].payload.is_empty())
+            .collect()
     }
 }
 
 fn checksum_free_ipv4(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else { panic!("IPv4 only") };
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("IPv4 only")
+    };
     let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
     ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&s.octets());
@@ -290,9 +330,16 @@ fn packets(conv: &Conv, link: DataLink) -> Vec<Packet> {
     conv.segs
         .iter()
         .map(|seg| {
-            let (src, dst) = if seg.from_client { (conv.client, conv.server) } else { (conv.server, conv.client) };
+            let (src, dst) = if seg.from_client {
+                (conv.client, conv.server)
+            } else {
+                (conv.server, conv.client)
+            };
             let data = frame(link, &ip_packet(src, dst, seg));
-            Packet { orig_len: data.len() as u32, data }
+            Packet {
+                orig_len: data.len() as u32,
+                data,
+            }
         })
         .collect()
 }
@@ -311,14 +358,16 @@ fn write_pcap(path: &Path, link: DataLink, packets: &[Packet]) {
     };
     let mut w = PcapWriter::with_header(std::fs::File::create(path).unwrap(), header).unwrap();
     for (k, p) in packets.iter().enumerate() {
-        w.write_packet(&PcapPacket::new(timestamp(k), p.orig_len, &p.data)).unwrap();
+        w.write_packet(&PcapPacket::new(timestamp(k), p.orig_len, &p.data))
+            .unwrap();
     }
 }
 
 /// Writes a pcapng capture; returns where each packet's block starts in the file.
 fn write_pcapng(path: &Path, link: DataLink, packets: &[Packet]) -> Vec<usize> {
     let mut w = PcapNgWriter::new(Vec::new()).unwrap();
-    w.write_pcapng_block(InterfaceDescriptionBlock::new(link, 262_144)).unwrap();
+    w.write_pcapng_block(InterfaceDescriptionBlock::new(link, 262_144))
+        .unwrap();
     let mut starts = Vec::new();
     for (k, p) in packets.iter().enumerate() {
         starts.push(w.get_ref().len());
@@ -347,7 +396,10 @@ fn replay_packets(link: DataLink, packets: &[Packet]) -> (Vec<Span>, Outcome) {
 const GET_ORDER: &[u8] = b"GET /orders/7 HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: t\r\n\r\n";
 
 fn ok_response(body_len: usize) -> Vec<u8> {
-    let mut r = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n").into_bytes();
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n"
+    )
+    .into_bytes();
     r.extend((0..body_len).map(|i| b'a' + (i % 26) as u8));
     r
 }
@@ -361,8 +413,16 @@ fn not_found() -> Vec<u8> {
 /// server spans from 500 on.
 fn pair(first: usize, name: &str, code: u16, body: (u64, u64)) -> String {
     let (req, resp) = body;
-    let client = if code >= 400 { format!("{code} ERROR") } else { code.to_string() };
-    let server = if code >= 500 { format!("{code} ERROR") } else { code.to_string() };
+    let client = if code >= 400 {
+        format!("{code} ERROR")
+    } else {
+        code.to_string()
+    };
+    let server = if code >= 500 {
+        format!("{code} ERROR")
+    } else {
+        code.to_string()
+    };
     format!(
         "#{first} Client {name:?} {client} server.address=shop server.port=8080 service=10.0.0.7 parent=- body={req}/{resp}\n\
          #{} Server {name:?} {server} server.address=shop server.port=8080 service=10.0.0.5:8080 parent=#{first} body={req}/{resp}\n",
@@ -377,10 +437,20 @@ fn default_conv() -> Conv {
 #[test]
 fn reordered_segments_and_wrapping_sequence_numbers() {
     // Both ends' sequence numbers wrap inside the exchange.
-    let mut conv = Conv::new("10.0.0.7:40312", "10.0.0.5:8080", u32::MAX - 30, u32::MAX - 2000).handshake();
+    let mut conv = Conv::new(
+        "10.0.0.7:40312",
+        "10.0.0.5:8080",
+        u32::MAX - 30,
+        u32::MAX - 2000,
+    )
+    .handshake();
     conv.send(true, GET_ORDER, 20);
     conv.send(false, &ok_response(3000), 700);
-    conv.exchange(b"GET /missing HTTP/1.1\r\nHost: shop:8080\r\n\r\n", &not_found(), 700);
+    conv.exchange(
+        b"GET /missing HTTP/1.1\r\nHost: shop:8080\r\n\r\n",
+        &not_found(),
+        700,
+    );
     conv.close();
     // The first request's segments come in reverse order, and the second and third
     // segments of the first response trade places.
@@ -388,7 +458,11 @@ fn reordered_segments_and_wrapping_sequence_numbers() {
         .filter(|&i| conv.segs[i].from_client && conv.segs[i].payload.len() == 20)
         .collect();
     assert!(request.len() >= 2);
-    let reversed: Vec<Seg> = request.iter().rev().map(|&i| conv.segs[i].clone()).collect();
+    let reversed: Vec<Seg> = request
+        .iter()
+        .rev()
+        .map(|&i| conv.segs[i].clone())
+        .collect();
     for (&i, seg) in request.iter().zip(reversed) {
         conv.segs[i] = seg;
     }
@@ -415,7 +489,11 @@ fn retransmitted_and_overlapping_segments_are_delivered_once() {
     let mut overlap = conv.segs[data[2]].clone();
     let prev = &conv.segs[data[1]];
     overlap.seq = overlap.seq.wrapping_sub(100);
-    overlap.payload = [&prev.payload[prev.payload.len() - 100..], &overlap.payload[..]].concat();
+    overlap.payload = [
+        &prev.payload[prev.payload.len() - 100..],
+        &overlap.payload[..],
+    ]
+    .concat();
     conv.segs.insert(data[2] + 1, overlap);
     conv.segs.insert(data[1] + 1, again);
     let (spans, outcome) = replay_packets(DataLink::ETHERNET, &packets(&conv, DataLink::ETHERNET));
@@ -427,7 +505,11 @@ fn retransmitted_and_overlapping_segments_are_delivered_once() {
 fn a_segment_lost_inside_a_large_body_leaves_the_spans_right() {
     let mut conv = default_conv();
     conv.exchange(GET_ORDER, &ok_response(100_000), 1400);
-    conv.exchange(b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n", &ok_response(10), 1400);
+    conv.exchange(
+        b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n",
+        &ok_response(10),
+        1400,
+    );
     conv.close();
     let data = conv.server_data();
     // The capture missed one segment in the middle of the body; the client got it (its
@@ -455,7 +537,10 @@ fn a_lost_segment_never_acknowledged_is_skipped_at_the_end_of_the_capture() {
     conv.segs.remove(data[5]);
     let (spans, outcome) = replay_packets(DataLink::ETHERNET, &packets(&conv, DataLink::ETHERNET));
     assert!(outcome.error.is_none());
-    assert_eq!(render(&spans), pair(1, "GET /orders/{id}", 200, (0, 20_000)));
+    assert_eq!(
+        render(&spans),
+        pair(1, "GET /orders/{id}", 200, (0, 20_000))
+    );
     assert_eq!(outcome.summary.bytes_missing, 1400);
 }
 
@@ -463,17 +548,23 @@ fn a_lost_segment_never_acknowledged_is_skipped_at_the_end_of_the_capture() {
 fn bodies_cut_by_the_snapshot_length_still_count() {
     let mut conv = default_conv();
     conv.exchange(GET_ORDER, &ok_response(5000), 1400);
-    conv.exchange(b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n", &not_found(), 1400);
+    conv.exchange(
+        b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n",
+        &not_found(),
+        1400,
+    );
     conv.close();
     // tcpdump -s 200: every frame keeps its first 200 bytes only.
     let cut: Vec<Packet> = packets(&conv, DataLink::ETHERNET)
         .into_iter()
-        .map(|p| Packet { orig_len: p.orig_len, data: p.data[..p.data.len().min(200)].to_vec() })
+        .map(|p| Packet {
+            orig_len: p.orig_len,
+            data: p.data[..p.data.len().min(200)].to_vec(),
+        })
         .collect();
     let (spans, outcome) = replay_packets(DataLink::ETHERNET, &cut);
     assert!(outcome.error.is_none());
-    let want = pair(1, "GET /orders/{id}", 200, (0, 5000))
-        + &pair(3, "GET /next", 404, (0, 9));
+    let want = pair(1, "GET /orders/{id}", 200, (0, 5000)) + &pair(3, "GET /next", 404, (0, 9));
     assert_eq!(render(&spans), want);
 }
 
@@ -482,7 +573,11 @@ fn a_capture_that_starts_mid_connection_gives_the_later_exchanges() {
     let mut conv = Conv::new("10.0.0.7:40312", "10.0.0.5:8080", 1000, 5000).handshake();
     conv.exchange(GET_ORDER, &ok_response(3000), 1000);
     let start = conv.segs.len();
-    conv.exchange(b"POST /orders HTTP/1.1\r\nHost: shop:8080\r\nContent-Length: 5\r\n\r\nhello", &ok_response(2), 1000);
+    conv.exchange(
+        b"POST /orders HTTP/1.1\r\nHost: shop:8080\r\nContent-Length: 5\r\n\r\nhello",
+        &ok_response(2),
+        1000,
+    );
     conv.exchange(GET_ORDER, &ok_response(4), 1000);
     conv.close();
     // The capture starts while the connection idles between two exchanges: no
@@ -491,7 +586,10 @@ fn a_capture_that_starts_mid_connection_gives_the_later_exchanges() {
     let (spans, outcome) = replay_packets(DataLink::ETHERNET, &packets(&conv, DataLink::ETHERNET));
     assert!(outcome.error.is_none());
     // The server is told from the client by its lower port.
-    assert_eq!(render(&spans), pair(1, "POST /orders", 200, (5, 2)) + &pair(3, "GET /orders/{id}", 200, (0, 4)));
+    assert_eq!(
+        render(&spans),
+        pair(1, "POST /orders", 200, (5, 2)) + &pair(3, "GET /orders/{id}", 200, (0, 4))
+    );
     assert_eq!(outcome.summary.connections, 1);
 }
 
@@ -499,7 +597,11 @@ fn a_capture_that_starts_mid_connection_gives_the_later_exchanges() {
 fn a_capture_cut_inside_its_last_packet_is_an_error_after_the_spans() {
     let mut conv = default_conv();
     conv.exchange(GET_ORDER, &ok_response(10), 1400);
-    conv.exchange(b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n", &ok_response(3000), 1400);
+    conv.exchange(
+        b"GET /next HTTP/1.1\r\nHost: shop:8080\r\n\r\n",
+        &ok_response(3000),
+        1400,
+    );
     let mut packets = packets(&conv, DataLink::ETHERNET);
     // The last packet is the end of the second response, and the file ends inside it.
     packets.pop();
@@ -510,13 +612,22 @@ fn a_capture_cut_inside_its_last_packet_is_an_error_after_the_spans() {
     std::fs::write(&path, &bytes[..bytes.len() - 50]).unwrap();
     let (spans, outcome) = replay(&path);
     let error = outcome.error.expect("an error");
-    assert!(matches!(error, ReplayError::Truncated { packet, .. } if packet == packets.len() as u64), "{error:?}");
+    assert!(
+        matches!(error, ReplayError::Truncated { packet, .. } if packet == packets.len() as u64),
+        "{error:?}"
+    );
     let message = error.to_string();
-    assert!(message.contains("cut.pcap") && message.contains(&format!("packet {}", packets.len())), "{message}");
+    assert!(
+        message.contains("cut.pcap") && message.contains(&format!("packet {}", packets.len())),
+        "{message}"
+    );
     assert_eq!(outcome.summary.packets, packets.len() as u64 - 1);
     // The first exchange was whole; the second lost its last bytes with the packet.
     let rendered = render(&spans);
-    assert!(rendered.starts_with(&pair(1, "GET /orders/{id}", 200, (0, 10))), "{rendered}");
+    assert!(
+        rendered.starts_with(&pair(1, "GET /orders/{id}", 200, (0, 10))),
+        "{rendered}"
+    );
 }
 
 #[test]
@@ -543,7 +654,14 @@ fn a_corrupt_block_names_its_packet() {
 fn pcapng_and_every_link_type_give_the_same_spans() {
     let want = pair(1, "GET /orders/{id}", 200, (0, 10));
     let dir = tempfile::tempdir().unwrap();
-    for link in [DataLink::ETHERNET, DataLink::LINUX_SLL, DataLink::LINUX_SLL2, DataLink::NULL, DataLink::LOOP, DataLink::RAW] {
+    for link in [
+        DataLink::ETHERNET,
+        DataLink::LINUX_SLL,
+        DataLink::LINUX_SLL2,
+        DataLink::NULL,
+        DataLink::LOOP,
+        DataLink::RAW,
+    ] {
         let mut conv = default_conv();
         conv.exchange(GET_ORDER, &ok_response(10), 1400);
         conv.close();
@@ -555,7 +673,11 @@ fn pcapng_and_every_link_type_give_the_same_spans() {
         let (spans, outcome) = replay(&path);
         assert!(outcome.error.is_none(), "{link:?} pcapng");
         assert_eq!(render(&spans), want, "{link:?} pcapng");
-        assert_eq!(spans[0].start_unix_nanos / 1_000_000, timestamp(3).as_millis() as u64, "{link:?} pcapng times");
+        assert_eq!(
+            spans[0].start_unix_nanos / 1_000_000,
+            timestamp(3).as_millis() as u64,
+            "{link:?} pcapng times"
+        );
     }
     // IPv6 too.
     let mut conv = Conv::new("[fd00::7]:40312", "[fd00::5]:8080", 1, 2).handshake();
@@ -563,24 +685,38 @@ fn pcapng_and_every_link_type_give_the_same_spans() {
     let (spans, _) = replay_packets(DataLink::LINUX_SLL2, &packets(&conv, DataLink::LINUX_SLL2));
     assert_eq!(
         render(&spans),
-        want.replace("service=10.0.0.7", "service=fd00::7").replace("service=10.0.0.5:8080", "service=[fd00::5]:8080")
+        want.replace("service=10.0.0.7", "service=fd00::7")
+            .replace("service=10.0.0.5:8080", "service=[fd00::5]:8080")
     );
 }
 
 #[test]
 fn garbage_and_other_protocols_make_no_spans() {
     let mut conv = Conv::new("10.0.0.7:40999", "10.0.0.5:9999", 77, 88).handshake();
-    let noise: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let noise: Vec<u8> = (0..3000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     conv.exchange(&noise[..1500], &noise[1500..], 1000);
     conv.close();
     let mut packets = packets(&conv, DataLink::ETHERNET);
     // A UDP datagram and an ARP frame are counted and skipped.
-    let udp = checksum_free_ipv4("10.0.0.7".parse().unwrap(), "10.0.0.5".parse().unwrap(), 17, &[0, 53, 0, 53, 0, 8, 0, 0]);
-    packets.push(Packet { orig_len: 0, data: frame(DataLink::ETHERNET, &udp) });
+    let udp = checksum_free_ipv4(
+        "10.0.0.7".parse().unwrap(),
+        "10.0.0.5".parse().unwrap(),
+        17,
+        &[0, 53, 0, 53, 0, 8, 0, 0],
+    );
+    packets.push(Packet {
+        orig_len: 0,
+        data: frame(DataLink::ETHERNET, &udp),
+    });
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0; 28]);
-    packets.push(Packet { orig_len: 0, data: arp });
+    packets.push(Packet {
+        orig_len: 0,
+        data: arp,
+    });
     for p in &mut packets {
         p.orig_len = p.data.len() as u32;
     }
@@ -606,15 +742,23 @@ fn a_reset_ends_the_connection_and_a_reused_port_is_a_new_one() {
     assert_eq!(outcome.summary.connections, 2);
     let rendered = render(&spans);
     // The reset request has no response; the new connection's exchange is whole.
-    assert!(rendered.contains("GET /orders/{id}\" - ERROR"), "{rendered}");
-    assert!(rendered.contains(&pair(3, "GET /orders/{id}", 200, (0, 10))), "{rendered}");
+    assert!(
+        rendered.contains("GET /orders/{id}\" - ERROR"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains(&pair(3, "GET /orders/{id}", 200, (0, 10))),
+        "{rendered}"
+    );
 }
 
 // ---- the binary ----
 
 fn sonde() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sonde"));
-    c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("SONDE_OUTPUT").env_remove("SONDE_OUTPUT_FILE");
+    c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("SONDE_OUTPUT")
+        .env_remove("SONDE_OUTPUT_FILE");
     c
 }
 
@@ -622,7 +766,8 @@ fn sonde() -> Command {
 fn otlp_spans(text: &str) -> Vec<(String, String, u64, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let request: serde_json::Value = serde_json::from_str(line).expect("one JSON request per line");
+        let request: serde_json::Value =
+            serde_json::from_str(line).expect("one JSON request per line");
         for rs in request["resourceSpans"].as_array().unwrap() {
             let service = rs["resource"]["attributes"]
                 .as_array()
@@ -653,17 +798,29 @@ fn the_binary_replays_a_capture_into_otlp_json() {
     let out = dir.path().join("spans.jsonl");
     let capture = fixture_dir().join("python_keepalive.pcap");
     let run = sonde()
-        .args(["replay", capture.to_str().unwrap(), "--output", "otlp-json", "--output-file", out.to_str().unwrap()])
+        .args([
+            "replay",
+            capture.to_str().unwrap(),
+            "--output",
+            "otlp-json",
+            "--output-file",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
-        stderr.contains("python_keepalive.pcap: 29 packets (0 not TCP, skipped), 1 TCP connections, 8 spans"),
+        stderr.contains(
+            "python_keepalive.pcap: 29 packets (0 not TCP, skipped), 1 TCP connections, 8 spans"
+        ),
         "{stderr}"
     );
     let spans = otlp_spans(&std::fs::read_to_string(&out).unwrap());
-    let names: Vec<(&str, &str, u64)> = spans.iter().map(|(s, n, k, _)| (s.as_str(), n.as_str(), *k)).collect();
+    let names: Vec<(&str, &str, u64)> = spans
+        .iter()
+        .map(|(s, n, k, _)| (s.as_str(), n.as_str(), *k))
+        .collect();
     // OTLP kinds: 2 server, 3 client.
     assert_eq!(
         names,
@@ -678,7 +835,10 @@ fn the_binary_replays_a_capture_into_otlp_json() {
             ("127.0.0.1:18580", "POST /orders", 2),
         ]
     );
-    assert!(spans.iter().filter(|s| s.2 == 2).all(|s| !s.3.is_empty()), "server spans are children: {spans:?}");
+    assert!(
+        spans.iter().filter(|s| s.2 == 2).all(|s| !s.3.is_empty()),
+        "server spans are children: {spans:?}"
+    );
 }
 
 #[test]
@@ -689,14 +849,28 @@ fn the_binary_exports_what_it_replayed_before_a_cut_and_fails_naming_the_packet(
     std::fs::write(&capture, &whole[..whole.len() - 20]).unwrap();
     let out = dir.path().join("spans.jsonl");
     let run = sonde()
-        .args(["replay", capture.to_str().unwrap(), "--output", "otlp-json", "--output-file", out.to_str().unwrap()])
+        .args([
+            "replay",
+            capture.to_str().unwrap(),
+            "--output",
+            "otlp-json",
+            "--output-file",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
-    assert!(stderr.contains("cut.pcap: packet 29 is cut short"), "{stderr}");
+    assert!(
+        stderr.contains("cut.pcap: packet 29 is cut short"),
+        "{stderr}"
+    );
     assert!(stderr.contains("28 packets"), "{stderr}");
-    assert_eq!(otlp_spans(&std::fs::read_to_string(&out).unwrap()).len(), 8, "{stderr}");
+    assert_eq!(
+        otlp_spans(&std::fs::read_to_string(&out).unwrap()).len(),
+        8,
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -704,10 +878,21 @@ fn the_binary_says_what_is_wrong_with_a_file_that_is_no_capture() {
     let dir = tempfile::tempdir().unwrap();
     let notes = dir.path().join("notes.txt");
     std::fs::write(&notes, "GET / HTTP/1.1\r\n\r\n").unwrap();
-    let run = sonde().args(["replay", notes.to_str().unwrap()]).output().unwrap();
+    let run = sonde()
+        .args(["replay", notes.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
-    assert!(stderr.contains("notes.txt is not a pcap or pcapng capture"), "{stderr}");
-    let run = sonde().args(["replay", "/nonexistent/x.pcap"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&run.stderr).contains("cannot open capture /nonexistent/x.pcap"));
+    assert!(
+        stderr.contains("notes.txt is not a pcap or pcapng capture"),
+        "{stderr}"
+    );
+    let run = sonde()
+        .args(["replay", "/nonexistent/x.pcap"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("cannot open capture /nonexistent/x.pcap")
+    );
 }
