@@ -1324,6 +1324,21 @@ mod tests {
     }
 
     #[test]
+    fn a_hole_is_given_up_after_the_timeout() {
+        let mut f = Flow::default();
+        f.start_at(0);
+        let mut out = Vec::new();
+        f.segment(0, 2, b"ab", 0, &mut out);
+        f.segment(4, 2, b"ef", 1_000, &mut out);
+        f.segment(6, 2, b"gh", HOLE_TIMEOUT_NS / 2, &mut out);
+        assert_eq!(out.len(), 1, "still waiting for bytes 2..4");
+        f.segment(8, 2, b"ij", HOLE_TIMEOUT_NS + 1_000, &mut out);
+        let offsets: Vec<u64> = out.iter().map(|d| d.offset).collect();
+        assert_eq!(offsets, [0, 4, 6, 8]);
+        assert_eq!(f.missing, 2);
+    }
+
+    #[test]
     fn held_bytes_are_bounded() {
         let mut f = Flow::default();
         f.start_at(0);
