@@ -9,9 +9,9 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
 use crate::{
-    config::{OutputKind, RunArgs},
+    config::RunArgs,
     events::decode,
-    export::{self, OtlpConfig, OtlpOptions, Output},
+    export::{self, OtlpOptions, Output},
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
     probes::{ProbeOptions, Probes},
     telemetry::Metrics,
@@ -34,24 +34,7 @@ fn output_of(args: &RunArgs) -> Result<Output> {
         timeout: None,
         ca_file: args.otlp_ca_file.clone(),
     };
-    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let kind = args
-        .output
-        .unwrap_or(if export::endpoint_configured(&env, &otlp) {
-            OutputKind::Otlp
-        } else {
-            OutputKind::Stdout
-        });
-    Ok(match kind {
-        OutputKind::Stdout => Output::Stdout,
-        OutputKind::OtlpJson => {
-            let Some(path) = args.output_file.clone() else {
-                bail!("--output otlp-json needs --output-file PATH (or SONDE_OUTPUT_FILE)");
-            };
-            Output::OtlpJson { path }
-        }
-        OutputKind::Otlp => Output::Otlp(OtlpConfig::resolve(&env, &otlp)?),
-    })
+    crate::replay::output_from_flags(args.output, args.output_file.clone(), &otlp)
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {

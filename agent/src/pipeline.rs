@@ -45,6 +45,9 @@ pub struct PipelineOptions {
     pub message_hold: Duration,
     /// How long a publish is remembered for later deliveries (fan-out, redelivery).
     pub message_memory: Duration,
+    /// Leave alone connections whose other end is one of this process's own sockets
+    /// (the live agent's exports to a collector on the same node). Off for replays.
+    pub exclude_own_sockets: bool,
 }
 
 impl Default for PipelineOptions {
@@ -56,6 +59,7 @@ impl Default for PipelineOptions {
             max_pending_spans: 100_000,
             message_hold: Duration::from_secs(3),
             message_memory: Duration::from_secs(120),
+            exclude_own_sockets: true,
         }
     }
 }
@@ -299,7 +303,7 @@ impl Pipeline {
                 self.evict_oldest();
             }
             let info = ConnInfo::from_tuple(tuple);
-            let ours = self.own.is_ours(&info);
+            let ours = self.opts.exclude_own_sockets && self.own.is_ours(&info);
             if ours {
                 debug!(pid = tgid, fd, peer = %info.remote, "connection from the agent itself; not traced");
             }

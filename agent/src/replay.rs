@@ -249,7 +249,14 @@ pub fn replay_file(path: &Path, metrics: Arc<Metrics>, sink: Sink) -> Outcome {
         counted.fetch_add(1, Ordering::Relaxed);
         sink(span);
     });
-    let mut pipeline = Pipeline::new(PipelineOptions::default(), metrics, counting);
+    let mut pipeline = Pipeline::new(
+        PipelineOptions {
+            exclude_own_sockets: false,
+            ..PipelineOptions::default()
+        },
+        metrics,
+        counting,
+    );
     // Capture times are Unix times already.
     pipeline.set_mono_to_unix(0);
     let mut replayer = Replayer::new(pipeline);

@@ -9,7 +9,9 @@ use super::{
     http::{HttpExchange, HttpParser},
 };
 
-/// What a connection's parser produced.
+/// What a connection's parser produced. Short-lived (built and consumed in one call),
+/// so the size difference of the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed {
     Http(HttpExchange),
     Amqp(AmqpOperation),
