@@ -284,21 +284,36 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
         step("scripts/setup-tests.sh (Python venv, Jaeger)");
         run(as_root(root.join("scripts/setup-tests.sh")).current_dir(root))?;
     }
+    // A failing unit test does not stop the privileged suite: both summaries are shown,
+    // and the run fails at the end.
+    let mut failed: Vec<String> = Vec::new();
     if !t.no_unit {
         step("unit tests: cargo test --workspace");
-        run(cargo(root).env("PATH", path_env()).args([
+        if let Err(e) = run(cargo(root).env("PATH", path_env()).args([
             "test",
             "--workspace",
             "--exclude",
             "agent-ebpf",
-        ]))?;
+        ])) {
+            failed.push(format!("unit tests: {e:#}"));
+        }
     }
-    if t.no_integration {
-        return Ok(());
+    if !t.no_integration {
+        if !t.no_build {
+            build(root)?;
+        }
+        if let Err(e) = pytest(root, t) {
+            failed.push(format!("{e:#}"));
+        }
     }
-    if !t.no_build {
-        build(root)?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failed.join("; "))
     }
+}
+
+fn pytest(root: &Path, t: &TestArgs) -> Result<()> {
     step("integration and end-to-end tests: pytest tests/");
     let py = root.join("tests/.venv/bin/python");
     if !py.exists() {
