@@ -21,7 +21,7 @@ use crate::{
 /// How often the ring buffer is drained when the kernel did not wake us: programs wake
 /// the reader only past `WAKEUP_BYTES`, to save wake-ups under load.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
-const WAKEUP_BYTES: u64 = 256 * 1024;
+const WAKEUP_BYTES: u64 = 1024 * 1024;
 /// How often processes with connections are looked at again for TLS libraries they
 /// loaded since (Python loads libssl on `import ssl`).
 const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -101,11 +101,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut pipeline, &metrics);
-                guard.clear_ready();
+                if drain(guard.get_inner_mut(), &mut pipeline, &metrics) {
+                    // More is waiting: let the exporter run before reading on.
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                } else {
+                    guard.clear_ready();
+                }
             }
             _ = tick.tick() => {
-                drain(ring.get_mut(), &mut pipeline, &metrics);
+                while drain(ring.get_mut(), &mut pipeline, &metrics) {
+                    tokio::task::yield_now().await;
+                }
                 pipeline.tick(monotonic_ns());
                 let mut targets: Vec<_> =
                     pipeline.take_new_processes().into_iter().flat_map(|pid| tls.scan_process(pid)).collect();
@@ -129,7 +136,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
     let mut ring = ring.into_inner();
     probes.detach();
-    drain(&mut ring, &mut pipeline, &metrics);
+    while drain(&mut ring, &mut pipeline, &metrics) {
+        tokio::task::yield_now().await;
+    }
     pipeline.finish();
     drop(pipeline);
     drop(exporter);
@@ -149,8 +158,15 @@ fn attach_tls(probes: &mut Probes, targets: Vec<TlsTarget>) {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics) {
-    while let Some(record) = ring.next() {
+/// Events handled before the loop gives the exporter a turn (one thread runs both).
+const DRAIN_BUDGET: usize = 2048;
+
+/// Handles up to [`DRAIN_BUDGET`] events; true when more are waiting.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics) -> bool {
+    for _ in 0..DRAIN_BUDGET {
+        let Some(record) = ring.next() else {
+            return false;
+        };
         match decode(&record) {
             Ok(event) => pipeline.handle(event),
             Err(e) => {
@@ -159,4 +175,5 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics
             }
         }
     }
+    true
 }

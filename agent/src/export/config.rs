@@ -72,7 +72,9 @@ impl Default for BatchConfig {
     /// looking for a request in Jaeger have usually just made it.
     fn default() -> Self {
         BatchConfig {
-            max_queue_size: 2048,
+            // The SDK default is 2048; an agent speaks for every service of a node,
+            // so it queues more before it drops.
+            max_queue_size: 16384,
             max_export_batch_size: 512,
             scheduled_delay: Duration::from_millis(1000),
         }
