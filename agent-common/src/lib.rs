@@ -213,6 +213,9 @@ pub struct ConnEvent {
 
 /// Bytes of a new program's command line carried by an exec event.
 pub const MAX_ARGS: usize = 256;
+/// Bytes of a new program's environment carried by an exec event (OTEL_SERVICE_NAME
+/// is read from it when the process is gone before user space looks at /proc).
+pub const MAX_ENV: usize = 4096;
 
 /// Exec and exit of a process. The exec event carries the program's name and command
 /// line, so that a process that has exited by the time user space looks (curl, a
@@ -227,7 +230,11 @@ pub struct ProcEvent {
     pub args_len: u32,
     /// The task's comm, NUL-padded.
     pub comm: [u8; 16],
+    /// Bytes of `env` that are valid (NUL-separated NAME=value strings).
+    pub env_len: u32,
+    pub _pad: u32,
     pub args: [u8; MAX_ARGS],
+    pub env: [u8; MAX_ENV],
 }
 
 /// Offsets into kernel structures, read by user space from the running kernel's BTF
@@ -257,6 +264,8 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub mm_env_start: u32,
+    pub mm_env_end: u32,
 }
 
 /// Settings of the programs, fixed at load time.
@@ -297,9 +306,9 @@ const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 88);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<ProcEvent>() == 48 + MAX_ARGS);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 104);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 56 + MAX_ARGS + MAX_ENV);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 112);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -5,8 +5,8 @@
 //! saves a wake-up per event under load.
 
 use agent_common::{
-    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_ARGS, MAX_PAYLOAD, ProcEvent,
-    SockInfo, lost,
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_ARGS, MAX_ENV, MAX_PAYLOAD,
+    ProcEvent, SockInfo, lost,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -61,7 +61,13 @@ pub fn conn_event(kind: EventKind, pid_tgid: u64, fd: u32, info: &SockInfo, ret:
 /// An exec or exit event, written straight into the ring buffer (it is too big for
 /// the stack). `args` is the user address range of the command line, for exec.
 #[inline(always)]
-pub fn proc_event(kind: EventKind, pid_tgid: u64, exit_code: i32, args: Option<(u64, u64)>) {
+pub fn proc_event(
+    kind: EventKind,
+    pid_tgid: u64,
+    exit_code: i32,
+    args: Option<(u64, u64)>,
+    env: Option<(u64, u64)>,
+) {
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         count_lost(lost::RINGBUF_FULL);
         return;
@@ -71,6 +77,7 @@ pub fn proc_event(kind: EventKind, pid_tgid: u64, exit_code: i32, args: Option<(
         (*ev).header = header(kind, pid_tgid, 0);
         (*ev).exit_code = exit_code;
         (*ev).args_len = 0;
+        (*ev).env_len = 0;
         (*ev).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
         if let Some((start, end)) = args {
             let mut n = end.saturating_sub(start);
@@ -82,8 +89,25 @@ pub fn proc_event(kind: EventKind, pid_tgid: u64, exit_code: i32, args: Option<(
                 (*ev).args_len = n as u32;
             }
         }
+        if let Some((start, end)) = env {
+            let mut n = end.saturating_sub(start);
+            if n > MAX_ENV as u64 {
+                n = MAX_ENV as u64;
+            }
+            let dst = (&raw mut (*ev).env).cast::<core::ffi::c_void>();
+            if n > 0 && bpf_probe_read_user(dst, n as u32, start as *const core::ffi::c_void) == 0 {
+                (*ev).env_len = n as u32;
+            }
+        }
     }
-    entry.submit(wakeup_flags());
+    // An exec is rare and its /proc entry may vanish soon (a curl lives for
+    // milliseconds): wake the reader at once.
+    let flags = if kind == EventKind::Exec {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        wakeup_flags()
+    };
+    entry.submit(flags);
 }
 
 /// One data event: `len` bytes moved at user address `src` (0 when the bytes cannot be

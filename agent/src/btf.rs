@@ -655,6 +655,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         task_mm: field(btf, "task_struct", "mm", PTR)?,
         mm_arg_start: field(btf, "mm_struct", "arg_start", 8)?,
         mm_arg_end: field(btf, "mm_struct", "arg_end", 8)?,
+        mm_env_start: field(btf, "mm_struct", "env_start", 8)?,
+        mm_env_end: field(btf, "mm_struct", "env_end", 8)?,
     })
 }
 

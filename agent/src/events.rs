@@ -45,11 +45,13 @@ pub enum Event<'a> {
         header: EventHeader,
         tuple: SockTuple,
     },
-    /// `comm` is the program's name; `args` its NUL-separated command line (a prefix).
+    /// `comm` is the program's name; `args` its command line (a prefix); `env` the
+    /// OTEL_* variables of its environment (from a prefix of it).
     Exec {
         header: EventHeader,
         comm: String,
         args: Vec<String>,
+        env: Vec<String>,
     },
     Exit {
         header: EventHeader,
@@ -131,13 +133,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 EventKind::Exec => {
                     let comm_len = p.comm.iter().position(|&c| c == 0).unwrap_or(p.comm.len());
                     let args_len = (p.args_len as usize).min(p.args.len());
+                    let env_len = (p.env_len as usize).min(p.env.len());
                     Event::Exec {
                         header: p.header,
                         comm: String::from_utf8_lossy(&p.comm[..comm_len]).into_owned(),
-                        args: p.args[..args_len]
-                            .split(|&c| c == 0)
-                            .filter(|a| !a.is_empty())
-                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                        args: nul_separated(&p.args[..args_len]),
+                        env: nul_separated(&p.env[..env_len])
+                            .into_iter()
+                            .filter(|v| v.starts_with("OTEL_"))
                             .collect(),
                     }
                 }
@@ -148,6 +151,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             })
         }
     }
+}
+
+fn nul_separated(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&c| c == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 pub fn direction(raw: u32) -> Direction {

@@ -183,8 +183,10 @@ impl Pipeline {
                 }
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
-            Event::Exec { comm, args, .. } => {
-                self.registry.exec(h.tgid, &comm, &args);
+            Event::Exec {
+                comm, args, env, ..
+            } => {
+                self.registry.exec(h.tgid, &comm, &args, &env);
                 if self.new_processes.len() < 4096 {
                     self.new_processes.push(h.tgid);
                 }

@@ -55,11 +55,11 @@ impl ProcessRegistry {
     /// The process ran execve: it is another program now. It is described at once,
     /// with the kernel's `comm` and command line standing in for /proc when the process
     /// is already gone (a curl that lived for 3 ms).
-    pub fn exec(&mut self, pid: u32, comm: &str, args: &[String]) {
+    pub fn exec(&mut self, pid: u32, comm: &str, args: &[String], env: &[String]) {
         if self.known.len() >= MAX_PROCESSES {
             self.known.clear();
         }
-        let r = Arc::new(self.describe(pid, Some((comm, args))));
+        let r = Arc::new(self.describe(pid, Some((comm, args, env))));
         self.known.insert(pid, r);
     }
 
@@ -73,17 +73,20 @@ impl ProcessRegistry {
         self.known.remove(&pid);
     }
 
-    fn describe(&self, pid: u32, exec_hint: Option<(&str, &[String])>) -> Resource {
+    fn describe(&self, pid: u32, exec_hint: Option<(&str, &[String], &[String])>) -> Resource {
         let dir = self.proc_root.join(pid.to_string());
-        let env = read_nul_separated(&dir.join("environ"));
+        let mut env = read_nul_separated(&dir.join("environ"));
         let mut cmdline = read_nul_separated(&dir.join("cmdline"));
         let exe_path = fs::read_link(dir.join("exe")).ok();
         let mut comm = fs::read_to_string(dir.join("comm"))
             .map(|s| s.trim().to_owned())
             .ok();
-        if let Some((hint_comm, hint_args)) = exec_hint {
+        if let Some((hint_comm, hint_args, hint_env)) = exec_hint {
             if cmdline.is_empty() {
                 cmdline = hint_args.to_vec();
+            }
+            if env.is_empty() {
+                env = hint_env.to_vec();
             }
             if comm.is_none() && !hint_comm.is_empty() {
                 comm = Some(hint_comm.to_owned());
@@ -288,7 +291,7 @@ mod tests {
         assert_eq!(r.executable_name, "python3");
         assert!(r.attributes.iter().any(|kv| kv.key == "container.id"));
         fs::write(dir.join("environ"), b"PATH=/bin\0").unwrap();
-        reg.exec(4242, "python3", &[]);
+        reg.exec(4242, "python3", &[], &[]);
         assert_eq!(reg.resource(4242).service_name, "shop");
         fs::remove_dir_all(&root).unwrap();
     }
@@ -302,12 +305,20 @@ mod tests {
             77,
             "python3",
             &cmd(&["python3", "/tmp/client.py", "--n", "3"]),
+            &[],
         );
         let r = reg.resource(77);
         assert_eq!(r.service_name, "client");
         assert_eq!(r.executable_name, "python3");
-        reg.exec(78, "curl", &cmd(&["curl", "-s", "http://x/"]));
+        reg.exec(78, "curl", &cmd(&["curl", "-s", "http://x/"]), &[]);
         assert_eq!(reg.resource(78).service_name, "curl");
+        reg.exec(
+            79,
+            "curl",
+            &cmd(&["curl", "http://x/"]),
+            &cmd(&["OTEL_SERVICE_NAME=shop-poller"]),
+        );
+        assert_eq!(reg.resource(79).service_name, "shop-poller");
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -12,18 +12,14 @@ use crate::{config::setting, emit::proc_event};
 /// sched/sched_process_exec: fires in the new program's context.
 #[tracepoint]
 pub fn sched_exec(_ctx: TracePointContext) -> u32 {
-    // task_struct->mm->arg_start/arg_end: the new program's command line.
+    // task_struct->mm->{arg,env}_{start,end}: the new program's command line and
+    // environment, in its own memory.
     let task = unsafe { bpf_get_current_task() };
     let mm: u64 = read(task, setting!(offsets.task_mm));
-    let args = if mm == 0 {
-        None
-    } else {
-        Some((
-            read(mm, setting!(offsets.mm_arg_start)),
-            read(mm, setting!(offsets.mm_arg_end)),
-        ))
-    };
-    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0, args);
+    let range = |start: u32, end: u32| (mm != 0).then(|| (read(mm, start), read(mm, end)));
+    let args = range(setting!(offsets.mm_arg_start), setting!(offsets.mm_arg_end));
+    let env = range(setting!(offsets.mm_env_start), setting!(offsets.mm_env_end));
+    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0, args, env);
     0
 }
 
@@ -43,6 +39,6 @@ pub fn sched_exit(_ctx: TracePointContext) -> u32 {
     let task = unsafe { bpf_get_current_task() };
     let off = setting!(offsets.task_exit_code) as u64;
     let code: i32 = unsafe { bpf_probe_read_kernel((task + off) as *const i32) }.unwrap_or(0);
-    proc_event(EventKind::Exit, pid_tgid, code, None);
+    proc_event(EventKind::Exit, pid_tgid, code, None, None);
     0
 }
