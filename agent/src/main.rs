@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // One thread: the pipeline and the exporter hand spans to each other without
     // cross-thread wake-ups; blocking file writes go to tokio's blocking pool.
