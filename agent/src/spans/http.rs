@@ -52,6 +52,10 @@ pub fn http_span(
         attrs.push(KeyValue::new(semconv::URL_QUERY, query));
     }
     attrs.push(KeyValue::new(semconv::URL_SCHEME, target.scheme));
+    if tls {
+        // The plaintext came from a TLS library's read or write: the session was up.
+        attrs.push(KeyValue::new(semconv::TLS_ESTABLISHED, true));
+    }
     if let Some(route) = &route {
         attrs.push(KeyValue::new(semconv::HTTP_ROUTE, route.as_str()));
     }
