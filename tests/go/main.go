@@ -1,0 +1,328 @@
+// Command sonde-go-clients holds the Go programs of sonde's integration tests, one
+// per subcommand, so the agent sees real Go crypto/tls and amqp091-go traffic:
+//
+//	tls-server -cert C -key K                 HTTPS server (HTTP/1.1 only) on 127.0.0.1:0,
+//	                                          prints "PORT n" once listening
+//	tls-client -ca C -base URL REQ...         HTTPS client, one keep-alive connection;
+//	                                          REQ is GET:/path or POST:/path:SIZE
+//	amqp-consume -url U -exchange E -type T -queue Q:KEY... -count N -ack manual|auto
+//	amqp-publish -url U -exchange E -type T -rk K -count N -size B -confirm -id PREFIX
+//
+// The server's routes: GET /orders/{id} (JSON), GET /big?size=N (N bytes), POST
+// /upload (answers {"received":N}), GET /missing (404), GET /boom (500).
+// Clients print one JSON object on stdout when done.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fail("usage: sonde-go-clients tls-server|tls-client|amqp-publish|amqp-consume ...")
+	}
+	args := os.Args[2:]
+	switch os.Args[1] {
+	case "tls-server":
+		tlsServer(args)
+	case "tls-client":
+		tlsClient(args)
+	case "amqp-publish":
+		amqpPublish(args)
+	case "amqp-consume":
+		amqpConsume(args)
+	default:
+		fail("unknown subcommand " + os.Args[1])
+	}
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, msg)
+	os.Exit(2)
+}
+
+func check(err error, what string) {
+	if err != nil {
+		fail(what + ": " + err.Error())
+	}
+}
+
+func printJSON(v any) {
+	b, err := json.Marshal(v)
+	check(err, "json")
+	os.Stdout.Write(append(b, '\n'))
+}
+
+// ---------------------------------------------------------------- HTTPS
+
+// noH2 turns HTTP/2 off on both sides: sonde parses HTTP/1.x only.
+func noH2Server() map[string]func(*http.Server, *tls.Conn, http.Handler) {
+	return map[string]func(*http.Server, *tls.Conn, http.Handler){}
+}
+
+func tlsServer(args []string) {
+	fs := flag.NewFlagSet("tls-server", flag.ExitOnError)
+	cert := fs.String("cert", "", "certificate (PEM)")
+	key := fs.String("key", "", "private key (PEM)")
+	fs.Parse(args)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /orders/{id}", func(w http.ResponseWriter, r *http.Request) {
+		body := []byte(fmt.Sprintf(`{"order_id":%q,"status":"created"}`, r.PathValue("id")))
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Write(body)
+	})
+	mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
+		n, err := strconv.Atoi(r.URL.Query().Get("size"))
+		if err != nil || n < 0 {
+			http.Error(w, "bad size", http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.Itoa(n))
+		w.Write(bytes.Repeat([]byte{'b'}, n))
+	})
+	mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
+		n, err := io.Copy(io.Discard, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		body := []byte(fmt.Sprintf(`{"received":%d}`, n))
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Write(body)
+	})
+	mux.HandleFunc("GET /missing", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "not found", http.StatusNotFound)
+	})
+	mux.HandleFunc("GET /boom", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "boom", http.StatusInternalServerError)
+	})
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err, "listen")
+	srv := &http.Server{Handler: mux, TLSNextProto: noH2Server(), ReadHeaderTimeout: 30 * time.Second}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	os.Stdout.Sync()
+	check(srv.ServeTLS(ln, *cert, *key), "serve")
+}
+
+func tlsClient(args []string) {
+	fs := flag.NewFlagSet("tls-client", flag.ExitOnError)
+	ca := fs.String("ca", "", "CA certificate (PEM)")
+	base := fs.String("base", "", "https://127.0.0.1:PORT")
+	fs.Parse(args)
+
+	pem, err := os.ReadFile(*ca)
+	check(err, "read CA")
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		fail("no certificate in " + *ca)
+	}
+	tr := &http.Transport{
+		TLSClientConfig:     &tls.Config{RootCAs: pool},
+		TLSNextProto:        map[string]func(string, *tls.Conn) http.RoundTripper{},
+		ForceAttemptHTTP2:   false,
+		MaxIdleConnsPerHost: 1,
+		DisableCompression:  true,
+	}
+	client := &http.Client{Transport: tr, Timeout: 120 * time.Second}
+
+	type result struct {
+		Method string `json:"method"`
+		Path   string `json:"path"`
+		Status int    `json:"status"`
+		Len    int    `json:"len"`
+		Reused bool   `json:"reused"`
+		Proto  string `json:"proto"`
+	}
+	var out []result
+	conns := 0
+	for _, spec := range fs.Args() {
+		parts := strings.SplitN(spec, ":", 3)
+		method, path := parts[0], parts[1]
+		var body io.Reader
+		var size int64
+		if method == "POST" {
+			n, err := strconv.Atoi(parts[2])
+			check(err, "size")
+			size = int64(n)
+			body = bytes.NewReader(bytes.Repeat([]byte{'p'}, n))
+		}
+		req, err := http.NewRequest(method, *base+path, body)
+		check(err, "request")
+		req.Header.Set("User-Agent", "sonde-test-go/1.0")
+		if body != nil {
+			req.ContentLength = size
+			req.Header.Set("Content-Type", "application/octet-stream")
+		}
+		reused := false
+		trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
+			reused = i.Reused
+			if !i.Reused {
+				conns++
+			}
+		}}
+		req = req.WithContext(httptrace.WithClientTrace(context.Background(), trace))
+		resp, err := client.Do(req)
+		check(err, spec)
+		b, err := io.ReadAll(resp.Body)
+		check(err, "read body")
+		resp.Body.Close()
+		out = append(out, result{method, path, resp.StatusCode, len(b), reused, resp.Proto})
+	}
+	tr.CloseIdleConnections()
+	printJSON(map[string]any{"responses": out, "connections": conns})
+}
+
+// ---------------------------------------------------------------- AMQP
+
+type queueSpec struct{ name, key string }
+
+type queueList []queueSpec
+
+func (q *queueList) String() string { return fmt.Sprint(*q) }
+func (q *queueList) Set(v string) error {
+	name, key, _ := strings.Cut(v, ":")
+	*q = append(*q, queueSpec{name, key})
+	return nil
+}
+
+func amqpConsume(args []string) {
+	fs := flag.NewFlagSet("amqp-consume", flag.ExitOnError)
+	url := fs.String("url", "", "amqp://user:pass@host:port/")
+	exchange := fs.String("exchange", "", "exchange to declare and bind to")
+	kind := fs.String("type", "direct", "exchange type")
+	var queues queueList
+	fs.Var(&queues, "queue", "QUEUE:BINDING_KEY (repeatable)")
+	count := fs.Int("count", 1, "deliveries to settle before exiting")
+	ack := fs.String("ack", "manual", "manual or auto")
+	fs.Parse(args)
+
+	conn, err := amqp.Dial(*url)
+	check(err, "dial")
+	ch, err := conn.Channel()
+	check(err, "channel")
+	if *exchange != "" {
+		check(ch.ExchangeDeclare(*exchange, *kind, false, false, false, false, nil), "exchange.declare")
+	}
+	type got struct {
+		Queue       string `json:"queue"`
+		RoutingKey  string `json:"routing_key"`
+		Size        int    `json:"size"`
+		Redelivered bool   `json:"redelivered"`
+		Tag         uint64 `json:"delivery_tag"`
+		MessageID   string `json:"message_id"`
+	}
+	deliveries := make(chan got, 1024)
+	autoAck := *ack == "auto"
+	for _, q := range queues {
+		_, err := ch.QueueDeclare(q.name, false, false, false, false, nil)
+		check(err, "queue.declare")
+		if *exchange != "" {
+			check(ch.QueueBind(q.name, q.key, *exchange, false, nil), "queue.bind")
+		}
+		msgs, err := ch.Consume(q.name, "", autoAck, false, false, false, nil)
+		check(err, "basic.consume")
+		go func(queue string, msgs <-chan amqp.Delivery) {
+			for d := range msgs {
+				if !autoAck {
+					check(d.Ack(false), "basic.ack")
+				}
+				deliveries <- got{queue, d.RoutingKey, len(d.Body), d.Redelivered, d.DeliveryTag, d.MessageId}
+			}
+		}(q.name, msgs)
+	}
+	fmt.Println("READY")
+	os.Stdout.Sync()
+	var received []got
+	timeout := time.After(60 * time.Second)
+	for len(received) < *count {
+		select {
+		case d := <-deliveries:
+			received = append(received, d)
+		case <-timeout:
+			fail(fmt.Sprintf("timed out with %d of %d deliveries", len(received), *count))
+		}
+	}
+	check(ch.Close(), "channel.close")
+	check(conn.Close(), "connection.close")
+	printJSON(map[string]any{"received": received})
+}
+
+func amqpPublish(args []string) {
+	fs := flag.NewFlagSet("amqp-publish", flag.ExitOnError)
+	url := fs.String("url", "", "amqp://user:pass@host:port/")
+	exchange := fs.String("exchange", "", "exchange")
+	kind := fs.String("type", "direct", "exchange type (declared when -exchange is set)")
+	rk := fs.String("rk", "", "routing key")
+	count := fs.Int("count", 1, "messages")
+	size := fs.Int("size", 64, "body size")
+	confirm := fs.Bool("confirm", false, "publisher confirms")
+	id := fs.String("id", "go", "message id prefix")
+	fs.Parse(args)
+
+	conn, err := amqp.Dial(*url)
+	check(err, "dial")
+	ch, err := conn.Channel()
+	check(err, "channel")
+	if *exchange != "" {
+		check(ch.ExchangeDeclare(*exchange, *kind, false, false, false, false, nil), "exchange.declare")
+	}
+	if *confirm {
+		check(ch.Confirm(false), "confirm.select")
+	}
+	acked := 0
+	for i := 1; i <= *count; i++ {
+		body := messageBody(i, *size)
+		msg := amqp.Publishing{
+			ContentType:   "application/json",
+			MessageId:     fmt.Sprintf("%s-%d", *id, i),
+			CorrelationId: fmt.Sprintf("order-%d", i),
+			Body:          body,
+		}
+		if *confirm {
+			dc, err := ch.PublishWithDeferredConfirmWithContext(context.Background(), *exchange, *rk, false, false, msg)
+			check(err, "basic.publish")
+			ok, err := dc.WaitContext(context.Background())
+			check(err, "confirm")
+			if ok {
+				acked++
+			}
+		} else {
+			check(ch.PublishWithContext(context.Background(), *exchange, *rk, false, false, msg), "basic.publish")
+		}
+	}
+	check(ch.Close(), "channel.close")
+	check(conn.Close(), "connection.close")
+	printJSON(map[string]any{"published": *count, "acked": acked})
+}
+
+// messageBody is a JSON object of exactly size bytes (at least its minimum length).
+func messageBody(i, size int) []byte {
+	head := fmt.Sprintf(`{"order_id":%d,"pad":"`, i)
+	tail := `"}`
+	pad := size - len(head) - len(tail)
+	if pad < 0 {
+		pad = 0
+	}
+	return []byte(head + strings.Repeat("x", pad) + tail)
+}
