@@ -48,7 +48,7 @@ if [ -x "$bin" ] && [ -f "$gostamp" ] && [ "$(cat "$gostamp")" = "$gowant" ]; th
   log "Go test program: present ($bin)"
 else
   log "Go test program: building $bin"
-  (cd "$GO_DIR" && go build -trimpath -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
+  (cd "$GO_DIR" && go build -trimpath -buildvcs=false -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
   echo "$gowant" > "$gostamp"
 fi
 log "done"
