@@ -15,8 +15,25 @@
 //! span with a `traceparent` of its own keeps it (rule 1), unless the publish carried
 //! the same one: then it links to the producer span, which is a child of that same
 //! parent. Linking also sets how long the message waited in the broker
-//! ([`crate::spans::amqp::BROKER_WAIT_MS`]). Memory is bounded by `max_entries`
-//! producers and as many waiting consumer spans; past that the oldest go.
+//! ([`crate::spans::amqp::BROKER_WAIT_MS`]).
+//!
+//! The broker's view, when the broker process is traced too: its span of a publish it
+//! received (kind `SERVER`, see [`crate::spans::amqp`]) is held here for `hold` while
+//! the deliveries the broker sends for the same message ([`MessageLinker::offer_dispatch`],
+//! from [`AmqpOperation::Dispatch`]) are counted on it, one per queue as for consumer
+//! spans (a redelivery counts on the route already delivered to its queue). Then it
+//! leaves: the child of the producer span of the same message (identical messages in
+//! order, one broker span per publish; a new trace, or the message's `traceparent`,
+//! when the publisher is not traced), ending at the last delivery sent, with
+//! [`QUEUES`] and [`DELIVERIES`]. A fan-out is one producer span, one broker span
+//! listing its queues, and one consumer span per queue, the consumer spans children of
+//! the producer span as without the broker. Deliveries sent more than `hold` after the
+//! broker's publish completed (a message that waited in a queue for a consumer) are
+//! not on the broker span; a delivery whose publish the broker span has not seen yet waits `hold` for it.
+//!
+//! Memory is bounded by `max_entries` producers, as many waiting consumer spans, as
+//! many held broker spans and as many waiting deliveries; past that the oldest go
+//! (a broker span leaves early, a delivery is forgotten).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -26,7 +43,10 @@ use std::{
 
 use crate::{
     protocols::amqp::{AmqpOperation, Message},
-    spans::{KeyValue, Span, SpanId, SpanKind, TraceId, Value, amqp::BROKER_WAIT_MS},
+    spans::{
+        KeyValue, Span, SpanId, SpanKind, TraceId, Value,
+        amqp::{BROKER_WAIT_MS, DELIVERIES, QUEUES},
+    },
 };
 
 /// Body octets digested into a key: short enough that both sides usually captured them.
@@ -52,7 +72,7 @@ impl MessageKey {
     pub fn of(op: &AmqpOperation) -> Option<Self> {
         match op {
             AmqpOperation::Publish(p) => Some(Self::new(&p.message, None, false)),
-            AmqpOperation::Delivery(d) => {
+            AmqpOperation::Delivery(d) | AmqpOperation::Dispatch(d) => {
                 Some(Self::new(&d.message, d.queue.clone(), d.redelivered))
             }
             _ => None,
@@ -119,12 +139,33 @@ struct Producer {
     start_unix_nanos: u64,
     /// Queues whose delivery already linked to it.
     matched: Vec<Option<String>>,
+    /// A broker span took it as its parent.
+    routed: bool,
     deadline_ns: u64,
 }
 
 struct Waiting {
     span: Span,
     key: MessageKey,
+    deadline_ns: u64,
+}
+
+/// A broker span held while the broker's deliveries of its message are counted.
+struct Route {
+    span: Span,
+    key: MessageKey,
+    /// Queues delivered from (`None`: a consumer whose queue is unknown), for matching.
+    queues: Vec<Option<String>>,
+    deliveries: u64,
+    /// When the last delivery was sent (Unix ns).
+    last_sent_unix_nanos: u64,
+    deadline_ns: u64,
+}
+
+/// A delivery the broker sent before its broker span was seen.
+struct Dispatched {
+    key: MessageKey,
+    sent_unix_nanos: u64,
     deadline_ns: u64,
 }
 
@@ -137,6 +178,11 @@ pub struct MessageLinker {
     producers_by_fp: HashMap<u64, VecDeque<u64>>,
     waiting: BTreeMap<u64, Waiting>,
     waiting_by_fp: HashMap<u64, VecDeque<u64>>,
+    /// Broker spans held, and deliveries waiting for theirs, likewise.
+    routes: BTreeMap<u64, Route>,
+    routes_by_fp: HashMap<u64, VecDeque<u64>>,
+    dispatched: BTreeMap<u64, Dispatched>,
+    dispatched_by_fp: HashMap<u64, VecDeque<u64>>,
     next_seq: u64,
 }
 
@@ -150,13 +196,18 @@ impl MessageLinker {
             producers_by_fp: HashMap::new(),
             waiting: BTreeMap::new(),
             waiting_by_fp: HashMap::new(),
+            routes: BTreeMap::new(),
+            routes_by_fp: HashMap::new(),
+            dispatched: BTreeMap::new(),
+            dispatched_by_fp: HashMap::new(),
             next_seq: 0,
         }
     }
 
     /// Offers a finished RabbitMQ span with the key of its message. Returns the spans
     /// ready to go on: a producer span at once, with any consumer spans that waited for
-    /// it, linked; a consumer span once linked (or later, from `expire`).
+    /// it, linked; a consumer span once linked (or later, from `expire`); a broker span
+    /// (kind `SERVER`) later, from `expire`.
     pub fn offer(&mut self, span: Span, key: MessageKey, now_ns: u64) -> Vec<Span> {
         let mut out = Vec::new();
         match span.kind {
@@ -175,6 +226,7 @@ impl MessageLinker {
                     parent: span.parent_span_id,
                     start_unix_nanos: span.start_unix_nanos,
                     matched: Vec::new(),
+                    routed: false,
                     deadline_ns: now_ns.saturating_add(self.remember_ns),
                 };
                 out.push(span);
@@ -250,35 +302,197 @@ impl MessageLinker {
                     );
                 }
             }
+            SpanKind::Server => {
+                if self.routes.len() >= self.max_entries
+                    && let Some((&oldest, _)) = self.routes.first_key_value()
+                {
+                    out.extend(self.finish_route(oldest));
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let fp = key.fingerprint;
+                let mut route = Route {
+                    last_sent_unix_nanos: span.end_unix_nanos,
+                    span,
+                    key,
+                    queues: Vec::new(),
+                    deliveries: 0,
+                    deadline_ns: now_ns.saturating_add(self.hold_ns),
+                };
+                // Deliveries sent before this span arrived, oldest first, one per queue.
+                let candidates: Vec<u64> = self
+                    .dispatched_by_fp
+                    .get(&fp)
+                    .map(|q| q.iter().copied().collect())
+                    .unwrap_or_default();
+                for dseq in candidates {
+                    let Some(d) = self.dispatched.get(&dseq) else {
+                        continue;
+                    };
+                    if !route.key.same_message(&d.key)
+                        || (route.queues.contains(&d.key.queue) && !d.key.redelivered)
+                    {
+                        continue;
+                    }
+                    let d = self.remove_dispatched(dseq).expect("present above");
+                    route.add(d.key.queue, d.sent_unix_nanos);
+                }
+                self.routes.insert(seq, route);
+                self.routes_by_fp.entry(fp).or_default().push_back(seq);
+            }
             _ => out.push(span),
         }
         out
     }
 
-    /// Consumer spans whose wait is over; forgets producers past their time.
+    /// Offers a delivery the broker sent (`key` of an [`AmqpOperation::Dispatch`], sent
+    /// at `sent_unix_nanos`): counted on the broker span of its message, or kept for
+    /// `hold` until that span arrives.
+    pub fn offer_dispatch(&mut self, key: MessageKey, sent_unix_nanos: u64, now_ns: u64) {
+        let candidates = self.routes_by_fp.get(&key.fingerprint);
+        let first = |already: bool| {
+            candidates.and_then(|q| {
+                q.iter().copied().find(|seq| {
+                    self.routes.get(seq).is_some_and(|r| {
+                        r.key.same_message(&key) && r.queues.contains(&key.queue) == already
+                    })
+                })
+            })
+        };
+        let found = if key.redelivered {
+            first(true).or_else(|| first(false))
+        } else {
+            first(false)
+        };
+        if let Some(seq) = found {
+            let route = self.routes.get_mut(&seq).expect("found above");
+            route.add(key.queue, sent_unix_nanos);
+            return;
+        }
+        if self.dispatched.len() >= self.max_entries
+            && let Some((&oldest, _)) = self.dispatched.first_key_value()
+        {
+            self.remove_dispatched(oldest);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.dispatched_by_fp
+            .entry(key.fingerprint)
+            .or_default()
+            .push_back(seq);
+        self.dispatched.insert(
+            seq,
+            Dispatched {
+                key,
+                sent_unix_nanos,
+                deadline_ns: now_ns.saturating_add(self.hold_ns),
+            },
+        );
+    }
+
+    /// Consumer spans whose wait is over and broker spans whose time is up; forgets
+    /// producers and deliveries past their time.
     pub fn expire(&mut self, now_ns: u64) -> Vec<Span> {
+        let routes: Vec<u64> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.deadline_ns <= now_ns)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut out: Vec<Span> = routes
+            .into_iter()
+            .filter_map(|s| self.finish_route(s))
+            .collect();
         self.expire_producers(now_ns);
+        let dispatched: Vec<u64> = self
+            .dispatched
+            .iter()
+            .filter(|(_, d)| d.deadline_ns <= now_ns)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in dispatched {
+            self.remove_dispatched(seq);
+        }
         let due: Vec<u64> = self
             .waiting
             .iter()
             .filter(|(_, w)| w.deadline_ns <= now_ns)
             .map(|(s, _)| *s)
             .collect();
-        due.into_iter()
-            .filter_map(|s| self.remove_waiting(s))
-            .map(|w| w.span)
-            .collect()
+        out.extend(
+            due.into_iter()
+                .filter_map(|s| self.remove_waiting(s))
+                .map(|w| w.span),
+        );
+        out
     }
 
     /// Everything still waiting (at shutdown).
     pub fn drain(&mut self) -> Vec<Span> {
+        let routes: Vec<u64> = self.routes.keys().copied().collect();
+        let mut out: Vec<Span> = routes
+            .into_iter()
+            .filter_map(|s| self.finish_route(s))
+            .collect();
         self.producers.clear();
         self.producers_by_fp.clear();
         self.waiting_by_fp.clear();
-        std::mem::take(&mut self.waiting)
-            .into_values()
-            .map(|w| w.span)
-            .collect()
+        self.dispatched.clear();
+        self.dispatched_by_fp.clear();
+        out.extend(
+            std::mem::take(&mut self.waiting)
+                .into_values()
+                .map(|w| w.span),
+        );
+        out
+    }
+
+    /// Broker spans held for their deliveries.
+    pub fn routes_len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Broker deliveries waiting for their broker span.
+    pub fn dispatched_len(&self) -> usize {
+        self.dispatched.len()
+    }
+
+    /// The broker span `seq`, completed: parent, deliveries, queues, end.
+    fn finish_route(&mut self, seq: u64) -> Option<Span> {
+        let mut route = self.routes.remove(&seq)?;
+        remove_seq(&mut self.routes_by_fp, route.key.fingerprint, seq);
+        let producer = self
+            .producers_by_fp
+            .get(&route.key.fingerprint)
+            .and_then(|q| {
+                q.iter().copied().find(|s| {
+                    self.producers
+                        .get(s)
+                        .is_some_and(|p| !p.routed && p.key.same_message(&route.key))
+                })
+            });
+        let span = &mut route.span;
+        if let Some(p) = producer.and_then(|s| self.producers.get_mut(&s)) {
+            p.routed = true;
+            span.trace_id = p.trace_id;
+            span.parent_span_id = Some(p.span_id);
+        }
+        span.end_unix_nanos = span.end_unix_nanos.max(route.last_sent_unix_nanos);
+        span.attributes
+            .retain(|kv| kv.key != DELIVERIES && kv.key != QUEUES);
+        let queues: Vec<String> = route.queues.into_iter().flatten().collect();
+        if !queues.is_empty() {
+            span.attributes.push(KeyValue::new(QUEUES, queues));
+        }
+        span.attributes
+            .push(KeyValue::new(DELIVERIES, route.deliveries));
+        Some(route.span)
+    }
+
+    fn remove_dispatched(&mut self, seq: u64) -> Option<Dispatched> {
+        let d = self.dispatched.remove(&seq)?;
+        remove_seq(&mut self.dispatched_by_fp, d.key.fingerprint, seq);
+        Some(d)
     }
 
     /// Consumer spans waiting for their producer.
@@ -329,6 +543,27 @@ impl MessageLinker {
             .collect();
         for seq in due {
             self.remove_producer(seq);
+        }
+    }
+}
+
+impl Route {
+    /// One more delivery of the message, from `queue`, sent at `sent_unix_nanos`.
+    fn add(&mut self, queue: Option<String>, sent_unix_nanos: u64) {
+        if self.queues.len() < MAX_QUEUES_PER_PUBLISH && !self.queues.contains(&queue) {
+            self.queues.push(queue);
+        }
+        self.deliveries += 1;
+        self.last_sent_unix_nanos = self.last_sent_unix_nanos.max(sent_unix_nanos);
+    }
+}
+
+/// Removes `seq` from the queue of sequence numbers under `fp`.
+fn remove_seq(index: &mut HashMap<u64, VecDeque<u64>>, fp: u64, seq: u64) {
+    if let Some(q) = index.get_mut(&fp) {
+        q.retain(|s| *s != seq);
+        if q.is_empty() {
+            index.remove(&fp);
         }
     }
 }
@@ -588,6 +823,150 @@ mod tests {
             (out[0].trace_id, out[0].parent_span_id),
             (upstream.0, Some(producer_id))
         );
+    }
+
+    fn dispatch_key(m: Message, queue: &str, redelivered: bool) -> MessageKey {
+        let mut k = delivery_key(m, queue);
+        k.redelivered = redelivered;
+        k
+    }
+
+    fn queues_of(s: &Span) -> Option<Vec<String>> {
+        match s.attribute(QUEUES) {
+            Some(Value::StrArray(q)) => Some(q.clone()),
+            None => None,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn broker_span_lists_the_queues_of_a_fan_out_under_the_producer() {
+        let mut l = linker();
+        let hold = 2_000_000_000;
+        let p = span(SpanKind::Producer, 1_000);
+        let route = span(SpanKind::Server, 1_100);
+        let (producer_id, trace, route_id) = (p.span_id, p.trace_id, route.span_id);
+        let m = || message("fan", b"x");
+        assert_eq!(l.offer(p, publish_key(m()), 0).len(), 1);
+        assert!(
+            l.offer(route, publish_key(m()), 10).is_empty(),
+            "held for its deliveries"
+        );
+        l.offer_dispatch(dispatch_key(m(), "crm", false), 1_500, 20);
+        l.offer_dispatch(dispatch_key(m(), "audit", false), 1_900, 30);
+        // The consumer spans still link to the producer span.
+        for q in ["crm", "audit"] {
+            let out = l.offer(span(SpanKind::Consumer, 2_000), delivery_key(m(), q), 40);
+            assert_eq!(out[0].parent_span_id, Some(producer_id));
+        }
+        assert!(l.expire(hold).is_empty(), "held for `hold` after its offer");
+        let out = l.expire(hold + 10);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.span_id, route_id);
+        assert_eq!((r.trace_id, r.parent_span_id), (trace, Some(producer_id)));
+        assert_eq!(r.end_unix_nanos, 1_900, "ends at the last delivery sent");
+        assert_eq!(
+            queues_of(r),
+            Some(vec!["crm".to_owned(), "audit".to_owned()])
+        );
+        assert_eq!(r.attribute(DELIVERIES), Some(&Value::Int(2)));
+        assert_eq!((l.routes_len(), l.dispatched_len()), (0, 0));
+    }
+
+    #[test]
+    fn broker_span_takes_deliveries_sent_before_it_and_a_producer_seen_after_it() {
+        let mut l = linker();
+        let m = || message("early", b"x");
+        l.offer_dispatch(dispatch_key(m(), "crm", false), 500, 0);
+        assert_eq!(l.dispatched_len(), 1);
+        l.offer(span(SpanKind::Server, 100), publish_key(m()), 1);
+        assert_eq!(l.dispatched_len(), 0);
+        let p = span(SpanKind::Producer, 50);
+        let producer = (p.trace_id, p.span_id);
+        l.offer(p, publish_key(m()), 2);
+        let out = l.drain();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].trace_id, out[0].parent_span_id),
+            (producer.0, Some(producer.1))
+        );
+        assert_eq!(out[0].end_unix_nanos, 500);
+        assert_eq!(queues_of(&out[0]), Some(vec!["crm".to_owned()]));
+    }
+
+    #[test]
+    fn identical_messages_give_one_broker_span_each_in_order() {
+        let mut l = linker();
+        let m = || message("same", b"x");
+        let (p1, p2) = (span(SpanKind::Producer, 1), span(SpanKind::Producer, 2));
+        let (id1, id2) = (p1.span_id, p2.span_id);
+        l.offer(p1, publish_key(m()), 0);
+        l.offer(p2, publish_key(m()), 0);
+        let (r1, r2) = (span(SpanKind::Server, 3), span(SpanKind::Server, 4));
+        let (rid1, rid2) = (r1.span_id, r2.span_id);
+        l.offer(r1, publish_key(m()), 0);
+        l.offer(r2, publish_key(m()), 0);
+        for (q, at) in [("crm", 10), ("audit", 11), ("crm", 12), ("audit", 13)] {
+            l.offer_dispatch(dispatch_key(m(), q, false), at, 0);
+        }
+        // A redelivery to crm counts on the first route delivered to crm.
+        l.offer_dispatch(dispatch_key(m(), "crm", true), 20, 0);
+        let mut out = l.expire(u64::MAX);
+        out.sort_by_key(|s| s.start_unix_nanos);
+        let got: Vec<_> = out
+            .iter()
+            .map(|s| {
+                (
+                    s.span_id,
+                    s.parent_span_id,
+                    s.attribute(DELIVERIES).cloned(),
+                    s.end_unix_nanos,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (rid1, Some(id1), Some(Value::Int(3)), 20),
+                (rid2, Some(id2), Some(Value::Int(2)), 13),
+            ]
+        );
+    }
+
+    #[test]
+    fn broker_span_without_a_traced_publisher_and_late_deliveries() {
+        let mut l = MessageLinker::new(Duration::from_nanos(100), Duration::from_nanos(1000), 2);
+        let r = span(SpanKind::Server, 1);
+        let own = (r.trace_id, r.parent_span_id);
+        l.offer(r, publish_key(message("alone", b"x")), 0);
+        let out = l.expire(100);
+        assert_eq!((out[0].trace_id, out[0].parent_span_id), own);
+        assert_eq!(out[0].attribute(DELIVERIES), Some(&Value::Int(0)));
+        assert_eq!(queues_of(&out[0]), None);
+        // A delivery long after its broker span left waits, then is forgotten.
+        l.offer_dispatch(dispatch_key(message("alone", b"x"), "q", false), 5, 150);
+        assert_eq!(l.dispatched_len(), 1);
+        assert!(l.expire(250).is_empty());
+        assert_eq!(l.dispatched_len(), 0);
+        // Bounds: a third held broker span sends the oldest out early; a third waiting
+        // delivery forgets the oldest.
+        for i in 0..3 {
+            let out = l.offer(
+                span(SpanKind::Server, 1),
+                publish_key(message(&format!("r{i}"), b"x")),
+                300,
+            );
+            assert_eq!(out.len(), usize::from(i == 2));
+            l.offer_dispatch(
+                dispatch_key(message(&format!("d{i}"), b"x"), "q", false),
+                1,
+                300,
+            );
+        }
+        assert_eq!((l.routes_len(), l.dispatched_len()), (2, 2));
+        assert_eq!(l.drain().len(), 2);
+        assert_eq!((l.routes_len(), l.dispatched_len()), (0, 0));
     }
 
     #[test]

@@ -415,6 +415,15 @@ impl Pipeline {
         resource: Arc<Resource>,
         now_ns: u64,
     ) {
+        if let AmqpOperation::Dispatch(d) = op {
+            // The broker sent a delivery: counted on its broker span, makes none itself.
+            if let Some(key) = MessageKey::of(op) {
+                let sent = (i128::from(d.end_ns) + self.mono_to_unix_ns)
+                    .clamp(0, i128::from(u64::MAX)) as u64;
+                self.messages.offer_dispatch(key, sent, now_ns);
+            }
+            return;
+        }
         let Some(span) = amqp_span(op, info, resource, self.mono_to_unix_ns) else {
             return;
         };

@@ -1,8 +1,14 @@
 //! Real RabbitMQ captures (agent/tests/fixtures/amqp/<case>.pcap, taken with tcpdump on
 //! loopback while capture.py drove pika against a local broker) replayed through the
 //! AMQP parser, the span builder and the message linker; the operations and spans
-//! must match <case>.expected. Set UPDATE_EXPECT=1 to rewrite the expected files after
-//! a deliberate change, and review the diff.
+//! must match <case>.expected. A loopback capture holds both ends of each connection,
+//! so each is parsed twice: as the client (pika) saw it and as the broker did, which
+//! gives the broker's spans too. Set UPDATE_EXPECT=1 to rewrite the expected files
+//! after a deliberate change, and review the diff.
+//!
+//! `sonde replay` over the same captures (each end of a connection a process of its
+//! own, the broker end named after its listening address) must give the broker's view
+//! as well: see `replay_shows_the_broker_view`.
 //!
 //! The pcap reader here is test-only: loopback Ethernet, IPv4 or IPv6, TCP, no
 //! reordering; retransmitted bytes are dropped by sequence number.
@@ -17,7 +23,13 @@ use sonde::{
     conn::ConnInfo,
     context_amqp::{MessageKey, MessageLinker},
     protocols::amqp::{AmqpOperation, AmqpParser},
-    spans::{Resource, Span, SpanId, Status, amqp::amqp_span, hex},
+    replay::replay_file,
+    spans::{
+        Resource, Span, SpanId, SpanKind, Status, Value,
+        amqp::{DELIVERIES, QUEUES, amqp_span},
+        hex,
+    },
+    telemetry::Metrics,
 };
 
 /// One TCP connection's payload, per syscall-like segment, from the client's view.
@@ -135,12 +147,22 @@ fn tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u32, u8, &[u8])> {
 
 /// Parses one connection; `cap` octets of each segment are captured, the rest skipped.
 fn operations(conn: &Connection, cap: usize) -> Vec<AmqpOperation> {
+    parse(conn, cap, false)
+}
+
+/// Parses one connection as the client (`broker` false) or the broker saw it.
+fn parse(conn: &Connection, cap: usize, broker: bool) -> Vec<AmqpOperation> {
     let mut p = AmqpParser::new();
     let mut last = 0;
     for (dir, data, ts) in &conn.segments {
+        let dir = match (broker, *dir) {
+            (false, d) => d,
+            (true, Direction::Egress) => Direction::Ingress,
+            (true, Direction::Ingress) => Direction::Egress,
+        };
         let n = cap.min(data.len());
-        p.feed(*dir, &data[..n], *ts);
-        p.skip(*dir, (data.len() - n) as u64, *ts);
+        p.feed(dir, &data[..n], *ts);
+        p.skip(dir, (data.len() - n) as u64, *ts);
         last = *ts;
     }
     p.close(last);
@@ -158,41 +180,79 @@ fn resource(name: String) -> Arc<Resource> {
     })
 }
 
-/// The golden text of a capture: each connection's operations, then every span after
-/// linking, with parents written as the label of the span they point to.
+/// What the linker is offered, at the time the pipeline would offer it.
+enum Offer {
+    Span(String, Span, MessageKey),
+    /// A delivery the broker sent, and when.
+    Dispatch(MessageKey, u64),
+}
+
+/// The golden text of a capture: each connection's operations as the client and as the
+/// broker saw them, then every span after linking, with parents written as the label
+/// of the span they point to (`cN.M` client spans, `bN.M` the broker's).
 fn replay(case: &str) -> String {
     let conns = connections(case);
     let mut text = String::new();
-    let mut spans: Vec<(String, Span, MessageKey)> = Vec::new();
+    let mut offers: Vec<(u64, Offer)> = Vec::new();
+    // Span numbers, client and broker spans counted apart.
+    let mut numbers = [0usize; 2];
     for (i, conn) in conns.iter().enumerate() {
-        text.push_str(&format!("connection c{i}\n"));
-        let info = ConnInfo {
-            local: conn.client,
-            remote: conn.server,
-        };
-        for op in operations(conn, usize::MAX) {
-            text.push_str(&format!("  {op}\n"));
-            if let (Some(span), Some(key)) = (
-                amqp_span(&op, &info, resource(format!("c{i}")), 0),
-                MessageKey::of(&op),
-            ) {
-                spans.push((format!("c{i}.{}", spans.len()), span, key));
-            } else if let Some(span) = amqp_span(&op, &info, resource(format!("c{i}")), 0) {
-                text.push_str(&format!("  error span: {} {:?}\n", span.name, span.status));
+        for broker in [false, true] {
+            let (side, info) = if broker {
+                let info = ConnInfo {
+                    local: conn.server,
+                    remote: conn.client,
+                };
+                (format!("b{i}"), info)
+            } else {
+                let info = ConnInfo {
+                    local: conn.client,
+                    remote: conn.server,
+                };
+                (format!("c{i}"), info)
+            };
+            let view = if broker { " (broker)" } else { "" };
+            text.push_str(&format!("connection c{i}{view}\n"));
+            let service = if broker {
+                "broker".to_owned()
+            } else {
+                side.clone()
+            };
+            for op in parse(conn, usize::MAX, broker) {
+                text.push_str(&format!("  {op}\n"));
+                if let AmqpOperation::Dispatch(d) = &op {
+                    let key = MessageKey::of(&op).expect("a dispatch has a key");
+                    offers.push((d.end_ns, Offer::Dispatch(key, d.end_ns)));
+                } else if let (Some(span), Some(key)) = (
+                    amqp_span(&op, &info, resource(service.clone()), 0),
+                    MessageKey::of(&op),
+                ) {
+                    let n = &mut numbers[usize::from(broker)];
+                    let label = format!("{side}.{n}");
+                    *n += 1;
+                    offers.push((span.end_unix_nanos, Offer::Span(label, span, key)));
+                } else if let Some(span) = amqp_span(&op, &info, resource(service.clone()), 0) {
+                    text.push_str(&format!("  error span: {} {:?}\n", span.name, span.status));
+                }
             }
         }
     }
-    // Offer spans as the pipeline would: in the order they end.
-    spans.sort_by_key(|(_, s, _)| s.end_unix_nanos);
-    let labels: HashMap<SpanId, String> = spans
+    // Offer as the pipeline would: in the order the operations complete.
+    offers.sort_by_key(|(t, _)| *t);
+    let labels: HashMap<SpanId, String> = offers
         .iter()
-        .map(|(l, s, _)| (s.span_id, l.clone()))
+        .filter_map(|(_, o)| match o {
+            Offer::Span(l, s, _) => Some((s.span_id, l.clone())),
+            Offer::Dispatch(..) => None,
+        })
         .collect();
     let mut linker = MessageLinker::new(Duration::from_secs(5), Duration::from_secs(300), 1000);
     let mut out = Vec::new();
-    for (_, span, key) in spans {
-        let now = span.end_unix_nanos;
-        out.extend(linker.offer(span, key, now));
+    for (now, offer) in offers {
+        match offer {
+            Offer::Span(_, span, key) => out.extend(linker.offer(span, key, now)),
+            Offer::Dispatch(key, at) => linker.offer_dispatch(key, at, now),
+        }
     }
     out.extend(linker.drain());
     out.sort_by(|a, b| labels[&a.span_id].cmp(&labels[&b.span_id]));
@@ -334,6 +394,97 @@ fn any_read_boundary_gives_the_same_operations() {
                     .map(ToString::to_string)
                     .collect();
                 assert_eq!(got, expected, "segment {i} cut {cut}");
+            }
+        }
+    }
+}
+
+/// `sonde replay` runs the whole pipeline over a capture, with the broker end of each
+/// connection as a process of its own: the broker's spans come out beside the clients'.
+/// Each publish has exactly one broker span on the broker's service, the child of the
+/// producer span of the same message; the consumer spans stay children of the producer
+/// span. The fan-out's broker spans list both queues.
+#[test]
+fn replay_shows_the_broker_view() {
+    let str_attr = |s: &Span, key: &str| match s.attribute(key) {
+        Some(Value::Str(v)) => Some(v.clone()),
+        _ => None,
+    };
+    for case in [
+        "confirms_acks",
+        "nack_requeue",
+        "large_body",
+        "fanout",
+        "get_return_error",
+    ] {
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = spans.clone();
+        let outcome = replay_file(
+            &fixture(&format!("{case}.pcap")),
+            Arc::new(Metrics::default()),
+            Box::new(move |span| into.lock().unwrap().push(span)),
+        );
+        assert!(outcome.error.is_none(), "{case}: {:?}", outcome.error);
+        let spans: Vec<Span> = std::mem::take(&mut *spans.lock().unwrap());
+        let of =
+            |kind: SpanKind| -> Vec<&Span> { spans.iter().filter(|s| s.kind == kind).collect() };
+        let (producers, brokers, consumers) = (
+            of(SpanKind::Producer),
+            of(SpanKind::Server),
+            of(SpanKind::Consumer),
+        );
+        let id = |s: &Span| str_attr(s, "messaging.message.id");
+        assert_eq!(
+            brokers.len(),
+            producers.len(),
+            "{case}: one broker span per publish"
+        );
+        for b in &brokers {
+            assert_eq!(b.resource.service_name, "127.0.0.1:5673", "{case}: {b:?}");
+            assert!(b.name.starts_with("route "), "{case}: {}", b.name);
+            let parent = producers
+                .iter()
+                .find(|p| Some(p.span_id) == b.parent_span_id)
+                .unwrap_or_else(|| panic!("{case}: broker span without its producer: {b:?}"));
+            assert_eq!((b.trace_id, id(b)), (parent.trace_id, id(parent)), "{case}");
+            assert!(b.end_unix_nanos >= b.start_unix_nanos);
+            // As many deliveries as the consumer spans of the message.
+            let delivered = consumers.iter().filter(|c| id(c) == id(b)).count();
+            let Some(Value::Int(n)) = b.attribute(DELIVERIES) else {
+                panic!("{case}: {b:?}")
+            };
+            assert_eq!(*n as usize, delivered, "{case}: deliveries of {:?}", id(b));
+        }
+        for c in &consumers {
+            let parent = producers
+                .iter()
+                .find(|p| Some(p.span_id) == c.parent_span_id)
+                .unwrap_or_else(|| panic!("{case}: consumer not under a producer: {c:?}"));
+            assert_eq!(id(c), id(parent), "{case}");
+        }
+        if case == "fanout" {
+            assert_eq!(brokers.len(), 2);
+            for b in &brokers {
+                let Some(Value::StrArray(queues)) = b.attribute(QUEUES) else {
+                    panic!("{b:?}")
+                };
+                let mut queues = queues.clone();
+                queues.sort();
+                assert_eq!(queues, ["audit", "crm"]);
+                assert_eq!(b.name, "route events:order.status");
+                assert_eq!(
+                    str_attr(b, "messaging.rabbitmq.exchange").as_deref(),
+                    Some("events")
+                );
+                // It ends at the last delivery the broker sent: before the last
+                // consumer span of the message ends, after the publish started.
+                let last = consumers
+                    .iter()
+                    .filter(|c| id(c) == id(b))
+                    .map(|c| c.end_unix_nanos)
+                    .max()
+                    .unwrap();
+                assert!(b.end_unix_nanos <= last, "{b:?}");
             }
         }
     }

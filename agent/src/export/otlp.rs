@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
 use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span as ProtoSpan, Status as ProtoStatus,
@@ -147,6 +149,14 @@ fn to_proto_kv(attribute: &spans::KeyValue) -> KeyValue {
         Value::Int(i) => any_value::Value::IntValue(*i),
         Value::Bool(b) => any_value::Value::BoolValue(*b),
         Value::Double(d) => any_value::Value::DoubleValue(*d),
+        Value::StrArray(items) => any_value::Value::ArrayValue(ArrayValue {
+            values: items
+                .iter()
+                .map(|s| AnyValue {
+                    value: Some(string(s)),
+                })
+                .collect(),
+        }),
     };
     kv(attribute.key, value)
 }
@@ -199,6 +209,10 @@ mod tests {
                     key: "order.weight",
                     value: Value::Double(1.5),
                 },
+                SpanKv::new(
+                    "messaging.rabbitmq.queues",
+                    vec!["crm".to_owned(), "audit".to_owned()],
+                ),
             ],
             status: if n == 3 {
                 Status::Error("boom".to_owned())
@@ -310,6 +324,10 @@ mod tests {
         );
         assert_eq!(find(attrs, "order.present").unwrap()["boolValue"], true);
         assert_eq!(find(attrs, "order.weight").unwrap()["doubleValue"], 1.5);
+        assert_eq!(
+            find(attrs, "messaging.rabbitmq.queues").unwrap()["arrayValue"]["values"],
+            serde_json::json!([{"stringValue": "crm"}, {"stringValue": "audit"}])
+        );
 
         let client = &rs["scopeSpans"][0]["spans"][1];
         assert_eq!(client["kind"], 3, "SPAN_KIND_CLIENT");

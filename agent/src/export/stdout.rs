@@ -73,6 +73,19 @@ pub fn format_line(span: &Span) -> String {
 fn plain(value: &Value) -> String {
     match value {
         Value::Str(s) => quoted_if_needed(s),
+        Value::StrArray(items) => {
+            let items: Vec<String> = items
+                .iter()
+                .map(|s| {
+                    if s.contains([',', '[', ']']) {
+                        format!("{s:?}")
+                    } else {
+                        quoted_if_needed(s)
+                    }
+                })
+                .collect();
+            format!("[{}]", items.join(","))
+        }
         other => other.to_string(),
     }
 }
@@ -225,6 +238,20 @@ mod tests {
         let line = format_line(&s);
         assert!(
             line.contains(" PRODUCER shop-api[1234] order.created publish - 12.3ms "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn string_arrays_print_as_one_bracketed_value() {
+        let mut s = span();
+        s.attributes = vec![KeyValue::new(
+            "messaging.rabbitmq.queues",
+            vec!["crm".to_owned(), "a,b".to_owned(), "with space".to_owned()],
+        )];
+        let line = format_line(&s);
+        assert!(
+            line.ends_with(r#" messaging.rabbitmq.queues=[crm,"a,b","with space"]"#),
             "{line}"
         );
     }

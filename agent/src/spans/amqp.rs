@@ -20,8 +20,20 @@
 //!   other than 200 cut short. A consumer's nack or reject is an outcome, not an error.
 //! - A valid `traceparent` in the message headers gives the span its trace id and parent
 //!   (DESIGN.md rule 1).
-//! - Operations seen from the broker's side of a connection make no span: the client's
-//!   side already makes them when both run on this node.
+//! - The broker's view: when the traced process is the broker (RabbitMQ's `beam.smp`),
+//!   each publish it received is a **broker span** on the broker's service, kind
+//!   `SERVER`, named `route {destination}` (operation name `route`). `SERVER` because the
+//!   span covers the broker's handling of a request that came from a remote peer (the
+//!   publisher's basic.publish), and its parent is that peer's span: the conventions
+//!   reserve `INTERNAL` for operations without a remote parent or children, and
+//!   `PRODUCER`/`CONSUMER` for the clients of a messaging system (a `CONSUMER` broker
+//!   span would count as one more delivery in tools that count consumers).
+//!   `messaging.operation.type` is left out: none of its values (create, send, receive,
+//!   process, settle) is what a broker does when it routes. The message linker
+//!   (`crate::context_amqp`) completes it: parent (the producer span), end (the last
+//!   delivery the broker sent for the message), [`QUEUES`] and [`DELIVERIES`].
+//! - Other operations seen from the broker's side of a connection make no span: the
+//!   client's side already makes them when both run on this node.
 
 use std::sync::Arc;
 
@@ -44,9 +56,20 @@ pub const REDELIVERED: &str = "messaging.rabbitmq.redelivered";
 /// long the message waited in the broker. Set on consumer spans linked to their
 /// producer span (`crate::context_amqp`), whose clocks are the same node's.
 pub const BROKER_WAIT_MS: &str = "messaging.rabbitmq.broker_wait_ms";
+/// Broker span: the exchange the message was published to (`amq.default` for the
+/// default exchange, whose name is empty).
+pub const EXCHANGE: &str = "messaging.rabbitmq.exchange";
+/// Broker span: the queues the broker delivered the message from (a string array, in
+/// the order of their first delivery; queues of consumers older than the agent are
+/// unknown and left out).
+pub const QUEUES: &str = "messaging.rabbitmq.queues";
+/// Broker span: how many deliveries (basic.deliver, basic.get-ok) the broker sent for
+/// the message, redeliveries included.
+pub const DELIVERIES: &str = "messaging.rabbitmq.deliveries";
 
 /// The span of one operation, `None` for operations that make none (topology, the
-/// broker's side). `mono_to_unix_ns` is added to monotonic times to get Unix times.
+/// broker's side other than the publishes it received). `mono_to_unix_ns` is added to
+/// monotonic times to get Unix times.
 pub fn amqp_span(
     op: &AmqpOperation,
     conn: &ConnInfo,
@@ -57,6 +80,7 @@ pub fn amqp_span(
         AmqpOperation::Publish(p) if p.role == Role::Client => {
             Some(publish_span(p, conn, resource, mono_to_unix_ns))
         }
+        AmqpOperation::Publish(p) => Some(route_span(p, conn, resource, mono_to_unix_ns)),
         AmqpOperation::Delivery(d) if d.role == Role::Client => {
             Some(delivery_span(d, conn, resource, mono_to_unix_ns))
         }
@@ -243,6 +267,80 @@ fn publish_span(
         parent_span_id,
         name,
         kind: SpanKind::Producer,
+        start_unix_nanos,
+        end_unix_nanos: to_unix(p.end_ns, mono_to_unix_ns).max(start_unix_nanos),
+        attributes: attrs,
+        status,
+        resource,
+    }
+}
+
+/// The broker's span of a publish it received, before the message linker adds its
+/// parent, deliveries and end. `conn` is the broker's side of the publisher's
+/// connection.
+fn route_span(
+    p: &Publish,
+    conn: &ConnInfo,
+    resource: Arc<Resource>,
+    mono_to_unix_ns: i128,
+) -> Span {
+    let m = &p.message;
+    let destination = publish_destination(m);
+    let exchange = if m.exchange.is_empty() {
+        "amq.default"
+    } else {
+        m.exchange.as_str()
+    };
+    let mut attrs = vec![
+        KeyValue::new(semconv::MESSAGING_SYSTEM, "rabbitmq"),
+        KeyValue::new(semconv::MESSAGING_OPERATION_NAME, "route"),
+        KeyValue::new(semconv::MESSAGING_DESTINATION_NAME, destination.as_str()),
+        KeyValue::new(EXCHANGE, exchange),
+    ];
+    message_attributes(m, &mut attrs);
+    attrs.push(KeyValue::new(DELIVERIES, 0u64));
+    attrs.extend([
+        KeyValue::new(semconv::SERVER_ADDRESS, conn.local.ip().to_string()),
+        KeyValue::new(semconv::SERVER_PORT, conn.local.port()),
+        KeyValue::new(semconv::CLIENT_ADDRESS, conn.remote.ip().to_string()),
+        KeyValue::new(semconv::CLIENT_PORT, conn.remote.port()),
+        KeyValue::new(semconv::NETWORK_PEER_ADDRESS, conn.remote.ip().to_string()),
+        KeyValue::new(semconv::NETWORK_PEER_PORT, conn.remote.port()),
+        KeyValue::new(semconv::NETWORK_PROTOCOL_NAME, "amqp"),
+        KeyValue::new(semconv::NETWORK_PROTOCOL_VERSION, "0.9.1"),
+    ]);
+    let mut status = Status::Unset;
+    if let Some((code, text)) = &p.returned {
+        attrs.push(KeyValue::new(OUTCOME, "returned"));
+        attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type(*code)));
+        status = Status::Error(format!("{code} {text}"));
+    } else if let Some(confirmed) = p.confirmed {
+        attrs.push(KeyValue::new(
+            OUTCOME,
+            if confirmed { "ack" } else { "nack" },
+        ));
+        if !confirmed {
+            attrs.push(KeyValue::new(semconv::ERROR_TYPE, "nack"));
+            status =
+                Status::Error("the broker did not confirm the publish (basic.nack)".to_owned());
+        }
+    }
+    if let Some(reason) = &p.error {
+        status = close_status(reason, &mut attrs);
+    }
+    let (trace_id, parent_span_id) = trace_of(m);
+    let name = if is_anonymous(&m.routing_key) && m.exchange.is_empty() {
+        "route".to_owned()
+    } else {
+        format!("route {destination}")
+    };
+    let start_unix_nanos = to_unix(p.start_ns, mono_to_unix_ns);
+    Span {
+        trace_id,
+        span_id: new_span_id(),
+        parent_span_id,
+        name,
+        kind: SpanKind::Server,
         start_unix_nanos,
         end_unix_nanos: to_unix(p.end_ns, mono_to_unix_ns).max(start_unix_nanos),
         attributes: attrs,
@@ -593,10 +691,56 @@ mod tests {
     }
 
     #[test]
-    fn broker_side_and_topology_make_no_span() {
-        let mut p = publish(message("a", "b"));
+    fn broker_side_publish_is_a_server_route_span_on_the_broker() {
+        let mut p = publish(message("orders", "order.created"));
         p.role = Role::Server;
-        assert!(amqp_span(&AmqpOperation::Publish(p), &conn(), resource(), 0).is_none());
+        let broker = ConnInfo {
+            local: "10.0.0.9:5672".parse().unwrap(),
+            remote: "10.0.0.2:40000".parse().unwrap(),
+        };
+        let s = amqp_span(&AmqpOperation::Publish(p.clone()), &broker, resource(), 0).unwrap();
+        assert_eq!(s.name, "route orders:order.created");
+        assert_eq!(s.kind, SpanKind::Server);
+        assert_eq!((s.start_unix_nanos, s.end_unix_nanos), (1_000, 3_000));
+        for (key, want) in [
+            (semconv::MESSAGING_SYSTEM, Value::from("rabbitmq")),
+            (semconv::MESSAGING_OPERATION_NAME, Value::from("route")),
+            (
+                semconv::MESSAGING_DESTINATION_NAME,
+                Value::from("orders:order.created"),
+            ),
+            (EXCHANGE, Value::from("orders")),
+            (
+                semconv::MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY,
+                Value::from("order.created"),
+            ),
+            (semconv::MESSAGING_MESSAGE_ID, Value::from("m-1")),
+            (DELIVERIES, Value::Int(0)),
+            (semconv::SERVER_ADDRESS, Value::from("10.0.0.9")),
+            (semconv::SERVER_PORT, Value::Int(5672)),
+            (semconv::CLIENT_ADDRESS, Value::from("10.0.0.2")),
+            (semconv::CLIENT_PORT, Value::Int(40000)),
+            (OUTCOME, Value::from("ack")),
+        ] {
+            assert_eq!(attr(&s, key), Some(&want), "{key}");
+        }
+        assert_eq!(attr(&s, semconv::MESSAGING_OPERATION_TYPE), None);
+        assert_eq!(attr(&s, QUEUES), None, "the linker adds the queues");
+
+        p.message.exchange.clear();
+        p.returned = Some((312, "NO_ROUTE".into()));
+        let s = amqp_span(&AmqpOperation::Publish(p), &broker, resource(), 0).unwrap();
+        assert_eq!(s.name, "route order.created");
+        assert_eq!(attr(&s, EXCHANGE), Some(&Value::from("amq.default")));
+        assert_eq!(s.status, Status::Error("312 NO_ROUTE".into()));
+    }
+
+    #[test]
+    fn broker_side_deliveries_and_topology_make_no_span() {
+        let mut d = delivery(message("a", "b"), Some("q"));
+        d.role = Role::Server;
+        assert!(amqp_span(&AmqpOperation::Delivery(d.clone()), &conn(), resource(), 0).is_none());
+        assert!(amqp_span(&AmqpOperation::Dispatch(d), &conn(), resource(), 0).is_none());
         let op = AmqpOperation::Topology {
             role: Role::Client,
             channel: 1,

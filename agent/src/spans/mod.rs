@@ -41,6 +41,8 @@ pub enum Value {
     Int(i64),
     Bool(bool),
     Double(f64),
+    /// A homogeneous array of strings (OTLP `ArrayValue` of string values).
+    StrArray(Vec<String>),
 }
 
 impl From<&str> for Value {
@@ -73,6 +75,11 @@ impl From<u64> for Value {
         Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
     }
 }
+impl From<Vec<String>> for Value {
+    fn from(v: Vec<String>) -> Self {
+        Value::StrArray(v)
+    }
+}
 impl From<bool> for Value {
     fn from(v: bool) -> Self {
         Value::Bool(v)
@@ -86,6 +93,16 @@ impl std::fmt::Display for Value {
             Value::Int(i) => write!(f, "{i}"),
             Value::Bool(b) => write!(f, "{b}"),
             Value::Double(d) => write!(f, "{d}"),
+            Value::StrArray(items) => {
+                f.write_str("[")?;
+                for (i, s) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{s:?}")?;
+                }
+                f.write_str("]")
+            }
         }
     }
 }

@@ -254,10 +254,16 @@ pub enum Topology {
 ///   channel or connection closes (`outcome` `None`).
 /// - `ChannelError`, `ConnectionError`: a close with an error reply code (300 and up).
 /// - `Topology`: when declared (bound), or when the queue declaration was answered.
+/// - `Dispatch`: the broker's side only (the traced process is the broker): as soon as
+///   the content of a basic.deliver or basic.get-ok it sent is complete, without its
+///   outcome; the same delivery follows as a `Delivery` when settled. The broker's view
+///   of a message (`crate::context_amqp`) needs the time a message left the broker, not
+///   the time its consumer got round to acking it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AmqpOperation {
     Publish(Publish),
     Delivery(Delivery),
+    Dispatch(Delivery),
     ChannelError {
         role: Role,
         channel: u16,
@@ -358,14 +364,19 @@ impl std::fmt::Display for AmqpOperation {
                     write!(f, " error={e}")?;
                 }
             }
-            AmqpOperation::Delivery(d) => {
+            AmqpOperation::Delivery(d) | AmqpOperation::Dispatch(d) => {
                 let kind = match d.kind {
                     DeliveryKind::Deliver => "deliver",
                     DeliveryKind::Get => "get",
                 };
+                let sent = if matches!(self, AmqpOperation::Dispatch(_)) {
+                    "sent "
+                } else {
+                    ""
+                };
                 write!(
                     f,
-                    "{:?} {kind} ch={} tag={}",
+                    "{:?} {sent}{kind} ch={} tag={}",
                     d.role, d.channel, d.delivery_tag
                 )?;
                 if let Some(c) = &d.consumer_tag {
@@ -377,11 +388,10 @@ impl std::fmt::Display for AmqpOperation {
                 if d.redelivered {
                     write!(f, " redelivered")?;
                 }
-                write!(
-                    f,
-                    " {} t={}..{} outcome={:?}",
-                    d.message, d.start_ns, d.end_ns, d.outcome
-                )?;
+                write!(f, " {} t={}..{}", d.message, d.start_ns, d.end_ns)?;
+                if sent.is_empty() {
+                    write!(f, " outcome={:?}", d.outcome)?;
+                }
                 if let Some(e) = &d.error {
                     write!(f, " error={e}")?;
                 }
@@ -2025,6 +2035,9 @@ impl AmqpParser {
     }
 
     fn delivered(&mut self, channel_id: u16, delivery: Delivery, no_ack: bool) {
+        if self.role() == Some(Role::Server) {
+            self.push_finished(AmqpOperation::Dispatch(delivery.clone()));
+        }
         if no_ack {
             self.push_finished(AmqpOperation::Delivery(delivery));
             return;

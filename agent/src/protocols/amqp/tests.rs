@@ -379,6 +379,58 @@ fn broker_side_sees_the_server_role() {
     assert_eq!(p.role(), Some(Role::Server));
 }
 
+/// The broker's side of a consumer session: each delivery it sends is a `Dispatch` as
+/// soon as its content is written (the time it left the broker), then a `Delivery` with
+/// the outcome when the consumer settles it. The client's side has no `Dispatch`.
+#[test]
+fn broker_side_dispatches_deliveries_when_sent() {
+    let flipped: Vec<(Direction, Vec<u8>)> = consumer_session()
+        .into_iter()
+        .map(|(dir, data)| (if dir == Out { In } else { Out }, data))
+        .collect();
+    let mut p = AmqpParser::new();
+    let out = run_steps(&mut p, &flipped);
+    assert_eq!(p.role(), Some(Role::Server));
+    let sent: Vec<&String> = out.iter().filter(|l| l.contains(" sent ")).collect();
+    let short: Vec<String> = sent
+        .iter()
+        .map(|l| {
+            let t = l.split(" t=").nth(1).unwrap_or("");
+            let head: Vec<&str> = l.split(' ').take(5).collect();
+            format!("{} t={t}", head.join(" "))
+        })
+        .collect();
+    assert_eq!(
+        short,
+        [
+            "Server sent deliver ch=1 tag=1 t=11..11",
+            "Server sent deliver ch=1 tag=2 t=12..12",
+            "Server sent deliver ch=1 tag=3 t=13..13",
+            "Server sent deliver ch=1 tag=4 t=16..16",
+            "Server sent deliver ch=1 tag=5 t=18..18",
+            "Server sent deliver ch=2 tag=1 t=23..23",
+        ],
+        "{out:#?}"
+    );
+    assert!(sent.iter().all(|l| !l.contains("outcome=")));
+    assert!(sent[0].contains(r#"queue="mes""#), "{}", sent[0]);
+    // Each dispatch comes before the settled delivery of the same tag.
+    let settled = out
+        .iter()
+        .position(|l| l.starts_with("Server deliver ch=1 tag=1 "))
+        .expect("settled delivery");
+    let dispatched = out
+        .iter()
+        .position(|l| l.starts_with("Server sent deliver ch=1 tag=1 "))
+        .unwrap();
+    assert!(dispatched < settled);
+    assert!(
+        run(&consumer_session())
+            .iter()
+            .all(|l| !l.contains(" sent "))
+    );
+}
+
 #[test]
 fn publisher_confirms_settle_publishes() {
     let out = run(&confirm_session());
