@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of sonde: installs what is missing (scripts/setup.sh and
-# scripts/setup-tests.sh: Python venv, Jaeger v2), unit tests (cargo test), release
+# scripts/setup-tests.sh: Python venv, Jaeger v2; scripts/setup-clients.sh: Node.js
+# and Go test clients), unit tests (cargo test), release
 # build, then the privileged integration and end-to-end suite (pytest tests/, as root).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k keepalive -x
 set -euo pipefail
@@ -12,5 +13,6 @@ SUDO=()
 
 "${SUDO[@]}" "$ROOT/scripts/setup.sh"
 "${SUDO[@]}" "$ROOT/scripts/setup-tests.sh"
+"${SUDO[@]}" "$ROOT/scripts/setup-clients.sh"
 cd "$ROOT"
 exec cargo xtask test --skip-setup -- "$@"

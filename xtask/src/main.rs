@@ -50,7 +50,7 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct TestArgs {
-    /// Skip scripts/setup.sh and scripts/setup-tests.sh.
+    /// Skip scripts/setup.sh, scripts/setup-tests.sh and scripts/setup-clients.sh.
     #[arg(long)]
     skip_setup: bool,
     /// Skip `cargo test` (unit tests).
@@ -283,6 +283,8 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
         setup(root)?;
         step("scripts/setup-tests.sh (Python venv, Jaeger)");
         run(as_root(root.join("scripts/setup-tests.sh")).current_dir(root))?;
+        step("scripts/setup-clients.sh (pika, amqplib, Go test clients)");
+        run(as_root(root.join("scripts/setup-clients.sh")).current_dir(root))?;
     }
     // A failing unit test does not stop the privileged suite: both summaries are shown,
     // and the run fails at the end.
