@@ -111,7 +111,8 @@ pub fn proc_event(
 }
 
 /// One data event: `len` bytes moved at user address `src` (0 when the bytes cannot be
-/// read, as for sendfile), of which the first `payload_cap` are copied.
+/// read, as for sendfile), of which the first `payload_cap` are copied. `ts_ns` is when
+/// the bytes moved, or 0 for now.
 #[inline(always)]
 pub fn data_event(
     pid_tgid: u64,
@@ -122,6 +123,7 @@ pub fn data_event(
     src: u64,
     len: u64,
     tls: bool,
+    ts_ns: u64,
 ) {
     // The stream offset advances whether or not the event gets through, so that user
     // space sees a lost event as a gap of the right size. Plaintext from a TLS library
@@ -159,7 +161,13 @@ pub fn data_event(
             }
         }
         (*buf).event = DataEvent {
-            header: header(EventKind::Data, pid_tgid, fd),
+            header: {
+                let mut h = header(EventKind::Data, pid_tgid, fd);
+                if ts_ns != 0 {
+                    h.ts_ns = ts_ns;
+                }
+                h
+            },
             tuple: (*info).tuple,
             offset,
             len,

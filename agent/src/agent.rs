@@ -101,7 +101,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                if drain(guard.get_inner_mut(), &mut pipeline, &metrics) {
+                let more = drain(guard.get_inner_mut(), &mut pipeline, &metrics);
+                // A new program may carry TLS code: probe it before it gets far.
+                attach_tls(&mut probes, new_process_targets(&mut pipeline, &mut tls));
+                if more {
                     // More is waiting: let the exporter run before reading on.
                     drop(guard);
                     tokio::task::yield_now().await;
@@ -114,8 +117,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     tokio::task::yield_now().await;
                 }
                 pipeline.tick(monotonic_ns());
-                let mut targets: Vec<_> =
-                    pipeline.take_new_processes().into_iter().flat_map(|pid| tls.scan_process(pid)).collect();
+                let mut targets = new_process_targets(&mut pipeline, &mut tls);
                 if last_rescan.elapsed() >= TLS_RESCAN_INTERVAL {
                     last_rescan = std::time::Instant::now();
                     targets.extend(pipeline.active_processes().into_iter().flat_map(|pid| tls.scan_process(pid)));
@@ -145,6 +147,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     export_task.shutdown(Duration::from_secs(10)).await;
     info!("stopped");
     Ok(())
+}
+
+fn new_process_targets(pipeline: &mut Pipeline, tls: &mut TlsDiscovery) -> Vec<TlsTarget> {
+    pipeline
+        .take_new_processes()
+        .into_iter()
+        .flat_map(|pid| tls.scan_process(pid))
+        .collect()
 }
 
 fn attach_tls(probes: &mut Probes, targets: Vec<TlsTarget>) {

@@ -100,6 +100,15 @@ impl ProcessRegistry {
                     .trim_end_matches(" (deleted)")
                     .to_owned()
             })
+            // Gone already: the program path it was started with beats the kernel's
+            // comm, which is cut at 15 characters.
+            .or_else(|| {
+                let argv0 = cmdline.first()?;
+                let name = Path::new(argv0).file_name()?.to_string_lossy().into_owned();
+                comm.as_ref()
+                    .is_some_and(|c| name.starts_with(c.as_str()))
+                    .then_some(name)
+            })
             .or(comm)
             .unwrap_or_else(|| format!("pid-{pid}"));
 
@@ -310,6 +319,13 @@ mod tests {
         let r = reg.resource(77);
         assert_eq!(r.service_name, "client");
         assert_eq!(r.executable_name, "python3");
+        reg.exec(
+            76,
+            "sonde-go-client",
+            &cmd(&["/srv/.tools/sonde-go-clients", "tls-client"]),
+            &[],
+        );
+        assert_eq!(reg.resource(76).service_name, "sonde-go-clients");
         reg.exec(78, "curl", &cmd(&["curl", "-s", "http://x/"]), &[]);
         assert_eq!(reg.resource(78).service_name, "curl");
         reg.exec(

@@ -89,6 +89,7 @@ fn exit_io(ret: i64) {
             pending.ptr,
             len,
             false,
+            0,
         );
     } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
         data_event(
@@ -100,9 +101,20 @@ fn exit_io(ret: i64) {
             pending.ptr,
             len,
             false,
+            0,
         );
     } else if call == SyscallId::Sendfile as u32 {
-        data_event(pid_tgid, fd, info, Direction::Egress, call, 0, len, false);
+        data_event(
+            pid_tgid,
+            fd,
+            info,
+            Direction::Egress,
+            call,
+            0,
+            len,
+            false,
+            0,
+        );
     } else if call == SyscallId::Readv as u32 {
         iov_events(
             pid_tgid,
@@ -166,12 +178,12 @@ fn iov_events(
             unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
         let n = if len < remaining { len } else { remaining };
         if n > 0 {
-            data_event(pid_tgid, fd, info, dir, call, base, n, false);
+            data_event(pid_tgid, fd, info, dir, call, base, n, false, 0);
         }
         remaining -= n;
     }
     if remaining > 0 {
-        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false);
+        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, 0);
     }
 }
 

@@ -14,7 +14,7 @@
 
 use agent_common::{Direction, SyscallId};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
@@ -39,6 +39,11 @@ pub struct TlsCall {
     pub kind: u32,
     /// The socket the library used during the call, or NO_FD.
     pub fd: u32,
+    /// When the call began: a write's bytes leave then.
+    pub start_ns: u64,
+    /// 1 when the write's plaintext was already sent up at entry.
+    pub emitted: u32,
+    pub _pad: u32,
 }
 
 /// Calls in flight, by thread (pid_tgid).
@@ -80,7 +85,7 @@ fn enter(ctx: &ProbeContext, kind: u32) {
     if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
         return;
     }
-    let call = TlsCall {
+    let mut call = TlsCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
         buf: ctx.arg::<u64>(1).unwrap_or(0),
         count_ptr: if kind == KIND_READ_EX || kind == KIND_WRITE_EX {
@@ -90,7 +95,30 @@ fn enter(ctx: &ProbeContext, kind: u32) {
         },
         kind,
         fd: NO_FD,
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        emitted: 0,
+        _pad: 0,
     };
+    // A write's plaintext is in its buffer already: send it up now, in order with
+    // what other threads read on the same connection, when the socket is known.
+    if kind == KIND_WRITE || kind == KIND_WRITE_EX {
+        let num = if kind == KIND_WRITE {
+            ctx.arg::<i32>(2).unwrap_or(0) as i64 as u64
+        } else {
+            ctx.arg::<u64>(2).unwrap_or(0)
+        };
+        let key = SslKey {
+            tgid: pid_tgid >> 32,
+            ssl: call.ssl,
+        };
+        if let Some(fd) = unsafe { SSL_FDS.get(&key) }.copied()
+            && num > 0
+            && (num >> 62) == 0
+            && emit_on(pid_tgid, fd, &call, num, call.start_ns)
+        {
+            call.emitted = 1;
+        }
+    }
     let _ = TLS_CALLS.insert(pid_tgid, call, 0);
 }
 
@@ -102,6 +130,9 @@ fn exit(ctx: &RetProbeContext) {
     };
     let _ = TLS_CALLS.remove(pid_tgid);
     let ret = ctx.ret::<i64>() as i32;
+    if call.emitted == 1 {
+        return;
+    }
     if let Some(len) = plaintext_len(&call, ret) {
         emit_plaintext(pid_tgid, &call, len);
     }
@@ -123,7 +154,9 @@ fn plaintext_len(call: &TlsCall, ret: i32) -> Option<u64> {
     (len > 0).then_some(len)
 }
 
-/// Sends `len` plaintext bytes of `call` up, on the socket the session uses.
+/// Sends `len` plaintext bytes of `call` up, on the socket the session uses: the one
+/// the library used during the call, else the one remembered for the session, else the
+/// one the thread used last.
 #[inline(always)]
 fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
     let tgid = pid_tgid >> 32;
@@ -142,21 +175,50 @@ fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
         };
     }
     let _ = SSL_FDS.insert(&ssl_key, fd, 0);
-    let Some(info) = lookup(tgid as u32, fd) else {
-        return;
+    // Writes are stamped with their start, reads with their return (when the bytes
+    // are there).
+    let ts = if is_write(call.kind) {
+        call.start_ns
+    } else {
+        0
+    };
+    emit_on(pid_tgid, fd, call, len, ts);
+}
+
+#[inline(always)]
+fn is_write(kind: u32) -> bool {
+    kind == KIND_WRITE || kind == KIND_WRITE_EX
+}
+
+/// One plaintext event on socket `fd`; false when `fd` is not a TCP socket.
+#[inline(always)]
+fn emit_on(pid_tgid: u64, fd: u32, call: &TlsCall, len: u64, ts_ns: u64) -> bool {
+    let Some(info) = lookup((pid_tgid >> 32) as u32, fd) else {
+        return false;
     };
     unsafe {
         if (*info).is_tcp != 1 {
-            return;
+            return false;
         }
         (*info).is_tls = 1;
     }
-    let (dir, syscall) = if call.kind == KIND_READ || call.kind == KIND_READ_EX {
-        (Direction::Ingress, SyscallId::TlsRead)
-    } else {
+    let (dir, syscall) = if is_write(call.kind) {
         (Direction::Egress, SyscallId::TlsWrite)
+    } else {
+        (Direction::Ingress, SyscallId::TlsRead)
     };
-    data_event(pid_tgid, fd, info, dir, syscall as u32, call.buf, len, true);
+    data_event(
+        pid_tgid,
+        fd,
+        info,
+        dir,
+        syscall as u32,
+        call.buf,
+        len,
+        true,
+        ts_ns,
+    );
+    true
 }
 
 #[uprobe]
@@ -209,6 +271,30 @@ pub struct GoCallKey {
 #[map(name = "GO_TLS_CALLS")]
 static GO_TLS_CALLS: HashMap<GoCallKey, TlsCall> = HashMap::with_max_entries(16384, 0);
 
+/// The descriptor under a `*tls.Conn`, when its transport is a `*net.TCPConn`:
+/// tls.Conn starts with `conn net.Conn` (an interface: itab, data); the data points to a
+/// TCPConn whose first word is `fd *netFD`; netFD starts with `pfd poll.FD`, and
+/// poll.FD is `{fdmu fdMutex (16 bytes); Sysfd int; ...}`. These layouts have held
+/// since Go 1.9; a wrong guess is caught by the TCP socket check of the caller.
+#[inline(always)]
+fn go_conn_fd(conn: u64) -> u32 {
+    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0);
+    let tcp_conn = read(conn + 8);
+    if tcp_conn == 0 {
+        return NO_FD;
+    }
+    let net_fd = read(tcp_conn);
+    if net_fd == 0 {
+        return NO_FD;
+    }
+    let sysfd = read(net_fd + 16);
+    if sysfd > u32::MAX as u64 / 2 {
+        NO_FD
+    } else {
+        sysfd as u32
+    }
+}
+
 #[inline(always)]
 fn go_enter(ctx: &ProbeContext, kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -220,13 +306,40 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         tgid: pid_tgid >> 32,
         goroutine: regs.r14,
     };
-    let call = TlsCall {
+    let mut call = TlsCall {
         ssl: regs.rax,
         buf: regs.rbx,
         count_ptr: 0,
         kind,
-        fd: NO_FD,
+        fd: go_conn_fd(regs.rax),
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        emitted: 0,
+        _pad: 0,
     };
+    if call.fd == NO_FD {
+        if let Some(fd) = unsafe {
+            SSL_FDS.get(&SslKey {
+                tgid: pid_tgid >> 32,
+                ssl: call.ssl,
+            })
+        } {
+            call.fd = *fd;
+        }
+    }
+    // A write's bytes are all in `b` at entry (Write writes all of them or fails).
+    if kind == KIND_WRITE && call.fd != NO_FD && regs.rcx > 0 && (regs.rcx >> 62) == 0 {
+        let _ = SSL_FDS.insert(
+            &SslKey {
+                tgid: pid_tgid >> 32,
+                ssl: call.ssl,
+            },
+            call.fd,
+            0,
+        );
+        if emit_on(pid_tgid, call.fd, &call, regs.rcx, call.start_ns) {
+            call.emitted = 1;
+        }
+    }
     let _ = GO_TLS_CALLS.insert(&key, &call, 0);
 }
 
@@ -256,7 +369,7 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
     };
     let _ = GO_TLS_CALLS.remove(&key);
     let n = regs.rax as i64;
-    if n > 0 {
+    if n > 0 && call.emitted == 0 {
         emit_plaintext(pid_tgid, &call, n as u64);
     }
     0
