@@ -322,6 +322,20 @@ fn get_return_error() {
     check("get_return_error");
 }
 
+/// Node.js (amqplib) publishing with confirms to a topic exchange, Go (amqp091-go)
+/// consuming with manual acks.
+#[test]
+fn node_to_go() {
+    check("node_to_go");
+}
+
+/// Go (amqp091-go) publishing with confirms to a fanout exchange, Node.js (amqplib)
+/// consuming two queues with automatic acks.
+#[test]
+fn go_to_node() {
+    check("go_to_node");
+}
+
 /// With only the first 4 KiB of every segment captured, as the kernel side does, the
 /// same messages come out, with shorter body prefixes.
 #[test]
