@@ -430,6 +430,8 @@ fn replay_shows_the_broker_view() {
         "large_body",
         "fanout",
         "get_return_error",
+        "node_to_go",
+        "go_to_node",
     ] {
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let into = spans.clone();
