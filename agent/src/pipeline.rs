@@ -48,6 +48,10 @@ pub struct PipelineOptions {
     /// Leave alone connections whose other end is one of this process's own sockets
     /// (the live agent's exports to a collector on the same node). Off for replays.
     pub exclude_own_sockets: bool,
+    /// Hold every HTTP span for its other end, not only those whose peer is an address
+    /// of this node: a replayed capture holds both ends of connections between
+    /// any hosts.
+    pub link_remote_peers: bool,
 }
 
 impl Default for PipelineOptions {
@@ -60,6 +64,7 @@ impl Default for PipelineOptions {
             message_hold: Duration::from_secs(3),
             message_memory: Duration::from_secs(120),
             exclude_own_sockets: true,
+            link_remote_peers: false,
         }
     }
 }
@@ -93,6 +98,7 @@ pub struct Pipeline {
     linker: Linker,
     messages: MessageLinker,
     own: OwnSockets,
+    local_addrs: LocalAddrs,
     metrics: Arc<Metrics>,
     /// Add to a CLOCK_MONOTONIC time to get Unix time (both in ns).
     mono_to_unix_ns: i128,
@@ -116,6 +122,7 @@ impl Pipeline {
             registry: ProcessRegistry::new(),
             conns: HashMap::new(),
             own: OwnSockets::default(),
+            local_addrs: LocalAddrs::read(),
             metrics,
             mono_to_unix_ns: mono_to_unix_offset(),
             sink,
@@ -399,6 +406,11 @@ impl Pipeline {
     ) {
         let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
         Metrics::inc(&self.metrics.spans_built);
+        if !self.opts.link_remote_peers && !self.local_addrs.is_local(info.remote.ip()) {
+            // The other end is on another node: no span of ours will pair with it.
+            (self.sink)(span);
+            return;
+        }
         let key = ConnKey::new(ex.role, info.local, info.remote);
         for span in self
             .linker
@@ -528,4 +540,62 @@ impl OwnSockets {
 
 fn is_this_host(remote: IpAddr, local: IpAddr) -> bool {
     remote.is_loopback() || remote == local
+}
+
+/// This node's IP addresses, re-read now and then (interfaces come and go with pods).
+/// Only connections to one of them can have their other end traced here too.
+struct LocalAddrs {
+    addrs: HashSet<IpAddr>,
+    read_at: std::time::Instant,
+}
+
+impl LocalAddrs {
+    const REFRESH: Duration = Duration::from_secs(10);
+
+    fn read() -> Self {
+        let mut addrs = HashSet::new();
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a linked list freed by freeifaddrs; the
+        // sockaddr pointers are read according to their family.
+        unsafe {
+            if libc::getifaddrs(&mut list) == 0 {
+                let mut cur = list;
+                while !cur.is_null() {
+                    let sa = (*cur).ifa_addr;
+                    if !sa.is_null() {
+                        match i32::from((*sa).sa_family) {
+                            libc::AF_INET => {
+                                let sin = &*(sa as *const libc::sockaddr_in);
+                                addrs.insert(IpAddr::from(
+                                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                                ));
+                            }
+                            libc::AF_INET6 => {
+                                let sin6 = &*(sa as *const libc::sockaddr_in6);
+                                addrs.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
+                            }
+                            _ => {}
+                        }
+                    }
+                    cur = (*cur).ifa_next;
+                }
+                libc::freeifaddrs(list);
+            }
+        }
+        LocalAddrs {
+            addrs,
+            read_at: std::time::Instant::now(),
+        }
+    }
+
+    fn is_local(&mut self, ip: IpAddr) -> bool {
+        if ip.is_loopback() || self.addrs.contains(&ip) {
+            return true;
+        }
+        if self.read_at.elapsed() > Self::REFRESH {
+            *self = Self::read();
+            return self.addrs.contains(&ip);
+        }
+        false
+    }
 }

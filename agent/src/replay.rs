@@ -252,6 +252,7 @@ pub fn replay_file(path: &Path, metrics: Arc<Metrics>, sink: Sink) -> Outcome {
     let mut pipeline = Pipeline::new(
         PipelineOptions {
             exclude_own_sockets: false,
+            link_remote_peers: true,
             ..PipelineOptions::default()
         },
         metrics,
