@@ -39,6 +39,8 @@ make_venv() {
   venv_ok || { log "Python venv: pytest still missing after install"; exit 1; }
 }
 
+# Real peers: nginx, RabbitMQ, tcpdump/tshark for captures, wrk and bc for bench/.
+SONDE_SETUP_TEST_PEERS=1 "$ROOT/scripts/setup.sh"
 make_venv
 "$ROOT/scripts/build-jaeger.sh"
 log "done"

@@ -22,12 +22,14 @@ need_root() {
 apt_packages=(
   # eBPF toolchain
   llvm-22-dev libpolly-22-dev libzstd-dev clang-22
-  # real peers used by the tests and the demo
-  nginx curl rabbitmq-server tshark tcpdump wrk openssl
-  python3-pika
   # build helpers
-  pkg-config build-essential ca-certificates
+  pkg-config build-essential ca-certificates curl
 )
+# The real peers the tests drive (nginx, RabbitMQ, capture tools...) are installed by
+# scripts/setup-tests.sh, so that running the agent does not pull them in.
+if [ "${SONDE_SETUP_TEST_PEERS:-0}" = 1 ]; then
+  apt_packages+=(nginx rabbitmq-server tshark tcpdump wrk openssl bc)
+fi
 
 install_debian() {
   local missing=()
