@@ -75,3 +75,92 @@ def test_a_busy_admin_port_is_reported():
         assert_refused(r, f"127.0.0.1:{port}", "--admin-addr")
     finally:
         s.close()
+
+
+# A mount namespace shows the agent a kprobe PMU (this kernel has none, CONFIG_KPROBES
+# is off) whose perf events cannot be created. In auto mode the agent must load every
+# kprobe program (so the verifier checks them here too), fail to attach, detach what
+# it attached, fall back to syscall tracepoints, and trace as usual.
+FAKE_KPROBE_PMU = r'''
+set -e
+D=/sys/bus/event_source/devices
+S=$(mktemp -d)
+for d in $(ls $D); do
+  mkdir -p $S/$d; cp $D/$d/type $S/$d/ 2>/dev/null || true
+  if [ -d $D/$d/format ]; then mkdir -p $S/$d/format; cp $D/$d/format/* $S/$d/format/ 2>/dev/null || true; fi
+done
+mkdir -p $S/kprobe/format; echo 6 > $S/kprobe/type; echo "config:0" > $S/kprobe/format/retprobe
+mount --bind $S $D
+exec "$@"
+'''
+
+
+def test_auto_falls_back_to_tracepoints_when_kprobes_do_not_attach(tmp_path):
+    require_root()
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from sonde_testlib import free_port, wait_listening
+
+    script = tmp_path / "fake-kprobe.sh"
+    script.write_text(FAKE_KPROBE_PMU)
+    spans_file = tmp_path / "spans.jsonl"
+    admin = free_port()
+    agent = subprocess.Popen(
+        ["unshare", "-m", "bash", str(script), str(sonde_bin()), "run", "--output", "otlp-json",
+         "--output-file", str(spans_file), "--admin-addr", f"127.0.0.1:{admin}"],
+        stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            agent.kill()
+            pytest.fail(f"agent never ready:\n{agent.stderr.read()}")
+        port = free_port()
+        server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                   "--directory", str(tmp_path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(port, server)
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET /kprobe-fallback HTTP/1.0\r\nHost: x\r\n\r\n")
+            while c.recv(65536):
+                pass
+        time.sleep(2)
+    finally:
+        if server:
+            server.kill()
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    assert "kprobes did not attach; using syscall tracepoints" in err, err
+    assert "backend=tracepoint" in err, err
+    kinds = sorted(
+        s["kind"]
+        for line in spans_file.read_text().splitlines()
+        for rs in json.loads(line)["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for s in ss["spans"]
+        for a in s["attributes"]
+        if a["key"] == "url.path" and a["value"].get("stringValue") == "/kprobe-fallback"
+    )
+    # The server's span and this test's own client span, each exactly once: a kprobe
+    # left attached beside the tracepoints would double them.
+    assert kinds == [2, 3], f"want one server and one client span, got kinds {kinds}\n{err}"
+
+
+def test_forced_kprobes_that_do_not_attach_are_an_error(tmp_path):
+    require_root()
+    script = tmp_path / "fake-kprobe.sh"
+    script.write_text(FAKE_KPROBE_PMU)
+    r = subprocess.run(["unshare", "-m", "bash", str(script), str(sonde_bin()), "run",
+                        "--probe-backend", "kprobe"], capture_output=True, text=True, timeout=60)
+    assert_refused(r, "kprobe __x64_sys_read")

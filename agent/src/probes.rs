@@ -14,7 +14,7 @@ use aya::{
     programs::{KProbe, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeScope},
 };
 use thiserror::Error;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The eBPF object built by build.rs (aya-build) and embedded here, in one place.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-ebpf"));
@@ -229,10 +229,24 @@ impl Probes {
                 .load()
                 .map_err(|source| ProbeError::Program { program, source })?;
         }
-        match backend {
-            Backend::Kprobe => attach_kprobes(&mut ebpf)?,
-            _ => attach_tracepoints(&mut ebpf)?,
-        }
+        let backend = match backend {
+            Backend::Kprobe => match attach_kprobes(&mut ebpf) {
+                Ok(()) => Backend::Kprobe,
+                // Asked for auto: a kernel that lists kprobes but refuses these (a
+                // hardened kernel, another syscall wrapper naming) still gets traced.
+                Err(e) if opts.backend == Backend::Auto => {
+                    warn!(error = %e, "kprobes did not attach; using syscall tracepoints");
+                    unload_kprobes(&mut ebpf);
+                    attach_tracepoints(&mut ebpf)?;
+                    Backend::Tracepoint
+                }
+                Err(e) => return Err(e),
+            },
+            _ => {
+                attach_tracepoints(&mut ebpf)?;
+                Backend::Tracepoint
+            }
+        };
         info!(backend = %backend, payload_cap = opts.payload_cap, "probes attached");
 
         let events = ebpf
@@ -476,31 +490,53 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// Detaches and unloads whatever kprobes did attach, so that no syscall is seen twice.
+fn unload_kprobes(ebpf: &mut Ebpf) {
+    for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
+        if let Some(program) = ebpf.program_mut(hook.kp_program) {
+            let kp: Result<&mut KProbe, _> = program.try_into();
+            if let Ok(kp) = kp {
+                let _ = kp.unload();
+            }
+        }
+    }
+}
+
 fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    // Load every program first, so that the verifier's verdict on all of them comes
+    // before any attaches.
+    for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
+        kprobe(ebpf, hook.kp_program)?
+            .load()
+            .map_err(|source| ProbeError::Program {
+                program: hook.kp_program,
+                source,
+            })?;
+    }
     for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
         let program = hook.kp_program;
-        let kp: &mut KProbe = ebpf
-            .program_mut(program)
-            .ok_or(ProbeError::MissingMap(program))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { program, source })?;
-        kp.load()
-            .map_err(|source| ProbeError::Program { program, source })?;
+        let kp = kprobe(ebpf, program)?;
         for sys in hook.syscalls {
             let symbol = format!("__x64_sys_{sys}");
+            let kind = if hook.on_return {
+                "kretprobe"
+            } else {
+                "kprobe"
+            };
             kp.attach(&symbol, 0).map_err(|source| ProbeError::Attach {
                 program,
-                hook: format!(
-                    "{} {symbol}",
-                    if hook.on_return {
-                        "kretprobe"
-                    } else {
-                        "kprobe"
-                    }
-                ),
+                hook: format!("{kind} {symbol}"),
                 source,
             })?;
         }
     }
     Ok(())
+}
+
+fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbeError> {
+    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    program.try_into().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })
 }
