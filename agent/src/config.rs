@@ -61,7 +61,8 @@ pub struct RunArgs {
     #[arg(long, env = "SONDE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
-    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default grpc).
+    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default
+    /// http/protobuf, or grpc for an endpoint on port 4317).
     #[arg(long, env = "SONDE_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
 
@@ -111,7 +112,8 @@ pub struct ReplayArgs {
     #[arg(long, env = "SONDE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
-    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default grpc).
+    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default
+    /// http/protobuf, or grpc for an endpoint on port 4317).
     #[arg(long, env = "SONDE_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
 
