@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::{
     config::RunArgs,
     events::decode,
-    export::{self, OtlpOptions, Output},
+    export,
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
     probes::{ProbeOptions, Probes},
     telemetry::Metrics,
@@ -26,20 +26,9 @@ const WAKEUP_BYTES: u64 = 1024 * 1024;
 /// loaded since (Python loads libssl on `import ssl`).
 const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
-fn output_of(args: &RunArgs) -> Result<Output> {
-    let otlp = OtlpOptions {
-        endpoint: args.otlp_endpoint.clone(),
-        protocol: args.otlp_protocol.clone(),
-        headers: args.otlp_headers.clone(),
-        timeout: None,
-        ca_file: args.otlp_ca_file.clone(),
-    };
-    crate::replay::output_from_flags(args.output, args.output_file.clone(), &otlp)
-}
-
 pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let output = output_of(&args)?;
+    let output = args.out.resolve()?;
 
     if let Some(addr) = args.admin_addr {
         let listener = crate::admin::bind(addr)

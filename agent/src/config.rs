@@ -1,11 +1,14 @@
 //! Command line. Every runtime knob is a flag with a `SONDE_*` environment equivalent;
 //! the standard OTEL_EXPORTER_OTLP_* variables configure OTLP export.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::probes::Backend;
+use crate::{
+    export::{self, OtlpConfig, OtlpOptions, Output},
+    probes::Backend,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,13 +43,9 @@ pub enum OutputKind {
     Otlp,
 }
 
+/// Where spans go: the same flags for `run` and `replay`.
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// How socket syscalls are hooked: kprobes where the kernel has them, else syscall
-    /// tracepoints (auto), or one forced.
-    #[arg(long, env = "SONDE_PROBE_BACKEND", value_enum, default_value_t = Backend::Auto)]
-    pub probe_backend: Backend,
-
+pub struct OutputArgs {
     /// Span output. Default: otlp when an OTLP endpoint is set (flag or
     /// OTEL_EXPORTER_OTLP_ENDPOINT), stdout otherwise.
     #[arg(long, env = "SONDE_OUTPUT", value_enum)]
@@ -73,6 +72,50 @@ pub struct RunArgs {
     /// PEM file of CA certificates to trust for an https OTLP endpoint.
     #[arg(long, env = "SONDE_OTLP_CA_FILE")]
     pub otlp_ca_file: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    /// The output these flags ask for: `--output` if given, else OTLP when an endpoint
+    /// is set (flag or OTEL_EXPORTER_OTLP_ENDPOINT) and stdout otherwise.
+    pub fn resolve(&self) -> anyhow::Result<Output> {
+        let otlp = OtlpOptions {
+            endpoint: self.otlp_endpoint.clone(),
+            protocol: self.otlp_protocol.clone(),
+            headers: self.otlp_headers.clone(),
+            timeout: None,
+            ca_file: self.otlp_ca_file.clone(),
+        };
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let configured = export::endpoint_configured(&env, &otlp);
+        let kind = self.output.unwrap_or(if configured {
+            OutputKind::Otlp
+        } else {
+            OutputKind::Stdout
+        });
+        Ok(match kind {
+            OutputKind::Stdout => Output::Stdout,
+            OutputKind::OtlpJson => {
+                let Some(path) = self.output_file.clone() else {
+                    anyhow::bail!(
+                        "--output otlp-json needs --output-file PATH (or SONDE_OUTPUT_FILE)"
+                    );
+                };
+                Output::OtlpJson { path }
+            }
+            OutputKind::Otlp => Output::Otlp(OtlpConfig::resolve(&env, &otlp)?),
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// How socket syscalls are hooked: kprobes where the kernel has them, else syscall
+    /// tracepoints (auto), or one forced.
+    #[arg(long, env = "SONDE_PROBE_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    pub probe_backend: Backend,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
 
     /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
     #[arg(long, env = "SONDE_ADMIN_ADDR")]
@@ -98,30 +141,6 @@ pub struct ReplayArgs {
     /// cooked (SLL, SLL2), loopback/null or raw IP frames.
     pub file: PathBuf,
 
-    /// Span output. Default: otlp when an OTLP endpoint is set (flag or
-    /// OTEL_EXPORTER_OTLP_ENDPOINT), stdout otherwise.
-    #[arg(long, env = "SONDE_OUTPUT", value_enum)]
-    pub output: Option<OutputKind>,
-
-    /// File for --output otlp-json (appended to).
-    #[arg(long, env = "SONDE_OUTPUT_FILE")]
-    pub output_file: Option<PathBuf>,
-
-    /// OTLP endpoint, e.g. http://jaeger:4317 (gRPC) or http://jaeger:4318 (HTTP).
-    /// Overrides OTEL_EXPORTER_OTLP_ENDPOINT.
-    #[arg(long, env = "SONDE_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-
-    /// grpc or http/protobuf. Overrides OTEL_EXPORTER_OTLP_PROTOCOL (default
-    /// http/protobuf, or grpc for an endpoint on port 4317).
-    #[arg(long, env = "SONDE_OTLP_PROTOCOL")]
-    pub otlp_protocol: Option<String>,
-
-    /// Extra OTLP headers, k=v,k2=v2 (merged over OTEL_EXPORTER_OTLP_HEADERS).
-    #[arg(long, env = "SONDE_OTLP_HEADERS")]
-    pub otlp_headers: Option<String>,
-
-    /// PEM file of CA certificates to trust for an https OTLP endpoint.
-    #[arg(long, env = "SONDE_OTLP_CA_FILE")]
-    pub otlp_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }

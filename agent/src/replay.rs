@@ -48,7 +48,7 @@ use std::{
 use agent_common::{
     AF_INET, AF_INET6, DataEvent, Direction, EventHeader, EventKind, SockTuple, SyscallId, role,
 };
-use anyhow::{Result, bail};
+use anyhow::Result;
 use pcap_file::{
     DataLink, PcapError, TsResolution,
     pcap::PcapReader,
@@ -61,9 +61,9 @@ use thiserror::Error;
 use tracing::warn;
 
 use crate::{
-    config::{OutputKind, ReplayArgs},
+    config::ReplayArgs,
     events::Event,
-    export::{self, BatchConfig, OtlpConfig, OtlpOptions, Output},
+    export::{self, BatchConfig, Output},
     pipeline::{Pipeline, PipelineOptions, Sink},
     spans::Resource,
     telemetry::Metrics,
@@ -159,14 +159,7 @@ pub struct Outcome {
 /// `sonde replay`: replays `args.file` and exports its spans like `sonde run` would.
 pub async fn run(args: ReplayArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let otlp = OtlpOptions {
-        endpoint: args.otlp_endpoint.clone(),
-        protocol: args.otlp_protocol.clone(),
-        headers: args.otlp_headers.clone(),
-        timeout: None,
-        ca_file: args.otlp_ca_file.clone(),
-    };
-    let output = output_from_flags(args.output, args.output_file.clone(), &otlp)?;
+    let output = args.out.resolve()?;
     let queue = match &output {
         Output::Otlp(config) => config.batch.max_queue_size,
         _ => BatchConfig::default().max_queue_size,
@@ -187,31 +180,6 @@ pub async fn run(args: ReplayArgs) -> Result<()> {
         Some(error) => Err(error.into()),
         None => Ok(()),
     }
-}
-
-/// The output the span flags ask for: `kind` if given, else OTLP when an endpoint is set
-/// (flag or OTEL_EXPORTER_OTLP_ENDPOINT) and stdout otherwise.
-pub fn output_from_flags(
-    kind: Option<OutputKind>,
-    file: Option<PathBuf>,
-    otlp: &OtlpOptions,
-) -> Result<Output> {
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let kind = kind.unwrap_or(if export::endpoint_configured(&env, otlp) {
-        OutputKind::Otlp
-    } else {
-        OutputKind::Stdout
-    });
-    Ok(match kind {
-        OutputKind::Stdout => Output::Stdout,
-        OutputKind::OtlpJson => {
-            let Some(path) = file else {
-                bail!("--output otlp-json needs --output-file PATH (or SONDE_OUTPUT_FILE)");
-            };
-            Output::OtlpJson { path }
-        }
-        OutputKind::Otlp => Output::Otlp(OtlpConfig::resolve(&env, otlp)?),
-    })
 }
 
 /// A sink that waits while `limit` spans are with the exporter and not yet exported or
