@@ -6,6 +6,7 @@
 //! cargo xtask run -- <args>       setup, build, then `sonde run <args>` as root
 //! cargo xtask test                setup, unit tests, release build, Jaeger, pytest on tests/
 //! cargo xtask ci                  fmt --check, clippy, then everything `test` does
+//! cargo xtask bench -- [s] [c]     release build, then bench/http_overhead.sh
 //! ```
 
 use std::ffi::OsString;
@@ -46,6 +47,12 @@ enum Cmd {
     Test(TestArgs),
     /// `cargo fmt --check`, clippy, then everything `test` does.
     Ci(TestArgs),
+    /// Release build, then bench/http_overhead.sh (traced against untraced, ratios):
+    /// `cargo xtask bench -- [seconds] [connections]`.
+    Bench {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,6 +95,14 @@ fn real_main() -> Result<()> {
             run_agent(&root, args)
         }
         Cmd::Test(t) => test(&root, &t),
+        Cmd::Bench { args } => {
+            build(&root)?;
+            step("bench/http_overhead.sh");
+            run(as_root(root.join("bench/http_overhead.sh"))
+                .args(&args)
+                .env("SONDE_BIN", target_dir(&root).join("release/sonde"))
+                .current_dir(&root))
+        }
         Cmd::Ci(t) => {
             step("cargo fmt --check");
             run(cargo(&root).args(["fmt", "--all", "--check"]))?;
