@@ -180,6 +180,7 @@ fn render_metrics(metrics: &Metrics) -> String {
         connections_tracked,
         connections_evicted,
         bytes_skipped,
+        spans_waiting,
         ready,
     } = metrics;
     let mut out = String::with_capacity(2048);
@@ -251,6 +252,11 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_connections_tracked",
         "Connections in the connection table.",
         connections_tracked.load(Ordering::Relaxed),
+    );
+    gauge(
+        "sonde_spans_waiting",
+        "Spans held for the other end of their connection or message.",
+        spans_waiting.load(Ordering::Relaxed),
     );
     gauge(
         "sonde_ready",

@@ -281,6 +281,10 @@ impl Pipeline {
             self.conns.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.metrics.spans_waiting.store(
+            (self.linker.len() + self.messages.waiting_len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Ends everything: open exchanges, waiting spans (at shutdown).

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub connections_evicted: AtomicU64,
     /// Stream gaps: bytes that passed without being captured, in total.
     pub bytes_skipped: AtomicU64,
+    /// Spans held by the linkers for their other end (a gauge).
+    pub spans_waiting: AtomicU64,
     /// True once every probe is attached.
     pub ready: AtomicBool,
 }
