@@ -89,6 +89,8 @@ struct Conn {
     from_start: bool,
     /// Whether any bytes were given to the parser yet.
     fed: bool,
+    /// No parser understood the bytes (counted when the connection goes).
+    unparsed: bool,
 }
 
 pub struct Pipeline {
@@ -269,8 +271,14 @@ impl Pipeline {
         }
         let idle = self.opts.idle_timeout.as_nanos() as u64;
         let before = self.conns.len();
-        self.conns
-            .retain(|_, c| now_ns.saturating_sub(c.last_ns) < idle);
+        let metrics = &self.metrics;
+        self.conns.retain(|_, c| {
+            let keep = now_ns.saturating_sub(c.last_ns) < idle;
+            if !keep && c.unparsed && !c.tls {
+                Metrics::inc(&metrics.parse_failures);
+            }
+            keep
+        });
         if self.conns.len() != before {
             debug!(
                 forgotten = before - self.conns.len(),
@@ -334,6 +342,7 @@ impl Pipeline {
                     tls: false,
                     from_start: false,
                     fed: false,
+                    unparsed: false,
                 },
             );
             self.metrics.connections_tracked.store(
@@ -350,7 +359,9 @@ impl Pipeline {
             self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
         by_age.sort_by_key(|(_, t)| *t);
         for (k, _) in by_age.into_iter().take(n) {
-            self.conns.remove(&k);
+            if let Some(conn) = self.conns.remove(&k) {
+                self.count_unparsed(&conn);
+            }
             Metrics::inc(&self.metrics.connections_evicted);
         }
     }
@@ -368,7 +379,18 @@ impl Pipeline {
             }
             self.after_parse(tgid, fd, ts_ns);
         }
-        self.conns.remove(&(tgid, fd));
+        if let Some(conn) = self.conns.remove(&(tgid, fd)) {
+            self.count_unparsed(&conn);
+        }
+    }
+
+    /// A connection leaves the table: if no parser understood it and it was not TLS
+    /// (whose handshake goes by as ciphertext before the plaintext comes), it counts as
+    /// a parse failure. Counted at the end so that HTTPS does not count.
+    fn count_unparsed(&self, conn: &Conn) {
+        if conn.unparsed && !conn.tls {
+            Metrics::inc(&self.metrics.parse_failures);
+        }
     }
 
     /// Turns what the parser finished into spans; gives up on connections that no
@@ -383,7 +405,7 @@ impl Pipeline {
         let parsed = parser.take();
         if parser.verdict() == Verdict::Unknown {
             debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is neither HTTP/1.x nor AMQP 0-9-1; ignored");
-            Metrics::inc(&self.metrics.parse_failures);
+            conn.unparsed = true;
             conn.parser = None;
         }
         if parsed.is_empty() {
