@@ -235,44 +235,15 @@ fn publish_span(
         destination.as_str(),
     ));
     message_attributes(m, &mut attrs);
-    let mut status = Status::Unset;
-    if let Some((code, text)) = &p.returned {
-        attrs.push(KeyValue::new(OUTCOME, "returned"));
-        attrs.push(KeyValue::new(semconv::ERROR_TYPE, error_type(*code)));
-        status = Status::Error(format!("{code} {text}"));
-    } else if let Some(confirmed) = p.confirmed {
-        attrs.push(KeyValue::new(
-            OUTCOME,
-            if confirmed { "ack" } else { "nack" },
-        ));
-        if !confirmed {
-            attrs.push(KeyValue::new(semconv::ERROR_TYPE, "nack"));
-            status =
-                Status::Error("the broker did not confirm the publish (basic.nack)".to_owned());
-        }
-    }
-    if let Some(reason) = &p.error {
-        status = close_status(reason, &mut attrs);
-    }
-    let (trace_id, parent_span_id) = trace_of(m);
-    let name = if is_anonymous(&m.routing_key) && m.exchange.is_empty() {
-        "publish".to_owned()
-    } else {
-        format!("publish {destination}")
-    };
-    let start_unix_nanos = to_unix(p.start_ns, mono_to_unix_ns);
-    Span {
-        trace_id,
-        span_id: new_span_id(),
-        parent_span_id,
-        name,
-        kind: SpanKind::Producer,
-        start_unix_nanos,
-        end_unix_nanos: to_unix(p.end_ns, mono_to_unix_ns).max(start_unix_nanos),
-        attributes: attrs,
-        status,
+    publish_span_of(
+        p,
+        &destination,
+        attrs,
+        "publish",
+        SpanKind::Producer,
         resource,
-    }
+        mono_to_unix_ns,
+    )
 }
 
 /// The broker's span of a publish it received, before the message linker adds its
@@ -309,6 +280,29 @@ fn route_span(
         KeyValue::new(semconv::NETWORK_PROTOCOL_NAME, "amqp"),
         KeyValue::new(semconv::NETWORK_PROTOCOL_VERSION, "0.9.1"),
     ]);
+    publish_span_of(
+        p,
+        &destination,
+        attrs,
+        "route",
+        SpanKind::Server,
+        resource,
+        mono_to_unix_ns,
+    )
+}
+
+/// The outcome of a publish (confirm, return, channel error) and the span around it,
+/// for the publisher's producer span and the broker's route span alike.
+fn publish_span_of(
+    p: &Publish,
+    destination: &str,
+    mut attrs: Vec<KeyValue>,
+    operation: &str,
+    kind: SpanKind,
+    resource: Arc<Resource>,
+    mono_to_unix_ns: i128,
+) -> Span {
+    let m = &p.message;
     let mut status = Status::Unset;
     if let Some((code, text)) = &p.returned {
         attrs.push(KeyValue::new(OUTCOME, "returned"));
@@ -330,9 +324,9 @@ fn route_span(
     }
     let (trace_id, parent_span_id) = trace_of(m);
     let name = if is_anonymous(&m.routing_key) && m.exchange.is_empty() {
-        "route".to_owned()
+        operation.to_owned()
     } else {
-        format!("route {destination}")
+        format!("{operation} {destination}")
     };
     let start_unix_nanos = to_unix(p.start_ns, mono_to_unix_ns);
     Span {
@@ -340,7 +334,7 @@ fn route_span(
         span_id: new_span_id(),
         parent_span_id,
         name,
-        kind: SpanKind::Server,
+        kind,
         start_unix_nanos,
         end_unix_nanos: to_unix(p.end_ns, mono_to_unix_ns).max(start_unix_nanos),
         attributes: attrs,
