@@ -1749,25 +1749,9 @@ impl AmqpParser {
         let Some(ch) = self.channels.get_mut(&channel_id) else {
             return;
         };
-        let mut done = Vec::new();
-        if multiple {
-            while ch
-                .awaiting_confirm
-                .front()
-                .is_some_and(|(seq, _)| tag == 0 || *seq <= tag)
-            {
-                done.push(ch.awaiting_confirm.pop_front().expect("checked").1);
-            }
-        } else if let Some(i) = ch.awaiting_confirm.iter().position(|(seq, _)| *seq == tag) {
-            done.push(
-                ch.awaiting_confirm
-                    .remove(i)
-                    .expect("index from position")
-                    .1,
-            );
-        }
+        let done = take_settled(&mut ch.awaiting_confirm, tag, multiple, |(seq, _)| *seq);
         self.open_operations -= done.len();
-        for mut p in done {
+        for (_, mut p) in done {
             p.confirmed = Some(ack);
             p.end_ns = ts_ns.max(p.end_ns);
             self.push_finished(AmqpOperation::Publish(p));
@@ -1780,18 +1764,7 @@ impl AmqpParser {
         let Some(ch) = self.channels.get_mut(&channel_id) else {
             return;
         };
-        let mut done = Vec::new();
-        if multiple {
-            while ch
-                .unacked
-                .front()
-                .is_some_and(|d| tag == 0 || d.delivery_tag <= tag)
-            {
-                done.push(ch.unacked.pop_front().expect("checked"));
-            }
-        } else if let Some(i) = ch.unacked.iter().position(|d| d.delivery_tag == tag) {
-            done.push(ch.unacked.remove(i).expect("index from position"));
-        }
+        let done = take_settled(&mut ch.unacked, tag, multiple, |d| d.delivery_tag);
         self.open_operations -= done.len();
         for mut d in done {
             d.outcome = Some(outcome);
@@ -2214,6 +2187,26 @@ impl AmqpParser {
             Landing::Beyond => self.lose_sync(dir),
         }
     }
+}
+
+/// Takes from `queue` (oldest first, tags ascending) the entry with tag `tag`, or with
+/// `multiple` every entry up to `tag` (all of them for tag 0): the rule basic.ack,
+/// basic.nack and the broker's confirms share.
+fn take_settled<T>(
+    queue: &mut VecDeque<T>,
+    tag: u64,
+    multiple: bool,
+    tag_of: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    let mut done = Vec::new();
+    if multiple {
+        while queue.front().is_some_and(|e| tag == 0 || tag_of(e) <= tag) {
+            done.extend(queue.pop_front());
+        }
+    } else if let Some(i) = queue.iter().position(|e| tag_of(e) == tag) {
+        done.extend(queue.remove(i));
+    }
+    done
 }
 
 #[cfg(test)]
