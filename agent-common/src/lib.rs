@@ -68,6 +68,21 @@ pub enum Direction {
     Egress = 1,
 }
 
+impl Direction {
+    /// 0 or 1, to index per-direction state.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The other way.
+    pub const fn opposite(self) -> Direction {
+        match self {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        }
+    }
+}
+
 /// The syscall that produced a data event, for diagnostics and metrics.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -665,20 +665,6 @@ impl Default for AmqpParser {
     }
 }
 
-fn index(dir: Direction) -> usize {
-    match dir {
-        Direction::Ingress => 0,
-        Direction::Egress => 1,
-    }
-}
-
-fn other(dir: Direction) -> Direction {
-    match dir {
-        Direction::Ingress => Direction::Egress,
-        Direction::Egress => Direction::Ingress,
-    }
-}
-
 /// Content slot of a channel for frames sent by the client (0) or the broker (1).
 fn slot(from_client: bool) -> usize {
     if from_client { 0 } else { 1 }
@@ -923,13 +909,13 @@ impl AmqpParser {
             self.release_returns(ts_ns);
         }
         self.feed_bytes(dir, data, ts_ns);
-        while let Some(replay) = self.halves[index(dir)].replay.take() {
+        while let Some(replay) = self.halves[dir.index()].replay.take() {
             self.feed_bytes(dir, &replay, ts_ns);
         }
     }
 
     fn feed_bytes(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
-        let d = index(dir);
+        let d = dir.index();
         let mut rest = data;
         while !rest.is_empty() && self.active() {
             let phase = self.halves[d].phase;
@@ -965,7 +951,7 @@ impl AmqpParser {
             return;
         }
         self.release_returns(ts_ns);
-        let d = index(dir);
+        let d = dir.index();
         self.halves[d].at_start = false;
         let phase = self.halves[d].phase;
         match phase {
@@ -997,7 +983,7 @@ impl AmqpParser {
         if !self.active() {
             return;
         }
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.at_start = false;
         match h.phase {
             Phase::Stopped => {}
@@ -1062,7 +1048,7 @@ impl AmqpParser {
 
     /// The first byte of a direction decides how it is read.
     fn start(&mut self, dir: Direction, first: u8) {
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         match first {
             b'A' => h.phase = Phase::ProtocolHeader,
             FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT => h.phase = Phase::Lost,
@@ -1075,7 +1061,7 @@ impl AmqpParser {
     }
 
     fn feed_protocol_header(&mut self, dir: Direction, data: &[u8]) -> usize {
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         let want = PROTOCOL_HEADER.len() - h.head.len();
         let n = want.min(data.len());
         h.head.extend_from_slice(&data[..n]);
@@ -1097,7 +1083,7 @@ impl AmqpParser {
                 self.client_dir = Some(dir);
             } else if self.client_dir != Some(dir) {
                 // A broker answers with its own header to refuse the version, then closes.
-                self.halves[index(dir)].phase = Phase::Stopped;
+                self.halves[dir.index()].phase = Phase::Stopped;
             }
         }
         n
@@ -1114,7 +1100,7 @@ impl AmqpParser {
 
     fn feed_frame_header(&mut self, dir: Direction, data: &[u8], ts_ns: u64) -> usize {
         let limit = self.frame_limit();
-        let d = index(dir);
+        let d = dir.index();
         let h = &mut self.halves[d];
         if h.head.is_empty() {
             h.frame_ns = ts_ns;
@@ -1149,7 +1135,7 @@ impl AmqpParser {
     }
 
     fn feed_payload(&mut self, dir: Direction, data: &[u8]) -> usize {
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         let n = usize::try_from(h.left).map_or(data.len(), |l| l.min(data.len()));
         h.left -= n as u64;
         if h.left == 0 {
@@ -1164,7 +1150,7 @@ impl AmqpParser {
     }
 
     fn frame_end(&mut self, dir: Direction, octet: u8, ts_ns: u64) {
-        let d = index(dir);
+        let d = dir.index();
         if octet != FRAME_END {
             self.lose_sync(dir);
             return;
@@ -1205,7 +1191,7 @@ impl AmqpParser {
     }
 
     fn feed_lost(&mut self, dir: Direction, data: &[u8]) {
-        let d = index(dir);
+        let d = dir.index();
         self.count_undecided_scan(d, data.len() as u64);
         if !self.active() {
             return;
@@ -1253,7 +1239,7 @@ impl AmqpParser {
 
     /// Sync is lost in direction `dir`: what was in flight there is dropped.
     fn lose_sync(&mut self, dir: Direction) {
-        let d = index(dir);
+        let d = dir.index();
         let h = &mut self.halves[d];
         h.phase = Phase::Lost;
         h.at_start = false;
@@ -1373,7 +1359,7 @@ impl AmqpParser {
         if let Some(role) = sender(&class) {
             let sent_by_client = role == Role::Client;
             match self.client_dir {
-                None => self.client_dir = Some(if sent_by_client { dir } else { other(dir) }),
+                None => self.client_dir = Some(if sent_by_client { dir } else { dir.opposite() }),
                 Some(c) if (c == dir) != sent_by_client => return,
                 Some(_) => {}
             }
@@ -1869,7 +1855,7 @@ impl AmqpParser {
 
     /// Body octets of the current frame: `data` when captured, else `len` uncaptured.
     fn body_bytes(&mut self, dir: Direction, data: Option<&[u8]>, len: u64) {
-        let channel_id = self.halves[index(dir)].frame.channel;
+        let channel_id = self.halves[dir.index()].frame.channel;
         let Some(c) = self.content_mut(dir, channel_id) else {
             return;
         };
@@ -1907,7 +1893,7 @@ impl AmqpParser {
             let dir = if from_client {
                 self.client_dir
             } else {
-                self.client_dir.map(other)
+                self.client_dir.map(Direction::opposite)
             };
             if let Some(dir) = dir {
                 self.complete_content(dir, channel_id, ts_ns);
@@ -2035,7 +2021,7 @@ impl AmqpParser {
     /// The channel and content a skip in direction `dir` belongs to, if it can be
     /// laid out.
     fn layout_content(&self, dir: Direction) -> Option<(u16, &Content)> {
-        let h = &self.halves[index(dir)];
+        let h = &self.halves[dir.index()];
         let from_client = self.client_dir? == dir;
         let channel_id = match h.phase {
             Phase::Payload | Phase::FrameEnd if h.frame.kind == FRAME_BODY => h.frame.channel,
@@ -2061,7 +2047,7 @@ impl AmqpParser {
 
     /// `len` uncaptured bytes at a point where the rest of a content can be laid out.
     fn skip_laid_out(&mut self, dir: Direction, len: u64, ts_ns: u64) {
-        let d = index(dir);
+        let d = dir.index();
         let Some((channel_id, c)) = self.layout_content(dir) else {
             self.lose_sync(dir);
             return;

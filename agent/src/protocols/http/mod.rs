@@ -205,20 +205,6 @@ impl Default for HttpParser {
     }
 }
 
-fn index(dir: Direction) -> usize {
-    match dir {
-        Direction::Ingress => 0,
-        Direction::Egress => 1,
-    }
-}
-
-fn other(dir: Direction) -> Direction {
-    match dir {
-        Direction::Ingress => Direction::Egress,
-        Direction::Egress => Direction::Ingress,
-    }
-}
-
 /// Progress towards the end of a head after the bytes in `buf`.
 fn eoh_after(buf: &[u8]) -> u8 {
     match buf {
@@ -269,7 +255,7 @@ impl HttpParser {
 
     /// The next bytes of direction `dir`, carried by a syscall at monotonic `ts_ns`.
     pub fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
-        let d = index(dir);
+        let d = dir.index();
         let mut rest = data;
         while !rest.is_empty() && self.active() {
             let phase = self.halves[d].phase;
@@ -294,7 +280,7 @@ impl HttpParser {
         if len == 0 || !self.active() {
             return;
         }
-        let d = index(dir);
+        let d = dir.index();
         let h = &mut self.halves[d];
         h.gapped = true;
         match h.phase {
@@ -338,7 +324,7 @@ impl HttpParser {
         if !self.active() {
             return;
         }
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.gapped = true;
         match h.phase {
             Phase::Stopped => {}
@@ -364,7 +350,7 @@ impl HttpParser {
         }
         if self.decided == Some(true) {
             for dir in [Direction::Ingress, Direction::Egress] {
-                let h = &self.halves[index(dir)];
+                let h = &self.halves[dir.index()];
                 if h.phase == Phase::Body(Body::UntilClose) {
                     let last = h.last_ns;
                     self.finish_message(dir, last);
@@ -372,10 +358,10 @@ impl HttpParser {
             }
             let request_last = self
                 .request_dir
-                .map_or(0, |d| self.halves[index(d)].last_ns);
+                .map_or(0, |d| self.halves[d.index()].last_ns);
             let response_last = self
                 .request_dir
-                .map_or(0, |d| self.halves[index(other(d))].last_ns);
+                .map_or(0, |d| self.halves[d.opposite().index()].last_ns);
             while let Some(mut f) = self.in_flight.pop_front() {
                 if f.dropped {
                     continue;
@@ -452,7 +438,7 @@ impl HttpParser {
     fn lose_sync(&mut self, dir: Direction, at_line_start: bool, placeholder: bool) {
         let is_request = self.is_request_dir(dir);
         let decided = self.decided == Some(true);
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         let before_loss_ns = h.last_ns;
         h.reset_buffer();
         h.gapped = true;
@@ -508,7 +494,7 @@ impl HttpParser {
 
     /// A head could not be parsed: not HTTP if these were the connection's first bytes.
     fn head_failed(&mut self, dir: Direction) {
-        if self.decided.is_none() && !self.halves[index(dir)].gapped {
+        if self.decided.is_none() && !self.halves[dir.index()].gapped {
             self.not_http();
         } else {
             self.lose_sync(dir, true, true);
@@ -519,13 +505,13 @@ impl HttpParser {
         if self.decided.is_none() {
             self.decided = Some(true);
             self.request_dir = Some(request_dir);
-            self.halves[index(request_dir)].kind = Some(Kind::Request);
-            self.halves[index(other(request_dir))].kind = Some(Kind::Response);
+            self.halves[request_dir.index()].kind = Some(Kind::Request);
+            self.halves[request_dir.opposite().index()].kind = Some(Kind::Response);
         }
     }
 
     fn feed_head(&mut self, dir: Direction, data: &[u8], ts_ns: u64) -> usize {
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         let mut used = 0;
         if h.buf.is_empty() {
             // Empty lines before a message are allowed (RFC 9112 section 2.2).
@@ -595,7 +581,7 @@ impl HttpParser {
             },
             None => self.head_failed(dir),
         }
-        self.halves[index(dir)].buf = reuse(buf);
+        self.halves[dir.index()].buf = reuse(buf);
         used
     }
 
@@ -611,7 +597,7 @@ impl HttpParser {
         };
         self.decide(dir);
         let role = self.role().expect("decided");
-        let start = self.halves[index(dir)].start_ns;
+        let start = self.halves[dir.index()].start_ns;
         let seq = self.push_in_flight(InFlight {
             seq: 0,
             exchange: HttpExchange::new(role, head, start),
@@ -619,7 +605,7 @@ impl HttpParser {
             response_done: false,
             dropped: false,
         });
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.target = Some(seq);
         h.capturing = true;
         match framing {
@@ -636,8 +622,8 @@ impl HttpParser {
         framing: &FramingHeaders,
         ts_ns: u64,
     ) {
-        self.decide(other(dir));
-        let start = self.halves[index(dir)].start_ns;
+        self.decide(dir.opposite());
+        let start = self.halves[dir.index()].start_ns;
         if (100..200).contains(&head.status) && head.status != 101 {
             return;
         }
@@ -655,7 +641,7 @@ impl HttpParser {
             f.exchange.response = Some(head);
             f.exchange.response_start_ns = start;
         }
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.target = seq;
         h.capturing = true;
         match framing {
@@ -667,7 +653,7 @@ impl HttpParser {
             Some(Framing::Tunnel) => {
                 self.finish_message(dir, ts_ns);
                 if let Some(req) = self.request_dir {
-                    let h = &self.halves[index(req)];
+                    let h = &self.halves[req.index()];
                     if h.target.is_some() {
                         let last = h.last_ns;
                         self.finish_message(req, last);
@@ -687,7 +673,7 @@ impl HttpParser {
             self.responses_to_drop -= 1;
             return None;
         }
-        let resynced = std::mem::take(&mut self.halves[index(dir)].resynced);
+        let resynced = std::mem::take(&mut self.halves[dir.index()].resynced);
         let front = self.in_flight.front()?.seq;
         self.next_response_seq = self.next_response_seq.max(front);
         let mut chosen = None;
@@ -718,7 +704,7 @@ impl HttpParser {
     }
 
     fn start_chunked(&mut self, dir: Direction) {
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.reset_buffer();
         h.trailer_bytes = 0;
         h.phase = Phase::Body(Body::Chunked(Chunk::Size));
@@ -727,7 +713,7 @@ impl HttpParser {
     /// The current message of `dir` ended with a byte at `ts_ns`.
     fn finish_message(&mut self, dir: Direction, ts_ns: u64) {
         let is_request = self.is_request_dir(dir);
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.phase = Phase::Head;
         h.reset_buffer();
         if let Some(f) = h.target.take().and_then(|seq| self.in_flight_mut(seq)) {
@@ -745,7 +731,7 @@ impl HttpParser {
     /// `len` body bytes of `dir`'s current message; `bytes` when they were captured.
     fn body_bytes(&mut self, dir: Direction, bytes: Option<&[u8]>, len: u64, ts_ns: u64) {
         let is_request = self.is_request_dir(dir);
-        let h = &mut self.halves[index(dir)];
+        let h = &mut self.halves[dir.index()];
         h.last_ns = ts_ns;
         let capturing = h.capturing && bytes.is_some();
         h.capturing = capturing;
@@ -769,7 +755,7 @@ impl HttpParser {
     }
 
     fn feed_body(&mut self, dir: Direction, body: Body, data: &[u8], ts_ns: u64) -> usize {
-        let d = index(dir);
+        let d = dir.index();
         match body {
             Body::UntilClose => {
                 self.body_bytes(dir, Some(data), data.len() as u64, ts_ns);
@@ -850,7 +836,7 @@ impl HttpParser {
         data: &[u8],
         ts_ns: u64,
     ) -> usize {
-        let d = index(dir);
+        let d = dir.index();
         let h = &mut self.halves[d];
         let mut i = 0;
         let mut found = false;
