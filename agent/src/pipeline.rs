@@ -324,7 +324,9 @@ impl Pipeline {
                 self.evict_oldest();
             }
             let info = ConnInfo::from_tuple(tuple);
-            let ours = self.opts.exclude_own_sockets && self.own.is_ours(&info);
+            let ours = self.opts.exclude_own_sockets
+                && self.local_addrs.peer_is_local(&info)
+                && self.own.is_ours(&info);
             if ours {
                 debug!(pid = tgid, fd, peer = %info.remote, "connection from the agent itself; not traced");
             }
@@ -432,7 +434,7 @@ impl Pipeline {
     ) {
         let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
         Metrics::inc(&self.metrics.spans_built);
-        if !self.opts.link_remote_peers && !self.local_addrs.is_local(info.remote.ip()) {
+        if !self.opts.link_remote_peers && !self.local_addrs.peer_is_local(info) {
             // The other end is on another node: no span of ours will pair with it.
             (self.sink)(span);
             return;
@@ -509,10 +511,9 @@ struct OwnSockets {
 }
 
 impl OwnSockets {
+    /// Whether the peer of `info`, already known to be on this node, is one of this
+    /// process's own sockets.
     fn is_ours(&mut self, info: &ConnInfo) -> bool {
-        if !is_this_host(info.remote.ip(), info.local.ip()) {
-            return false;
-        }
         if self.local_ports.contains(&info.remote.port()) {
             return true;
         }
@@ -564,10 +565,6 @@ impl OwnSockets {
     }
 }
 
-fn is_this_host(remote: IpAddr, local: IpAddr) -> bool {
-    remote.is_loopback() || remote == local
-}
-
 /// This node's IP addresses, re-read now and then (interfaces come and go with pods).
 /// Only connections to one of them can have their other end traced here too.
 struct LocalAddrs {
@@ -612,6 +609,12 @@ impl LocalAddrs {
             addrs,
             read_at: std::time::Instant::now(),
         }
+    }
+
+    /// Whether the other end of `info` is on this node: loopback, the connection's own
+    /// local address, or any address of this node.
+    fn peer_is_local(&mut self, info: &ConnInfo) -> bool {
+        info.remote.ip() == info.local.ip() || self.is_local(info.remote.ip())
     }
 
     fn is_local(&mut self, ip: IpAddr) -> bool {
