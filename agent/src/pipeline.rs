@@ -5,7 +5,7 @@
 //! tests that feed it recorded events.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     net::IpAddr,
     sync::Arc,
     time::Duration,
@@ -96,7 +96,8 @@ struct Conn {
 pub struct Pipeline {
     opts: PipelineOptions,
     registry: ProcessRegistry,
-    conns: HashMap<(u32, u32), Conn>,
+    /// By (pid, fd), ordered so that a process's connections are one range.
+    conns: BTreeMap<(u32, u32), Conn>,
     linker: Linker,
     messages: MessageLinker,
     own: OwnSockets,
@@ -122,7 +123,7 @@ impl Pipeline {
             ),
             opts,
             registry: ProcessRegistry::new(),
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
             own: OwnSockets::default(),
             local_addrs: LocalAddrs::read(),
             metrics,
@@ -203,9 +204,8 @@ impl Pipeline {
             Event::Exit { .. } => {
                 let fds: Vec<u32> = self
                     .conns
-                    .keys()
-                    .filter(|(p, _)| *p == h.tgid)
-                    .map(|(_, fd)| *fd)
+                    .range((h.tgid, 0)..=(h.tgid, u32::MAX))
+                    .map(|((_, fd), _)| *fd)
                     .collect();
                 for fd in fds {
                     self.close(h.tgid, fd, h.ts_ns);
@@ -233,8 +233,8 @@ impl Pipeline {
 
     /// Processes with connections now.
     pub fn active_processes(&self) -> Vec<u32> {
+        // Keys are ordered by pid: equal pids are adjacent.
         let mut pids: Vec<u32> = self.conns.keys().map(|(pid, _)| *pid).collect();
-        pids.sort_unstable();
         pids.dedup();
         pids
     }
