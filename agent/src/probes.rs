@@ -225,7 +225,7 @@ impl Probes {
 
         attach_process_hooks(&mut ebpf)?;
         for program in TLS_PROGRAMS {
-            uprobe(&mut ebpf, program)?
+            program_as::<UProbe>(&mut ebpf, program)?
                 .load()
                 .map_err(|source| ProbeError::Program { program, source })?;
         }
@@ -303,7 +303,7 @@ impl Probes {
             hooks.extend(go.returns.iter().map(|r| ("go_tls_ret", *r)));
         }
         for (program, offset) in hooks {
-            let probe = uprobe(&mut self.ebpf, program)?;
+            let probe = program_as::<UProbe>(&mut self.ebpf, program)?;
             probe
                 .attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
@@ -413,6 +413,18 @@ fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
     }
 }
 
+/// The program `name` of the object, as the program type `P` it must be.
+fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    program.try_into().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })
+}
+
 const TLS_PROGRAMS: [&str; 8] = [
     "ssl_read_enter",
     "ssl_write_enter",
@@ -424,33 +436,13 @@ const TLS_PROGRAMS: [&str; 8] = [
     "go_tls_ret",
 ];
 
-fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
-    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    program.try_into().map_err(|source| ProbeError::Program {
-        program: name,
-        source,
-    })
-}
-
-fn tracepoint<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut TracePoint, ProbeError> {
-    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    let tp: &mut TracePoint = program.try_into().map_err(|source| ProbeError::Program {
-        program: name,
-        source,
-    })?;
-    Ok(tp)
-}
-
 fn attach_tp(
     ebpf: &mut Ebpf,
     program: &'static str,
     category: &str,
     names: &[&str],
 ) -> Result<(), ProbeError> {
-    let tp = tracepoint(ebpf, program)?;
+    let tp = program_as::<TracePoint>(ebpf, program)?;
     tp.load()
         .map_err(|source| ProbeError::Program { program, source })?;
     for name in names {
@@ -493,11 +485,8 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 /// Detaches and unloads whatever kprobes did attach, so that no syscall is seen twice.
 fn unload_kprobes(ebpf: &mut Ebpf) {
     for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
-        if let Some(program) = ebpf.program_mut(hook.kp_program) {
-            let kp: Result<&mut KProbe, _> = program.try_into();
-            if let Ok(kp) = kp {
-                let _ = kp.unload();
-            }
+        if let Ok(kp) = program_as::<KProbe>(ebpf, hook.kp_program) {
+            let _ = kp.unload();
         }
     }
 }
@@ -506,7 +495,7 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     // Load every program first, so that the verifier's verdict on all of them comes
     // before any attaches.
     for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
-        kprobe(ebpf, hook.kp_program)?
+        program_as::<KProbe>(ebpf, hook.kp_program)?
             .load()
             .map_err(|source| ProbeError::Program {
                 program: hook.kp_program,
@@ -515,7 +504,7 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     }
     for hook in IO_HOOKS.iter().chain(OTHER_HOOKS) {
         let program = hook.kp_program;
-        let kp = kprobe(ebpf, program)?;
+        let kp = program_as::<KProbe>(ebpf, program)?;
         for sys in hook.syscalls {
             let symbol = format!("__x64_sys_{sys}");
             let kind = if hook.on_return {
@@ -531,12 +520,4 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         }
     }
     Ok(())
-}
-
-fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbeError> {
-    let program = ebpf.program_mut(name).ok_or(ProbeError::MissingMap(name))?;
-    program.try_into().map_err(|source| ProbeError::Program {
-        program: name,
-        source,
-    })
 }
