@@ -5,8 +5,7 @@
 //! saves a wake-up per event under load.
 
 use agent_common::{
-    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_ARGS, MAX_ENV, MAX_PAYLOAD,
-    ProcEvent, SockInfo, lost,
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, ProcEvent, SockInfo, lost,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -58,8 +57,28 @@ pub fn conn_event(kind: EventKind, pid_tgid: u64, fd: u32, info: &SockInfo, ret:
     });
 }
 
+/// Copies the user memory range `start..end` (at most N bytes) into `dst`; returns the
+/// bytes copied, 0 when there is no range or it cannot be read.
+#[inline(always)]
+fn read_user_range<const N: usize>(dst: *mut [u8; N], range: Option<(u64, u64)>) -> u32 {
+    let Some((start, end)) = range else { return 0 };
+    let mut n = end.saturating_sub(start);
+    if n > N as u64 {
+        n = N as u64;
+    }
+    let dst = dst.cast::<core::ffi::c_void>();
+    if n > 0
+        && unsafe { bpf_probe_read_user(dst, n as u32, start as *const core::ffi::c_void) } == 0
+    {
+        n as u32
+    } else {
+        0
+    }
+}
+
 /// An exec or exit event, written straight into the ring buffer (it is too big for
-/// the stack). `args` is the user address range of the command line, for exec.
+/// the stack). `args` and `env` are the user address ranges of the command line and
+/// the environment, for exec.
 #[inline(always)]
 pub fn proc_event(
     kind: EventKind,
@@ -76,29 +95,9 @@ pub fn proc_event(
     unsafe {
         (*ev).header = header(kind, pid_tgid, 0);
         (*ev).exit_code = exit_code;
-        (*ev).args_len = 0;
-        (*ev).env_len = 0;
         (*ev).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
-        if let Some((start, end)) = args {
-            let mut n = end.saturating_sub(start);
-            if n > MAX_ARGS as u64 {
-                n = MAX_ARGS as u64;
-            }
-            let dst = (&raw mut (*ev).args).cast::<core::ffi::c_void>();
-            if n > 0 && bpf_probe_read_user(dst, n as u32, start as *const core::ffi::c_void) == 0 {
-                (*ev).args_len = n as u32;
-            }
-        }
-        if let Some((start, end)) = env {
-            let mut n = end.saturating_sub(start);
-            if n > MAX_ENV as u64 {
-                n = MAX_ENV as u64;
-            }
-            let dst = (&raw mut (*ev).env).cast::<core::ffi::c_void>();
-            if n > 0 && bpf_probe_read_user(dst, n as u32, start as *const core::ffi::c_void) == 0 {
-                (*ev).env_len = n as u32;
-            }
-        }
+        (*ev).args_len = read_user_range(&raw mut (*ev).args, args);
+        (*ev).env_len = read_user_range(&raw mut (*ev).env, env);
     }
     // An exec is rare and its /proc entry may vanish soon (a curl lives for
     // milliseconds): wake the reader at once.
