@@ -7,7 +7,11 @@ fn main() -> anyhow::Result<()> {
     let toolchain =
         std::env::var("SONDE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly-2026-05-20".into());
     println!("cargo:rerun-if-env-changed=SONDE_EBPF_TOOLCHAIN");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent-ebpf");
+    // Read at run time, not baked in with env!: cargo shares a build script's binary
+    // between checkouts of the same workspace (it hashes path packages by their place
+    // in the workspace), and a baked path would build another checkout's programs.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = std::path::Path::new(&manifest_dir).join("../agent-ebpf");
     let root = root.to_str().expect("the workspace path is UTF-8");
     aya_build::build_ebpf(
         [aya_build::Package {
