@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{DropReason, Metrics};
 
 /// Longest request head accepted; the routes take no body.
 const MAX_HEAD: usize = 8 * 1024;
@@ -182,6 +182,8 @@ fn render_metrics(metrics: &Metrics) -> String {
         bytes_skipped,
         spans_waiting,
         ready,
+        export_queue_spans,
+        export_queue_bytes,
     } = metrics;
     let mut out = String::with_capacity(2048);
     let mut counter = |name: &str, help: &str, value: &AtomicU64| {
@@ -218,11 +220,6 @@ fn render_metrics(metrics: &Metrics) -> String {
         spans_exported,
     );
     counter(
-        "sonde_spans_dropped_total",
-        "Spans dropped before delivery (queue full, refused, out of retries).",
-        spans_dropped,
-    );
-    counter(
         "sonde_export_failures_total",
         "Failed export attempts, each retry counted.",
         export_failures,
@@ -242,6 +239,22 @@ fn render_metrics(metrics: &Metrics) -> String {
         "Stream bytes that passed without being captured.",
         bytes_skipped,
     );
+    let name = "sonde_spans_dropped_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Spans dropped before delivery, by reason: queue_full (the export \
+         queue was at its bound), expired (older than the queue's age bound), rejected \
+         (refused by the receiver), write_failed (stdout or file), shutdown (still queued \
+         when the agent stopped).\n# TYPE {name} counter"
+    );
+    for reason in DropReason::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\"}} {}",
+            reason.label(),
+            spans_dropped.get(reason)
+        );
+    }
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,
@@ -257,6 +270,16 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_spans_waiting",
         "Spans held for the other end of their connection or message.",
         spans_waiting.load(Ordering::Relaxed),
+    );
+    gauge(
+        "sonde_export_queue_spans",
+        "Spans in the export queue or in a batch being sent.",
+        export_queue_spans.load(Ordering::Relaxed),
+    );
+    gauge(
+        "sonde_export_queue_bytes",
+        "Protobuf-encoded bytes of those spans (the queue is bounded by this).",
+        export_queue_bytes.load(Ordering::Relaxed),
     );
     gauge(
         "sonde_ready",
@@ -307,6 +330,7 @@ mod tests {
 
         Metrics::add(&metrics.spans_exported, 42);
         Metrics::add(&metrics.connections_tracked, 7);
+        metrics.spans_dropped.add(DropReason::Expired, 3);
         let (status, body) = get(addr, &request("GET", "/metrics")).await;
         assert_eq!(status, 200);
         for line in [
@@ -318,7 +342,13 @@ mod tests {
             "sonde_bytes_total 0",
             "sonde_events_lost_total 0",
             "sonde_spans_built_total 0",
-            "sonde_spans_dropped_total 0",
+            "sonde_spans_dropped_total{reason=\"queue_full\"} 0",
+            "sonde_spans_dropped_total{reason=\"expired\"} 3",
+            "sonde_spans_dropped_total{reason=\"rejected\"} 0",
+            "sonde_spans_dropped_total{reason=\"write_failed\"} 0",
+            "sonde_spans_dropped_total{reason=\"shutdown\"} 0",
+            "sonde_export_queue_spans 0",
+            "sonde_export_queue_bytes 0",
             "sonde_export_failures_total 0",
             "sonde_parse_failures_total 0",
             "sonde_ready 1",

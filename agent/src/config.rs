@@ -1,12 +1,12 @@
 //! Command line. Every runtime knob is a flag with a `SONDE_*` environment equivalent;
 //! the standard OTEL_EXPORTER_OTLP_* variables configure OTLP export.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    export::{self, OtlpConfig, OtlpOptions, Output},
+    export::{self, Destination, OtlpConfig, OtlpOptions, Output, QueueConfig},
     probes::Backend,
 };
 
@@ -72,6 +72,16 @@ pub struct OutputArgs {
     /// PEM file of CA certificates to trust for an https OTLP endpoint.
     #[arg(long, env = "SONDE_OTLP_CA_FILE")]
     pub otlp_ca_file: Option<PathBuf>,
+
+    /// Most MiB of spans (protobuf-encoded) waiting for export, retries included;
+    /// spans beyond it are dropped and counted (reason queue_full).
+    #[arg(long, env = "SONDE_EXPORT_QUEUE_MB", default_value_t = export::config::DEFAULT_QUEUE_MB)]
+    pub export_queue_mb: usize,
+
+    /// Longest a span waits for export while the receiver is down (e.g. 90s, 5m, 1h);
+    /// older spans are dropped and counted (reason expired).
+    #[arg(long, env = "SONDE_EXPORT_MAX_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub export_max_age: Duration,
 }
 
 impl OutputArgs {
@@ -92,18 +102,20 @@ impl OutputArgs {
         } else {
             OutputKind::Stdout
         });
-        Ok(match kind {
-            OutputKind::Stdout => Output::Stdout,
+        let destination = match kind {
+            OutputKind::Stdout => Destination::Stdout,
             OutputKind::OtlpJson => {
                 let Some(path) = self.output_file.clone() else {
                     anyhow::bail!(
                         "--output otlp-json needs --output-file PATH (or SONDE_OUTPUT_FILE)"
                     );
                 };
-                Output::OtlpJson { path }
+                Destination::OtlpJson { path }
             }
-            OutputKind::Otlp => Output::Otlp(OtlpConfig::resolve(&env, &otlp)?),
-        })
+            OutputKind::Otlp => Destination::Otlp(OtlpConfig::resolve(&env, &otlp)?),
+        };
+        let queue = QueueConfig::resolve(&env, self.export_queue_mb, self.export_max_age)?;
+        Ok(Output { destination, queue })
     }
 }
 

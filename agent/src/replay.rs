@@ -42,7 +42,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent_common::{
@@ -63,7 +63,7 @@ use tracing::warn;
 use crate::{
     config::ReplayArgs,
     events::Event,
-    export::{self, BatchConfig, Output},
+    export,
     pipeline::{Pipeline, PipelineOptions, Sink},
     spans::Resource,
     telemetry::Metrics,
@@ -160,19 +160,17 @@ pub struct Outcome {
 pub async fn run(args: ReplayArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let output = args.out.resolve()?;
-    let queue = match &output {
-        Output::Otlp(config) => config.batch.max_queue_size,
-        _ => BatchConfig::default().max_queue_size,
-    };
     let (exporter, export_task) = export::spawn(output, metrics.clone())?;
-    let sink = patient_sink(exporter, metrics.clone(), (queue as u64 / 2).max(1));
+    // A capture is read much faster than spans are sent, and unlike the live agent a
+    // replay can wait for room in the export queue instead of dropping.
+    let sink: Sink = Box::new(move |span| exporter.export_waiting(span));
     let path = args.file.clone();
     let pipeline_metrics = metrics.clone();
     let outcome =
         tokio::task::spawn_blocking(move || replay_file(&path, pipeline_metrics, sink)).await?;
     export_task.shutdown(Duration::from_secs(30)).await;
     eprintln!("sonde replay: {}: {}", args.file.display(), outcome.summary);
-    let dropped = metrics.spans_dropped.load(Ordering::Relaxed);
+    let dropped = metrics.spans_dropped.total();
     if dropped > 0 {
         warn!(dropped, "some spans could not be exported");
     }
@@ -180,32 +178,6 @@ pub async fn run(args: ReplayArgs) -> Result<()> {
         Some(error) => Err(error.into()),
         None => Ok(()),
     }
-}
-
-/// A sink that waits while `limit` spans are with the exporter and not yet exported or
-/// dropped: a capture is read much faster than spans are sent, and unlike the live
-/// agent a replay can wait instead of dropping. It stops waiting when the exporter
-/// makes no progress for a while (its task ended), and the spans are then dropped and
-/// counted as usual.
-fn patient_sink(handle: export::ExporterHandle, metrics: Arc<Metrics>, limit: u64) -> Sink {
-    let mut handed = 0u64;
-    Box::new(move |span| {
-        let done = || {
-            metrics.spans_exported.load(Ordering::Relaxed)
-                + metrics.spans_dropped.load(Ordering::Relaxed)
-        };
-        let mut last = done();
-        let mut since = Instant::now();
-        while handed.saturating_sub(done()) >= limit && since.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-            if done() != last {
-                last = done();
-                since = Instant::now();
-            }
-        }
-        handle.export(span);
-        handed += 1;
-    })
 }
 
 /// Replays the capture at `path` through a new pipeline whose spans go to `sink`.

@@ -19,8 +19,8 @@ pub struct Metrics {
     pub spans_built: AtomicU64,
     /// Spans an exporter delivered.
     pub spans_exported: AtomicU64,
-    /// Spans dropped because the export queue was full.
-    pub spans_dropped: AtomicU64,
+    /// Spans dropped before delivery, by reason.
+    pub spans_dropped: SpansDropped,
     /// Failed export attempts (each retry counts).
     pub export_failures: AtomicU64,
     /// Connections whose bytes could not be parsed by any protocol parser.
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub spans_waiting: AtomicU64,
     /// True once every probe is attached.
     pub ready: AtomicBool,
+    /// Spans in the export queue or in a batch being sent (a gauge).
+    pub export_queue_spans: AtomicU64,
+    /// Their protobuf-encoded size in bytes, what the queue is bounded by (a gauge).
+    pub export_queue_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -44,5 +48,60 @@ impl Metrics {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Why a span was dropped before delivery: the `reason` label of
+/// `sonde_spans_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The export queue was at its byte (or span) bound when the span came.
+    QueueFull,
+    /// The span waited longer than the queue's age bound (the receiver was down).
+    Expired,
+    /// The receiver refused it for good (a permanent error, or partial success).
+    Rejected,
+    /// Writing it to stdout or the output file failed.
+    WriteFailed,
+    /// The agent stopped before it could be delivered.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::Rejected,
+        DropReason::WriteFailed,
+        DropReason::Shutdown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::Rejected => "rejected",
+            DropReason::WriteFailed => "write_failed",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One counter per [`DropReason`].
+#[derive(Debug, Default)]
+pub struct SpansDropped([AtomicU64; DropReason::ALL.len()]);
+
+impl SpansDropped {
+    pub fn add(&self, reason: DropReason, n: u64) {
+        self.0[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Dropped for any reason.
+    pub fn total(&self) -> u64 {
+        DropReason::ALL.iter().map(|&r| self.get(r)).sum()
     }
 }

@@ -15,6 +15,10 @@
 //!   HTTP/1.1 to a gRPC port fails in ways that are hard to read at night;
 //! - headers are `key=value` pairs separated by commas, percent-decoded, keys
 //!   lower-cased (gRPC metadata keys must be); timeouts are milliseconds.
+//!
+//! [`QueueConfig`] bounds the export queue for every output: by encoded bytes and by
+//! age from the command line, and by span count only when `OTEL_BSP_MAX_QUEUE_SIZE`
+//! is set.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -59,8 +63,6 @@ pub struct OtlpOptions {
 /// Batching, after the `OTEL_BSP_*` variables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchConfig {
-    /// Spans waiting to be exported; beyond this they are dropped and counted.
-    pub max_queue_size: usize,
     /// Spans in one export request.
     pub max_export_batch_size: usize,
     /// Longest a span waits for its batch to fill.
@@ -68,34 +70,93 @@ pub struct BatchConfig {
 }
 
 impl Default for BatchConfig {
-    /// The specification's sizes; a 1 s delay instead of its 5 s, because people
+    /// The specification's batch size; a 1 s delay instead of its 5 s, because people
     /// looking for a request in Jaeger have usually just made it.
     fn default() -> Self {
         BatchConfig {
-            // The SDK default is 2048; an agent speaks for every service of a node,
-            // so it queues more before it drops.
-            max_queue_size: 16384,
             max_export_batch_size: 512,
             scheduled_delay: Duration::from_millis(1000),
         }
     }
 }
 
-/// Retries of transient failures, with exponential backoff and jitter.
+/// What the export queue holds at most: spans waiting for export and those in the
+/// batch being sent (and retried). A span that would pass a bound is dropped and
+/// counted (`queue_full`); a span older than `max_age` is dropped and counted
+/// (`expired`). Nothing else drops a span while the receiver is down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The spans' protobuf-encoded size (as they go over the wire), in bytes.
+    pub max_bytes: usize,
+    /// Longest a span may wait for delivery, retries included.
+    pub max_age: Duration,
+    /// Spans, when `OTEL_BSP_MAX_QUEUE_SIZE` asks for a bound by count as well.
+    pub max_spans: Option<usize>,
+}
+
+/// `--export-queue-mb`'s default.
+pub const DEFAULT_QUEUE_MB: usize = 64;
+/// `--export-max-age`'s default.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_bytes: DEFAULT_QUEUE_MB << 20,
+            max_age: DEFAULT_MAX_AGE,
+            max_spans: None,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The bounds from the command line (`--export-queue-mb`, `--export-max-age`) and
+    /// `OTEL_BSP_MAX_QUEUE_SIZE` in `env`.
+    pub fn resolve(
+        env: &HashMap<String, String>,
+        max_mb: usize,
+        max_age: Duration,
+    ) -> Result<Self, ExportError> {
+        let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let max_bytes = max_mb
+            .checked_mul(1 << 20)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| ExportError::InvalidSetting {
+                name: "--export-queue-mb",
+                value: max_mb.to_string(),
+                expected: "a positive number of MiB that fits in memory",
+            })?;
+        if max_age.is_zero() {
+            return Err(ExportError::InvalidSetting {
+                name: "--export-max-age",
+                value: "0".to_owned(),
+                expected: "a positive duration such as 30s or 5m",
+            });
+        }
+        Ok(QueueConfig {
+            max_bytes,
+            max_age,
+            max_spans: count_var(&get, "OTEL_BSP_MAX_QUEUE_SIZE")?,
+        })
+    }
+}
+
+/// Retries of transient failures: exponential backoff with jitter, capped, until the
+/// spans are delivered, refused for good, or older than [`QueueConfig::max_age`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryConfig {
-    /// Attempts per batch, the first included.
-    pub max_attempts: u32,
+    /// The first wait; each further failure doubles it.
     pub initial_backoff: Duration,
+    /// The longest wait between attempts (a receiver's Retry-After may ask for more).
     pub max_backoff: Duration,
 }
 
 impl Default for RetryConfig {
+    /// A receiver back after an outage gets its spans within about 10 s.
     fn default() -> Self {
         RetryConfig {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -221,11 +282,8 @@ impl OtlpConfig {
         });
 
         let defaults = BatchConfig::default();
-        let max_queue_size =
-            count_var(&get, "OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(defaults.max_queue_size);
         let max_export_batch_size = count_var(&get, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?
-            .unwrap_or(defaults.max_export_batch_size)
-            .min(max_queue_size);
+            .unwrap_or(defaults.max_export_batch_size);
         let scheduled_delay =
             millis_var(&get, "OTEL_BSP_SCHEDULE_DELAY")?.unwrap_or(defaults.scheduled_delay);
 
@@ -236,7 +294,6 @@ impl OtlpConfig {
             timeout,
             ca_file,
             batch: BatchConfig {
-                max_queue_size,
                 max_export_batch_size,
                 scheduled_delay,
             },
@@ -563,16 +620,55 @@ mod tests {
     }
 
     #[test]
-    fn batch_variables_are_read_and_batch_fits_queue() {
+    fn batch_variables_are_read() {
         let c = resolve(&[
-            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500"),
             ("OTEL_BSP_SCHEDULE_DELAY", "250"),
         ])
         .unwrap();
-        assert_eq!(c.batch.max_queue_size, 100);
-        assert_eq!(c.batch.max_export_batch_size, 100);
+        assert_eq!(c.batch.max_export_batch_size, 500);
         assert_eq!(c.batch.scheduled_delay, Duration::from_millis(250));
-        assert!(resolve(&[("OTEL_BSP_MAX_QUEUE_SIZE", "0")]).is_err());
+        assert!(resolve(&[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0")]).is_err());
+    }
+
+    #[test]
+    fn queue_is_bounded_by_bytes_and_age_and_by_count_only_when_asked() {
+        let q = QueueConfig::resolve(&env(&[]), 64, Duration::from_secs(300)).unwrap();
+        assert_eq!(q, QueueConfig::default());
+        assert_eq!(q.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(q.max_spans, None);
+
+        let q = QueueConfig::resolve(
+            &env(&[("OTEL_BSP_MAX_QUEUE_SIZE", "100")]),
+            1,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(q.max_bytes, 1 << 20);
+        assert_eq!(q.max_age, Duration::from_secs(2));
+        assert_eq!(q.max_spans, Some(100));
+    }
+
+    #[test]
+    fn unusable_queue_bounds_are_refused_by_name() {
+        let zero_mb = QueueConfig::resolve(&env(&[]), 0, DEFAULT_MAX_AGE).unwrap_err();
+        assert!(
+            zero_mb.to_string().contains("--export-queue-mb"),
+            "{zero_mb}"
+        );
+        let huge = QueueConfig::resolve(&env(&[]), usize::MAX, DEFAULT_MAX_AGE).unwrap_err();
+        assert!(huge.to_string().contains("--export-queue-mb"), "{huge}");
+        let no_age = QueueConfig::resolve(&env(&[]), 64, Duration::ZERO).unwrap_err();
+        assert!(no_age.to_string().contains("--export-max-age"), "{no_age}");
+        let bad_count = QueueConfig::resolve(
+            &env(&[("OTEL_BSP_MAX_QUEUE_SIZE", "0")]),
+            64,
+            DEFAULT_MAX_AGE,
+        )
+        .unwrap_err();
+        assert!(
+            bad_count.to_string().contains("OTEL_BSP_MAX_QUEUE_SIZE"),
+            "{bad_count}"
+        );
     }
 }

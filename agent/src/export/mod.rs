@@ -1,45 +1,59 @@
 //! Exporters: finished [`Span`]s out of the agent, to stdout, to an OTLP JSON file, or
 //! over OTLP (gRPC or HTTP/protobuf) to a collector or Jaeger.
 //!
-//! The pipeline hands spans to an [`ExporterHandle`], which never blocks: spans go
-//! into a bounded queue, and when it is full they are dropped and counted in
-//! `spans_dropped`. One task drains the queue in batches (up to
-//! `max_export_batch_size` spans, or whatever arrived within `scheduled_delay`),
-//! turns each batch into one `ExportTraceServiceRequest` (see [`otlp`]) and sends it,
-//! retrying transient failures with backoff. Every span ends up counted exactly once:
-//! `spans_exported`, or `spans_dropped` (queue full, refused by the receiver, out of
-//! retries, or still queued when shutdown ran out of time).
+//! The pipeline hands spans to an [`ExporterHandle`], which never blocks: each span is
+//! put in the form its sink sends (a text line, or its OTLP protobuf) and goes into
+//! the export [`queue`], bounded by those encoded bytes, by age and, when
+//! `OTEL_BSP_MAX_QUEUE_SIZE` asks, by count. One task drains the queue in batches (up
+//! to `max_export_batch_size` spans, or whatever arrived within `scheduled_delay`).
+//! Over OTLP a batch is one `ExportTraceServiceRequest` (see [`otlp`]), sent and,
+//! while the receiver is down, overloaded or unreachable, retried with capped
+//! exponential backoff (see [`deliver`]) until it is delivered or its spans are too
+//! old. Every span is counted exactly once: `spans_exported`, or `spans_dropped` with
+//! its reason (queue full, expired, rejected by the receiver, write failed, or still
+//! queued when shutdown ran out of time).
 
 pub mod config;
+mod deliver;
 pub mod otlp;
+mod queue;
 pub mod stdout;
 #[cfg(test)]
 mod tests;
 mod transport;
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
+use prost::Message;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::warn;
 
 pub use config::{
-    BatchConfig, OtlpConfig, OtlpOptions, Protocol, RetryConfig, endpoint_configured,
+    BatchConfig, OtlpConfig, OtlpOptions, Protocol, QueueConfig, RetryConfig, endpoint_configured,
 };
 
-use crate::spans::Span;
-use crate::telemetry::Metrics;
-use transport::{SendError, Transport};
+use crate::spans::{Resource, Span};
+use crate::telemetry::{DropReason, Metrics};
+use queue::{Entry, Outcome, Queue};
+use transport::Transport;
+
+/// Where spans go, and how much may wait on the way.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub destination: Destination,
+    pub queue: QueueConfig,
+}
 
 /// Where spans go.
 #[derive(Clone, Debug)]
-pub enum Output {
+pub enum Destination {
     /// One readable line per span (see [`stdout::format_line`]).
     Stdout,
     /// The OTLP file exporter's format: one JSON `ExportTraceServiceRequest` per line,
@@ -85,292 +99,239 @@ pub enum ExportError {
     NoRuntime,
 }
 
-/// Where the pipeline hands spans over. Cheap to clone; never blocks.
+/// Where the pipeline hands spans over. Cheap to clone.
 #[derive(Clone)]
 pub struct ExporterHandle {
-    queue: mpsc::Sender<Span>,
-    accounting: Arc<Accounting>,
+    intake: Arc<dyn Intake>,
 }
 
 impl ExporterHandle {
     /// Queues `span` for export, or drops and counts it if the queue is full or the
-    /// exporter has shut down.
+    /// exporter has shut down. Never blocks.
     pub fn export(&self, span: Span) {
-        // Counted before sending so the worker never un-counts a span not yet counted.
-        self.accounting.pending.fetch_add(1, Ordering::Relaxed);
-        if self.queue.try_send(span).is_err() {
-            self.accounting.dropped(1);
-        }
+        self.intake.offer(span, false);
+    }
+
+    /// Queues `span`, waiting while the queue is full rather than dropping it: for a
+    /// producer that can wait (a replay reads a capture faster than spans are sent).
+    /// Blocks the calling thread, so call it only from a thread of its own. Room comes
+    /// as spans are delivered, refused, or expire; a span larger than the whole queue,
+    /// or one offered after shutdown, is dropped and counted at once.
+    pub fn export_waiting(&self, span: Span) {
+        self.intake.offer(span, true);
     }
 }
 
-/// The running export task; [`Exporter::shutdown`] flushes and stops it.
+/// The running export task; [`Exporter::shutdown`] flushes and stops it. Dropped
+/// without a shutdown, it closes the queue and lets the task finish on its own.
 pub struct Exporter {
-    stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
-    accounting: Arc<Accounting>,
+    intake: Arc<dyn Intake>,
 }
 
 impl Exporter {
-    /// Stops taking spans, exports what is queued, and returns when done or when
-    /// `deadline` has passed; spans still queued then are counted as dropped.
+    /// Stops taking spans, exports what is queued (retrying as usual), and returns
+    /// when done or when `deadline` has passed; spans still queued or being sent then
+    /// are counted as dropped (`shutdown`).
     pub async fn shutdown(mut self, deadline: Duration) {
-        // The task may have ended on its own; then there is nobody to tell.
-        let _ = self.stop.send(());
+        self.intake.close();
         if tokio::time::timeout(deadline, &mut self.task)
             .await
             .is_err()
         {
             self.task.abort();
-            let lost = self.accounting.pending.swap(0, Ordering::Relaxed);
-            Metrics::add(&self.accounting.metrics.spans_dropped, lost);
+            let lost = self.intake.abandon();
             warn!(
                 lost,
                 ?deadline,
-                "export did not finish before the shutdown deadline"
+                "export did not finish before the shutdown deadline; spans dropped"
             );
         }
     }
 }
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.intake.close();
+    }
+}
+
+/// Waits between retries: `tokio::time::sleep`, or a recorder in tests.
+type Pause = Arc<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Starts the export task for `output`. Must be called inside a tokio runtime.
 pub fn spawn(
     output: Output,
     metrics: Arc<Metrics>,
 ) -> Result<(ExporterHandle, Exporter), ExportError> {
+    spawn_pausing_with(
+        output,
+        metrics,
+        Arc::new(|wait| Box::pin(tokio::time::sleep(wait))),
+    )
+}
+
+fn spawn_pausing_with(
+    output: Output,
+    metrics: Arc<Metrics>,
+    pause: Pause,
+) -> Result<(ExporterHandle, Exporter), ExportError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
-    let immediate = BatchConfig {
-        scheduled_delay: Duration::ZERO,
-        ..BatchConfig::default()
-    };
-    let (sink, batch) = match output {
-        Output::Stdout => (Sink::Stdout, immediate),
-        Output::OtlpJson { path } => {
+    let immediate = BatchConfig::default().max_export_batch_size;
+    let limits = output.queue;
+    let (intake, task): (Arc<dyn Intake>, _) = match output.destination {
+        Destination::Stdout => {
+            let queue = Arc::new(Queue::<Line>::new(limits, immediate, metrics));
+            let task = runtime.spawn(write_lines(Arc::clone(&queue)));
+            (queue, task)
+        }
+        Destination::OtlpJson { path } => {
             let file = File::options()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(|error| ExportError::OpenFile { path, error })?;
-            (Sink::JsonLines(Arc::new(file)), immediate)
+            let queue = Arc::new(Queue::<OtlpItem>::new(limits, immediate, metrics));
+            let task = runtime.spawn(write_json(Arc::clone(&queue), Arc::new(file)));
+            (queue, task)
         }
-        Output::Otlp(config) => {
+        Destination::Otlp(config) => {
             let transport = Transport::new(&config)?;
-            (
-                Sink::Otlp {
-                    transport: Box::new(transport),
-                    retry: config.retry,
-                },
-                config.batch,
-            )
+            let max_age = limits.max_age;
+            let queue = Arc::new(Queue::<OtlpItem>::new(
+                limits,
+                config.batch.max_export_batch_size,
+                Arc::clone(&metrics),
+            ));
+            let task = runtime.spawn(deliver::run(deliver::Delivery {
+                queue: Arc::clone(&queue),
+                transport,
+                retry: config.retry,
+                delay: config.batch.scheduled_delay,
+                max_age,
+                metrics,
+                pause,
+            }));
+            (queue, task)
         }
     };
-    let accounting = Arc::new(Accounting {
-        metrics,
-        pending: AtomicU64::new(0),
-    });
-    let (queue, rx) = mpsc::channel(batch.max_queue_size.max(1));
-    let (stop, stopped) = oneshot::channel();
-    let worker = Worker {
-        rx,
-        sink,
-        batch,
-        accounting: Arc::clone(&accounting),
-    };
-    let task = runtime.spawn(worker.run(stopped));
     Ok((
         ExporterHandle {
-            queue,
-            accounting: Arc::clone(&accounting),
+            intake: Arc::clone(&intake),
         },
-        Exporter {
-            stop,
-            task,
-            accounting,
-        },
+        Exporter { task, intake },
     ))
 }
 
-/// The counters, and how many spans are queued or in a batch and not yet counted
-/// either way (what a shutdown that runs out of time loses).
-struct Accounting {
-    metrics: Arc<Metrics>,
-    pending: AtomicU64,
+/// The queue as the handle sees it, whatever form its sink sends spans in.
+trait Intake: Send + Sync {
+    fn offer(&self, span: Span, wait: bool);
+    fn close(&self);
+    fn abandon(&self) -> u64;
 }
 
-impl Accounting {
-    fn exported(&self, n: u64) {
-        self.pending.fetch_sub(n, Ordering::Relaxed);
-        Metrics::add(&self.metrics.spans_exported, n);
-    }
-
-    fn dropped(&self, n: u64) {
-        self.pending.fetch_sub(n, Ordering::Relaxed);
-        Metrics::add(&self.metrics.spans_dropped, n);
-    }
+/// A span in the form a sink sends it, and that form's size in bytes.
+trait Item: Sized + Send + 'static {
+    fn prepare(span: Span) -> (Self, usize);
 }
 
-enum Sink {
-    Stdout,
-    JsonLines(Arc<File>),
-    Otlp {
-        // Boxed: it dwarfs the other sinks.
-        transport: Box<Transport>,
-        retry: RetryConfig,
-    },
-}
-
-struct Worker {
-    rx: mpsc::Receiver<Span>,
-    sink: Sink,
-    batch: BatchConfig,
-    accounting: Arc<Accounting>,
-}
-
-impl Worker {
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let max = self.batch.max_export_batch_size.max(1);
-        let mut batch: Vec<Span> = Vec::with_capacity(max);
-        let mut due: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                biased;
-                // A dropped Exporter stops the task too.
-                _ = &mut stop => break,
-                received = self.rx.recv() => {
-                    let Some(span) = received else { break };
-                    batch.push(span);
-                    while batch.len() < max {
-                        match self.rx.try_recv() {
-                            Ok(span) => batch.push(span),
-                            Err(_) => break,
-                        }
-                    }
-                    if batch.len() >= max || self.batch.scheduled_delay.is_zero() {
-                        self.flush(std::mem::take(&mut batch)).await;
-                        due = None;
-                    } else if due.is_none() {
-                        due = Some(Instant::now() + self.batch.scheduled_delay);
-                    }
-                }
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    self.flush(std::mem::take(&mut batch)).await;
-                    due = None;
-                }
-            }
-        }
-        // From here on export() finds the queue closed and counts its spans dropped.
-        self.rx.close();
-        while let Some(span) = self.rx.recv().await {
-            batch.push(span);
-            if batch.len() >= max {
-                self.flush(std::mem::take(&mut batch)).await;
-            }
-        }
-        self.flush(batch).await;
-    }
-
-    async fn flush(&mut self, spans: Vec<Span>) {
-        if spans.is_empty() {
-            return;
-        }
-        let n = spans.len() as u64;
-        let metrics = &self.accounting.metrics;
-        match &mut self.sink {
-            Sink::Stdout => {
-                let written = tokio::task::spawn_blocking(move || {
-                    let mut out = io::stdout().lock();
-                    for span in &spans {
-                        writeln!(out, "{}", stdout::format_line(span))?;
-                    }
-                    out.flush()
-                })
-                .await;
-                self.account_write(n, written);
-            }
-            Sink::JsonLines(file) => {
-                let file = Arc::clone(file);
-                let written = tokio::task::spawn_blocking(move || {
-                    let mut line =
-                        serde_json::to_vec(&otlp::to_request(&spans)).map_err(io::Error::from)?;
-                    line.push(b'\n');
-                    // One write per line, so concurrent readers never see half a line
-                    // followed by another.
-                    (&*file).write_all(&line)?;
-                    (&*file).flush()
-                })
-                .await;
-                self.account_write(n, written);
-            }
-            Sink::Otlp { transport, retry } => {
-                let request = otlp::to_request(&spans);
-                drop(spans);
-                match send_with_retry(transport, retry, &request, metrics).await {
-                    Ok(delivered) => {
-                        let rejected = delivered.rejected.min(n);
-                        if rejected > 0 {
-                            warn!(rejected, reason = %delivered.message, "OTLP receiver refused some spans");
-                        }
-                        self.accounting.dropped(rejected);
-                        self.accounting.exported(n - rejected);
-                    }
-                    Err(error) => {
-                        warn!(spans = n, %error, "OTLP export failed; spans dropped");
-                        self.accounting.dropped(n);
-                    }
-                }
-            }
+impl<T: Item> Intake for Queue<T> {
+    fn offer(&self, span: Span, wait: bool) {
+        let (item, size) = T::prepare(span);
+        if wait {
+            self.offer_waiting(item, size);
+        } else {
+            Queue::offer(self, item, size);
         }
     }
 
-    fn account_write(&self, n: u64, written: Result<io::Result<()>, tokio::task::JoinError>) {
-        match written {
-            Ok(Ok(())) => self.accounting.exported(n),
-            Ok(Err(error)) => {
-                Metrics::inc(&self.accounting.metrics.export_failures);
-                warn!(spans = n, %error, "writing spans failed; spans dropped");
-                self.accounting.dropped(n);
-            }
-            Err(error) => {
-                Metrics::inc(&self.accounting.metrics.export_failures);
-                warn!(spans = n, %error, "span writer stopped; spans dropped");
-                self.accounting.dropped(n);
-            }
-        }
+    fn close(&self) {
+        Queue::close(self);
+    }
+
+    fn abandon(&self) -> u64 {
+        Queue::abandon(self)
     }
 }
 
-/// Sends `request`, retrying transient failures with exponential backoff and full
-/// jitter between half and all of the current step (or the receiver's Retry-After,
-/// capped). Every failed attempt counts in `export_failures`.
-async fn send_with_retry(
-    transport: &mut Transport,
-    retry: &RetryConfig,
-    request: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-    metrics: &Metrics,
-) -> Result<transport::Delivered, SendError> {
-    let mut step = retry.initial_backoff;
-    let mut attempt = 1;
-    loop {
-        let error = match transport.send(request).await {
-            Ok(delivered) => return Ok(delivered),
-            Err(error) => error,
-        };
-        Metrics::inc(&metrics.export_failures);
-        let retry_after = match &error {
-            SendError::Transient { retry_after, .. } if attempt < retry.max_attempts => {
-                *retry_after
-            }
-            _ => return Err(error),
-        };
-        let wait = retry_after
-            .unwrap_or_else(|| {
-                let millis = step.as_millis() as u64;
-                Duration::from_millis(rand::random_range(millis / 2..=millis))
-            })
-            .min(retry.max_backoff);
-        debug!(attempt, ?wait, %error, "OTLP export failed; retrying");
-        tokio::time::sleep(wait).await;
-        step = (step * 2).min(retry.max_backoff);
-        attempt += 1;
+/// A span as its stdout line, newline included.
+struct Line(String);
+
+impl Item for Line {
+    fn prepare(span: Span) -> (Self, usize) {
+        let mut line = stdout::format_line(&span);
+        line.push('\n');
+        let size = line.len();
+        (Line(line), size)
     }
+}
+
+/// A span in its OTLP form; the size is its protobuf encoding's.
+struct OtlpItem {
+    resource: Arc<Resource>,
+    span: ProtoSpan,
+}
+
+impl Item for OtlpItem {
+    fn prepare(span: Span) -> (Self, usize) {
+        let (resource, span) = otlp::to_proto(span);
+        let size = span.encoded_len();
+        (OtlpItem { resource, span }, size)
+    }
+}
+
+fn totals<T>(batch: &[Entry<T>]) -> (usize, usize) {
+    (batch.len(), batch.iter().map(|e| e.size).sum())
+}
+
+async fn write_lines(queue: Arc<Queue<Line>>) {
+    while let Some(batch) = queue.next_batch(Duration::ZERO).await {
+        let (spans, bytes) = totals(&batch);
+        let written = tokio::task::spawn_blocking(move || {
+            let mut out = io::stdout().lock();
+            for entry in &batch {
+                out.write_all(entry.item.0.as_bytes())?;
+            }
+            out.flush()
+        })
+        .await;
+        queue.settle(write_outcome(&queue, spans, written), spans, bytes);
+    }
+}
+
+async fn write_json(queue: Arc<Queue<OtlpItem>>, file: Arc<File>) {
+    while let Some(batch) = queue.next_batch(Duration::ZERO).await {
+        let (spans, bytes) = totals(&batch);
+        let file = Arc::clone(&file);
+        let written = tokio::task::spawn_blocking(move || {
+            let (request, _) = otlp::to_request(
+                batch
+                    .into_iter()
+                    .map(|e| (e.item.resource, e.item.span, ())),
+            );
+            let mut line = serde_json::to_vec(&request).map_err(io::Error::from)?;
+            line.push(b'\n');
+            // One write per line, so concurrent readers never see half a line
+            // followed by another.
+            (&*file).write_all(&line)?;
+            (&*file).flush()
+        })
+        .await;
+        queue.settle(write_outcome(&queue, spans, written), spans, bytes);
+    }
+}
+
+fn write_outcome<T>(
+    queue: &Queue<T>,
+    spans: usize,
+    written: Result<io::Result<()>, tokio::task::JoinError>,
+) -> Outcome {
+    let error = match written {
+        Ok(Ok(())) => return Outcome::Exported,
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => format!("span writer stopped: {error}"),
+    };
+    Metrics::inc(&queue.metrics().export_failures);
+    warn!(spans, %error, "writing spans failed; spans dropped");
+    Outcome::Dropped(DropReason::WriteFailed)
 }

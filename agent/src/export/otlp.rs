@@ -1,4 +1,6 @@
-//! [`Span`]s to one OTLP `ExportTraceServiceRequest`.
+//! [`Span`]s to OTLP: each span to its protobuf form as it enters the export queue
+//! ([`to_proto`]), and a batch of them to one `ExportTraceServiceRequest`
+//! ([`to_request`]).
 //!
 //! The agent speaks for many services at once, so a batch holds spans of many
 //! resources: each distinct resource gets its own `ResourceSpans`, in the order it
@@ -33,26 +35,67 @@ pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// W3C trace flags: sampled. Every span the agent exports was kept by its sampler.
 const TRACE_FLAGS_SAMPLED: u32 = 0x01;
 
-/// One request for a batch of spans, grouped by resource.
-pub fn to_request(spans: &[Span]) -> ExportTraceServiceRequest {
-    let mut groups: Vec<(&Arc<Resource>, Vec<ProtoSpan>)> = Vec::new();
-    for span in spans {
-        let proto = to_proto_span(span);
+/// `span` in its OTLP form, and the resource it belongs to. Consumes the span, so its
+/// strings move rather than being copied. Done as a span enters the export queue:
+/// the queue is bounded by the encoded size of what it holds.
+pub fn to_proto(span: Span) -> (Arc<Resource>, ProtoSpan) {
+    let Span {
+        trace_id,
+        span_id,
+        parent_span_id,
+        name,
+        kind,
+        start_unix_nanos,
+        end_unix_nanos,
+        attributes,
+        status,
+        resource,
+    } = span;
+    let proto = ProtoSpan {
+        trace_id: trace_id.to_vec(),
+        span_id: span_id.to_vec(),
+        parent_span_id: parent_span_id.map(|id| id.to_vec()).unwrap_or_default(),
+        flags: TRACE_FLAGS_SAMPLED,
+        name,
+        kind: to_proto_kind(kind) as i32,
+        start_time_unix_nano: start_unix_nanos,
+        end_time_unix_nano: end_unix_nanos,
+        attributes: attributes.into_iter().map(into_proto_kv).collect(),
+        status: to_proto_status(status),
+        ..Default::default()
+    };
+    (resource, proto)
+}
+
+/// One request for a batch of spans, grouped by resource in the order each resource
+/// first appears. Each span carries a `M` along (the queue's bookkeeping); the answer
+/// holds them grouped the same way, `meta[i][j]` for the `j`th span of
+/// `resource_spans[i]`.
+pub fn to_request<M>(
+    spans: impl IntoIterator<Item = (Arc<Resource>, ProtoSpan, M)>,
+) -> (ExportTraceServiceRequest, Vec<Vec<M>>) {
+    let mut groups: Vec<(Arc<Resource>, Vec<ProtoSpan>, Vec<M>)> = Vec::new();
+    for (resource, span, meta) in spans {
         // Builders share one Arc per process, so the pointer test nearly always
         // decides; equal resources behind different Arcs still land together.
         match groups
             .iter_mut()
-            .find(|(r, _)| Arc::ptr_eq(r, &span.resource) || ***r == *span.resource)
+            .find(|(r, _, _)| Arc::ptr_eq(r, &resource) || **r == *resource)
         {
-            Some((_, group)) => group.push(proto),
-            None => groups.push((&span.resource, vec![proto])),
+            Some((_, group, metas)) => {
+                group.push(span);
+                metas.push(meta);
+            }
+            None => groups.push((resource, vec![span], vec![meta])),
         }
     }
-    ExportTraceServiceRequest {
-        resource_spans: groups
-            .into_iter()
-            .map(|(resource, spans)| ResourceSpans {
-                resource: Some(to_proto_resource(resource)),
+    let mut metas = Vec::with_capacity(groups.len());
+    let resource_spans = groups
+        .into_iter()
+        .map(|(resource, spans, meta)| {
+            metas.push(meta);
+            ResourceSpans {
+                resource: Some(to_proto_resource(&resource)),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(InstrumentationScope {
                         name: SCOPE_NAME.to_owned(),
@@ -63,9 +106,10 @@ pub fn to_request(spans: &[Span]) -> ExportTraceServiceRequest {
                     schema_url: SCHEMA_URL.to_owned(),
                 }],
                 schema_url: SCHEMA_URL.to_owned(),
-            })
-            .collect(),
-    }
+            }
+        })
+        .collect();
+    (ExportTraceServiceRequest { resource_spans }, metas)
 }
 
 /// The resource's fixed fields, sonde's own `telemetry.sdk.*`, then the further
@@ -90,30 +134,11 @@ fn to_proto_resource(resource: &Resource) -> ProtoResource {
     let fixed = attributes.len();
     for extra in &resource.attributes {
         if !attributes[..fixed].iter().any(|a| a.key == extra.key) {
-            attributes.push(to_proto_kv(extra));
+            attributes.push(into_proto_kv(extra.clone()));
         }
     }
     ProtoResource {
         attributes,
-        ..Default::default()
-    }
-}
-
-fn to_proto_span(span: &Span) -> ProtoSpan {
-    ProtoSpan {
-        trace_id: span.trace_id.to_vec(),
-        span_id: span.span_id.to_vec(),
-        parent_span_id: span
-            .parent_span_id
-            .map(|id| id.to_vec())
-            .unwrap_or_default(),
-        flags: TRACE_FLAGS_SAMPLED,
-        name: span.name.clone(),
-        kind: to_proto_kind(span.kind) as i32,
-        start_time_unix_nano: span.start_unix_nanos,
-        end_time_unix_nano: span.end_unix_nanos,
-        attributes: span.attributes.iter().map(to_proto_kv).collect(),
-        status: to_proto_status(&span.status),
         ..Default::default()
     }
 }
@@ -129,7 +154,7 @@ fn to_proto_kind(kind: SpanKind) -> ProtoKind {
 }
 
 /// An unset status is left out of the message, as OTLP writers do.
-fn to_proto_status(status: &Status) -> Option<ProtoStatus> {
+fn to_proto_status(status: Status) -> Option<ProtoStatus> {
     match status {
         Status::Unset => None,
         Status::Ok => Some(ProtoStatus {
@@ -138,27 +163,30 @@ fn to_proto_status(status: &Status) -> Option<ProtoStatus> {
         }),
         Status::Error(message) => Some(ProtoStatus {
             code: StatusCode::Error as i32,
-            message: message.clone(),
+            message,
         }),
     }
 }
 
-fn to_proto_kv(attribute: &spans::KeyValue) -> KeyValue {
-    let value = match &attribute.value {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
-        Value::Int(i) => any_value::Value::IntValue(*i),
-        Value::Bool(b) => any_value::Value::BoolValue(*b),
-        Value::Double(d) => any_value::Value::DoubleValue(*d),
-        Value::StrArray(items) => any_value::Value::ArrayValue(ArrayValue {
-            values: items
-                .iter()
-                .map(|s| AnyValue {
-                    value: Some(string(s)),
-                })
-                .collect(),
-        }),
+fn into_proto_kv(attribute: spans::KeyValue) -> KeyValue {
+    let value = match attribute.value {
+        Value::Str(s) => any_value::Value::StringValue(s),
+        Value::Int(i) => any_value::Value::IntValue(i),
+        Value::Bool(b) => any_value::Value::BoolValue(b),
+        Value::Double(d) => any_value::Value::DoubleValue(d),
+        Value::StrArray(items) => string_array(items.into_iter()),
     };
     kv(attribute.key, value)
+}
+
+fn string_array(items: impl Iterator<Item = String>) -> any_value::Value {
+    any_value::Value::ArrayValue(ArrayValue {
+        values: items
+            .map(|s| AnyValue {
+                value: Some(any_value::Value::StringValue(s)),
+            })
+            .collect(),
+    })
 }
 
 fn string(s: &str) -> any_value::Value {
@@ -177,6 +205,14 @@ fn kv(key: &str, value: any_value::Value) -> KeyValue {
 mod tests {
     use super::*;
     use crate::spans::KeyValue as SpanKv;
+
+    fn request_of(spans: Vec<Span>) -> ExportTraceServiceRequest {
+        to_request(spans.into_iter().map(|s| {
+            let (resource, proto) = to_proto(s);
+            (resource, proto, ())
+        }))
+        .0
+    }
 
     fn resource(service: &str, pid: u32) -> Arc<Resource> {
         Arc::new(Resource {
@@ -234,7 +270,7 @@ mod tests {
             span(&crm, SpanKind::Client, 2),
             span(&shop_again, SpanKind::Client, 3),
         ];
-        let request = to_request(&batch);
+        let request = request_of(batch);
         assert_eq!(request.resource_spans.len(), 2);
         let names: Vec<_> = request
             .resource_spans
@@ -266,7 +302,7 @@ mod tests {
             span(&shop, SpanKind::Server, 1),
             span(&shop, SpanKind::Client, 3),
         ];
-        let json = serde_json::to_value(to_request(&batch)).unwrap();
+        let json = serde_json::to_value(request_of(batch)).unwrap();
 
         let rs = &json["resourceSpans"][0];
         let resource_attrs = rs["resource"]["attributes"].as_array().unwrap();
@@ -347,11 +383,11 @@ mod tests {
             (SpanKind::Consumer, ProtoKind::Consumer),
         ];
         for (kind, expected) in kinds {
-            assert_eq!(to_proto_span(&span(&r, kind, 1)).kind, expected as i32);
+            assert_eq!(to_proto(span(&r, kind, 1)).1.kind, expected as i32);
         }
-        assert_eq!(to_proto_status(&Status::Unset), None);
+        assert_eq!(to_proto_status(Status::Unset), None);
         assert_eq!(
-            to_proto_status(&Status::Ok).unwrap().code,
+            to_proto_status(Status::Ok).unwrap().code,
             StatusCode::Ok as i32
         );
     }

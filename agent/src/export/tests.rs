@@ -6,7 +6,8 @@
 //! sonde's side of the protocol only; export to the real Jaeger is tested end to end
 //! elsewhere.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +26,11 @@ use super::*;
 use crate::spans::{KeyValue, Resource, SpanKind, Status};
 
 fn spans(n: u8) -> Vec<Span> {
+    spans_from(1, n)
+}
+
+/// Spans with ids `first..first + n`, all of one process.
+fn spans_from(first: u8, n: u8) -> Vec<Span> {
     let resource = Arc::new(Resource {
         service_name: "shop-api".to_owned(),
         pid: 1234,
@@ -32,7 +38,7 @@ fn spans(n: u8) -> Vec<Span> {
         host_name: "node-1".to_owned(),
         attributes: vec![],
     });
-    (1..=n)
+    (first..first + n)
         .map(|i| Span {
             trace_id: [7; 16],
             span_id: [i; 8],
@@ -56,16 +62,57 @@ fn otlp_config(protocol: Protocol, endpoint: String) -> OtlpConfig {
         timeout: Duration::from_secs(5),
         ca_file: None,
         batch: BatchConfig {
-            max_queue_size: 64,
             max_export_batch_size: 64,
             scheduled_delay: Duration::from_millis(20),
         },
         retry: RetryConfig {
-            max_attempts: 4,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(50),
         },
     }
+}
+
+/// A queue large and patient enough that only what a test sets drops anything.
+fn roomy() -> QueueConfig {
+    QueueConfig {
+        max_bytes: 1 << 20,
+        max_age: Duration::from_secs(60),
+        max_spans: None,
+    }
+}
+
+fn to(destination: Destination) -> Output {
+    Output {
+        destination,
+        queue: roomy(),
+    }
+}
+
+fn otlp(config: OtlpConfig) -> Output {
+    to(Destination::Otlp(config))
+}
+
+fn dropped(metrics: &Metrics, reason: DropReason) -> u64 {
+    metrics.spans_dropped.get(reason)
+}
+
+/// Polls `done` until it holds, failing the test after 20 s with `what`.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An address nothing listens on (connections are refused) until a test starts a
+/// receiver there.
+async fn unused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
 }
 
 fn span_ids(requests: &[ExportTraceServiceRequest]) -> Vec<Vec<u8>> {
@@ -82,12 +129,17 @@ fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// What the stand-in gRPC receiver saw, and the partial success it answers with.
+/// What the stand-in gRPC receiver saw, and how it answers: the next scripted error
+/// while there is one, then success (with `reject` spans refused as a partial success).
 #[derive(Default)]
 struct GrpcReceiver {
+    /// Requests it accepted.
     requests: Mutex<Vec<ExportTraceServiceRequest>>,
+    /// Requests it answered with an error.
+    refused: Mutex<Vec<ExportTraceServiceRequest>>,
     tenants: Mutex<Vec<String>>,
     reject: i64,
+    errors: Mutex<VecDeque<tonic::Status>>,
 }
 
 #[tonic::async_trait]
@@ -101,6 +153,10 @@ impl TraceService for GrpcReceiver {
                 .lock()
                 .unwrap()
                 .push(tenant.to_str().unwrap().to_owned());
+        }
+        if let Some(error) = self.errors.lock().unwrap().pop_front() {
+            self.refused.lock().unwrap().push(request.into_inner());
+            return Err(error);
         }
         self.requests.lock().unwrap().push(request.into_inner());
         let partial_success = (self.reject > 0).then(|| ExportTracePartialSuccess {
@@ -124,9 +180,25 @@ async fn grpc_receiver_with(reject: i64, tls: bool) -> (Arc<GrpcReceiver>, Strin
         ..Default::default()
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = serve_grpc(Arc::clone(&receiver), listener, tls);
+    (receiver, endpoint)
+}
+
+/// A plain gRPC receiver on `addr`, answering with `errors` first.
+async fn grpc_receiver_on(addr: SocketAddr, errors: Vec<tonic::Status>) -> Arc<GrpcReceiver> {
+    let receiver = Arc::new(GrpcReceiver {
+        errors: Mutex::new(errors.into()),
+        ..Default::default()
+    });
+    let listener = TcpListener::bind(addr).await.unwrap();
+    serve_grpc(Arc::clone(&receiver), listener, false);
+    receiver
+}
+
+fn serve_grpc(receiver: Arc<GrpcReceiver>, listener: TcpListener, tls: bool) -> String {
     let scheme = if tls { "https" } else { "http" };
     let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
-    let service = TraceServiceServer::from_arc(Arc::clone(&receiver));
+    let service = TraceServiceServer::from_arc(receiver);
     let mut server = tonic::transport::Server::builder();
     if tls {
         let identity = tonic::transport::Identity::from_pem(
@@ -141,7 +213,7 @@ async fn grpc_receiver_with(reject: i64, tls: bool) -> (Arc<GrpcReceiver>, Strin
         service,
         tonic::transport::server::TcpIncoming::from(listener),
     ));
-    (receiver, endpoint)
+    endpoint
 }
 
 #[tokio::test]
@@ -149,7 +221,7 @@ async fn grpc_delivers_spans_with_headers() {
     let (receiver, endpoint) = grpc_receiver(0).await;
     let metrics = Arc::new(Metrics::default());
     let (handle, exporter) = spawn(
-        Output::Otlp(otlp_config(Protocol::Grpc, endpoint)),
+        otlp(otlp_config(Protocol::Grpc, endpoint)),
         Arc::clone(&metrics),
     )
     .unwrap();
@@ -163,16 +235,18 @@ async fn grpc_delivers_spans_with_headers() {
     assert!(receiver.tenants.lock().unwrap().iter().all(|t| t == "shop"));
     assert_eq!(receiver.tenants.lock().unwrap().len(), requests.len());
     assert_eq!(count(&metrics.spans_exported), 3);
-    assert_eq!(count(&metrics.spans_dropped), 0);
+    assert_eq!(metrics.spans_dropped.total(), 0);
     assert_eq!(count(&metrics.export_failures), 0);
+    assert_eq!(count(&metrics.export_queue_spans), 0);
+    assert_eq!(count(&metrics.export_queue_bytes), 0);
 }
 
 #[tokio::test]
-async fn spans_the_receiver_refuses_count_as_dropped() {
+async fn spans_a_partial_success_refuses_count_as_rejected() {
     let (_receiver, endpoint) = grpc_receiver(1).await;
     let metrics = Arc::new(Metrics::default());
     let (handle, exporter) = spawn(
-        Output::Otlp(otlp_config(Protocol::Grpc, endpoint)),
+        otlp(otlp_config(Protocol::Grpc, endpoint)),
         Arc::clone(&metrics),
     )
     .unwrap();
@@ -181,10 +255,366 @@ async fn spans_the_receiver_refuses_count_as_dropped() {
     }
     exporter.shutdown(Duration::from_secs(10)).await;
     assert_eq!(count(&metrics.spans_exported), 2);
-    assert_eq!(count(&metrics.spans_dropped), 1);
+    assert_eq!(dropped(&metrics, DropReason::Rejected), 1);
+    assert_eq!(metrics.spans_dropped.total(), 1);
 }
 
-/// One POST the stand-in HTTP receiver saw.
+/// The waits the exporter asked for between attempts, recorded instead of slept.
+fn recorded_pauses() -> (Pause, Arc<Mutex<Vec<Duration>>>) {
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&waits);
+    let pause: Pause = Arc::new(move |wait| {
+        seen.lock().unwrap().push(wait);
+        Box::pin(std::future::ready(()))
+    });
+    (pause, waits)
+}
+
+/// The receiver goes down and comes back: the spans made meanwhile wait in the queue,
+/// are retried, and each arrives exactly once.
+async fn outage_then_recovery(protocol: Protocol) {
+    let addr = unused_addr().await;
+    let endpoint = match protocol {
+        Protocol::Grpc => format!("http://{addr}"),
+        Protocol::HttpProtobuf => format!("http://{addr}/v1/traces"),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let mut config = otlp_config(protocol, endpoint);
+    config.batch.max_export_batch_size = 4;
+    let (handle, exporter) = spawn(otlp(config), Arc::clone(&metrics)).unwrap();
+    for span in spans_from(1, 6) {
+        handle.export(span);
+    }
+    eventually("a few failed attempts", || {
+        count(&metrics.export_failures) >= 3
+    })
+    .await;
+    // More spans come while the receiver is still down.
+    for span in spans_from(7, 6) {
+        handle.export(span);
+    }
+    eventually("more failed attempts", || {
+        count(&metrics.export_failures) >= 6
+    })
+    .await;
+    assert_eq!(count(&metrics.spans_exported), 0);
+    assert_eq!(
+        metrics.spans_dropped.total(),
+        0,
+        "nothing dropped while down"
+    );
+    assert_eq!(count(&metrics.export_queue_spans), 12);
+    assert!(count(&metrics.export_queue_bytes) > 12 * 20);
+
+    let ids: Vec<Vec<u8>> = match protocol {
+        Protocol::Grpc => {
+            let receiver = grpc_receiver_on(addr, vec![]).await;
+            eventually("all 12 spans delivered", || {
+                count(&metrics.spans_exported) == 12
+            })
+            .await;
+            exporter.shutdown(Duration::from_secs(10)).await;
+            span_ids(&receiver.requests.lock().unwrap())
+        }
+        Protocol::HttpProtobuf => {
+            let posts = http_receiver_on(addr, vec![], false).await;
+            eventually("all 12 spans delivered", || {
+                count(&metrics.spans_exported) == 12
+            })
+            .await;
+            exporter.shutdown(Duration::from_secs(10)).await;
+            let bodies: Vec<_> = posts
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|p| p.body.clone())
+                .collect();
+            span_ids(&bodies)
+        }
+    };
+    let expected: Vec<Vec<u8>> = (1..=12).map(|i| vec![i; 8]).collect();
+    assert_eq!(
+        ids, expected,
+        "every span once, in the order they were made"
+    );
+    assert_eq!(count(&metrics.spans_exported), 12);
+    assert_eq!(metrics.spans_dropped.total(), 0);
+    assert_eq!(count(&metrics.export_queue_spans), 0);
+}
+
+#[tokio::test]
+async fn grpc_spans_made_while_the_receiver_is_down_arrive_once_it_is_back() {
+    outage_then_recovery(Protocol::Grpc).await;
+}
+
+#[tokio::test]
+async fn http_spans_made_while_the_receiver_is_down_arrive_once_it_is_back() {
+    outage_then_recovery(Protocol::HttpProtobuf).await;
+}
+
+#[tokio::test]
+async fn spans_past_the_age_bound_are_dropped_as_expired_and_the_rest_delivered() {
+    let addr = unused_addr().await;
+    let metrics = Arc::new(Metrics::default());
+    let output = Output {
+        destination: Destination::Otlp(otlp_config(
+            Protocol::HttpProtobuf,
+            format!("http://{addr}/v1/traces"),
+        )),
+        queue: QueueConfig {
+            max_age: Duration::from_millis(300),
+            ..roomy()
+        },
+    };
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
+    for span in spans(5) {
+        handle.export(span);
+    }
+    eventually("5 spans expired", || {
+        dropped(&metrics, DropReason::Expired) == 5
+    })
+    .await;
+    assert_eq!(count(&metrics.export_queue_spans), 0);
+    assert_eq!(count(&metrics.export_queue_bytes), 0);
+
+    let posts = http_receiver_on(addr, vec![], false).await;
+    for span in spans_from(6, 2) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    let bodies: Vec<_> = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.body.clone())
+        .collect();
+    assert_eq!(span_ids(&bodies), [vec![6; 8], vec![7; 8]]);
+    assert_eq!(count(&metrics.spans_exported), 2);
+    assert_eq!(metrics.spans_dropped.total(), 5);
+}
+
+#[tokio::test]
+async fn the_byte_bound_drops_and_counts_what_does_not_fit_without_blocking() {
+    let addr = unused_addr().await;
+    let size = OtlpItem::prepare(spans(1).remove(0)).1;
+    let metrics = Arc::new(Metrics::default());
+    let output = Output {
+        destination: Destination::Otlp(otlp_config(
+            Protocol::HttpProtobuf,
+            format!("http://{addr}/v1/traces"),
+        )),
+        queue: QueueConfig {
+            max_bytes: 3 * size,
+            ..roomy()
+        },
+    };
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
+    // The test runtime has one thread: the export task cannot run until this loop
+    // yields, so the queue takes 3 spans and the other 7 must be dropped at once.
+    for span in spans(10) {
+        handle.export(span);
+    }
+    assert_eq!(dropped(&metrics, DropReason::QueueFull), 7);
+    assert_eq!(count(&metrics.export_queue_bytes), 3 * size as u64);
+    eventually("a failed attempt", || count(&metrics.export_failures) >= 1).await;
+    // Still full while the receiver is down: the batch being retried holds its room.
+    handle.export(spans_from(11, 1).remove(0));
+    assert_eq!(dropped(&metrics, DropReason::QueueFull), 8);
+
+    let posts = http_receiver_on(addr, vec![], false).await;
+    eventually("3 spans delivered", || count(&metrics.spans_exported) == 3).await;
+    exporter.shutdown(Duration::from_secs(10)).await;
+    let bodies: Vec<_> = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.body.clone())
+        .collect();
+    assert_eq!(span_ids(&bodies), [vec![1; 8], vec![2; 8], vec![3; 8]]);
+    assert_eq!(metrics.spans_dropped.total(), 8);
+    // After shutdown the handle still takes calls, and counts them as dropped.
+    handle.export(spans(1).remove(0));
+    assert_eq!(dropped(&metrics, DropReason::Shutdown), 1);
+}
+
+#[tokio::test]
+async fn retries_wait_longer_each_time_and_keep_the_batch_order() {
+    let (posts, base) = http_receiver(
+        vec![
+            Reply::status(503),
+            Reply::status(502),
+            Reply::status(504),
+            Reply::status(429),
+        ],
+        false,
+    )
+    .await;
+    let metrics = Arc::new(Metrics::default());
+    let mut config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
+    config.batch.max_export_batch_size = 3;
+    config.retry = RetryConfig {
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(300),
+    };
+    let (pause, waits) = recorded_pauses();
+    let (handle, exporter) = spawn_pausing_with(otlp(config), Arc::clone(&metrics), pause).unwrap();
+    // Two full batches: 1-3, then 4-6.
+    for span in spans(6) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+
+    let posts = posts.lock().unwrap();
+    let batches: Vec<Vec<Vec<u8>>> = posts
+        .iter()
+        .map(|p| span_ids(std::slice::from_ref(&p.body)))
+        .collect();
+    let first: Vec<Vec<u8>> = (1..=3).map(|i| vec![i; 8]).collect();
+    let second: Vec<Vec<u8>> = (4..=6).map(|i| vec![i; 8]).collect();
+    assert_eq!(
+        batches,
+        [
+            first.clone(),
+            first.clone(),
+            first.clone(),
+            first.clone(),
+            first,
+            second
+        ],
+        "the first batch is retried until delivered, and only then the second goes"
+    );
+    let waits = waits.lock().unwrap();
+    assert_eq!(waits.len(), 4, "{waits:?}");
+    let steps = [100, 200, 300, 300].map(Duration::from_millis);
+    for (wait, step) in waits.iter().zip(steps) {
+        assert!(
+            *wait >= step / 2 && *wait <= step,
+            "waits {waits:?} do not follow the steps {steps:?}"
+        );
+    }
+    assert_eq!(count(&metrics.export_failures), 4);
+    assert_eq!(count(&metrics.spans_exported), 6);
+    assert_eq!(metrics.spans_dropped.total(), 0);
+}
+
+#[tokio::test]
+async fn retry_after_from_the_receiver_is_honoured() {
+    let (posts, base) = http_receiver(
+        vec![
+            Reply::status(503).retry_after("7"),
+            Reply::status(429).retry_after(&httpdate::fmt_http_date(
+                std::time::SystemTime::now() + Duration::from_secs(40),
+            )),
+        ],
+        false,
+    )
+    .await;
+    let metrics = Arc::new(Metrics::default());
+    let config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
+    let (pause, waits) = recorded_pauses();
+    let (handle, exporter) = spawn_pausing_with(otlp(config), Arc::clone(&metrics), pause).unwrap();
+    handle.export(spans(1).remove(0));
+    exporter.shutdown(Duration::from_secs(10)).await;
+    let waits = waits.lock().unwrap();
+    assert_eq!(waits.len(), 2);
+    assert_eq!(waits[0], Duration::from_secs(7));
+    // An HTTP date has a resolution of one second.
+    assert!(
+        waits[1] > Duration::from_secs(38) && waits[1] <= Duration::from_secs(40),
+        "{waits:?}"
+    );
+    assert_eq!(posts.lock().unwrap().len(), 3);
+    assert_eq!(count(&metrics.spans_exported), 1);
+}
+
+#[tokio::test]
+async fn grpc_resource_exhausted_is_retried_only_with_retry_info() {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let addr = unused_addr().await;
+    let asked = Duration::from_millis(1500);
+    let receiver = grpc_receiver_on(
+        addr,
+        vec![
+            tonic::Status::unavailable("restarting"),
+            tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                "slow down",
+                ErrorDetails::with_retry_info(Some(asked)),
+            ),
+            tonic::Status::resource_exhausted("out of memory, for good"),
+        ],
+    )
+    .await;
+    let metrics = Arc::new(Metrics::default());
+    let mut config = otlp_config(Protocol::Grpc, format!("http://{addr}"));
+    config.batch.max_export_batch_size = 2;
+    let (pause, waits) = recorded_pauses();
+    let (handle, exporter) = spawn_pausing_with(otlp(config), Arc::clone(&metrics), pause).unwrap();
+    for span in spans(4) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+
+    // Batch 1-2: UNAVAILABLE (retried), RESOURCE_EXHAUSTED with RetryInfo (retried
+    // after the delay asked), then plain RESOURCE_EXHAUSTED: refused for good.
+    let waits = waits.lock().unwrap();
+    assert_eq!(waits.len(), 2, "{waits:?}");
+    assert_eq!(waits[1], asked);
+    assert_eq!(receiver.refused.lock().unwrap().len(), 3);
+    assert_eq!(dropped(&metrics, DropReason::Rejected), 2);
+    // Batch 3-4 is delivered.
+    assert_eq!(
+        span_ids(&receiver.requests.lock().unwrap()),
+        [vec![3; 8], vec![4; 8]]
+    );
+    assert_eq!(count(&metrics.spans_exported), 2);
+    assert_eq!(count(&metrics.export_failures), 3);
+}
+
+#[tokio::test]
+async fn grpc_invalid_argument_is_rejected_at_once() {
+    let addr = unused_addr().await;
+    let receiver = grpc_receiver_on(addr, vec![tonic::Status::invalid_argument("bad span")]).await;
+    let metrics = Arc::new(Metrics::default());
+    let (pause, waits) = recorded_pauses();
+    let (handle, exporter) = spawn_pausing_with(
+        otlp(otlp_config(Protocol::Grpc, format!("http://{addr}"))),
+        Arc::clone(&metrics),
+        pause,
+    )
+    .unwrap();
+    for span in spans(3) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    assert!(waits.lock().unwrap().is_empty(), "no retry");
+    assert_eq!(receiver.refused.lock().unwrap().len(), 1);
+    assert_eq!(dropped(&metrics, DropReason::Rejected), 3);
+    assert_eq!(count(&metrics.spans_exported), 0);
+}
+
+/// How the stand-in HTTP receiver answers one POST.
+#[derive(Clone)]
+struct Reply {
+    /// 0: never answer.
+    status: u16,
+    retry_after: Option<String>,
+}
+
+impl Reply {
+    fn status(status: u16) -> Self {
+        Reply {
+            status,
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(mut self, value: &str) -> Self {
+        self.retry_after = Some(value.to_owned());
+        self
+    }
+}
+
 struct Post {
     path: String,
     content_type: String,
@@ -192,13 +622,26 @@ struct Post {
     body: ExportTraceServiceRequest,
 }
 
-/// A stand-in OTLP/HTTP receiver answering each POST with the next status of
-/// `script` (200 once it runs out); status 0 means never answer. With `tls`, it
-/// speaks HTTPS with the test certificate in testdata/.
-async fn http_receiver(script: Vec<u16>, tls: bool) -> (Arc<Mutex<Vec<Post>>>, String) {
+/// A stand-in OTLP/HTTP receiver answering each POST with the next reply of
+/// `script` (200 once it runs out). With `tls`, it speaks HTTPS with the test
+/// certificate in testdata/.
+async fn http_receiver(script: Vec<Reply>, tls: bool) -> (Arc<Mutex<Vec<Post>>>, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let scheme = if tls { "https" } else { "http" };
     let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+    (serve_http(listener, script, tls), base)
+}
+
+/// The same, on `addr`.
+async fn http_receiver_on(
+    addr: SocketAddr,
+    script: Vec<Reply>,
+    tls: bool,
+) -> Arc<Mutex<Vec<Post>>> {
+    serve_http(TcpListener::bind(addr).await.unwrap(), script, tls)
+}
+
+fn serve_http(listener: TcpListener, script: Vec<Reply>, tls: bool) -> Arc<Mutex<Vec<Post>>> {
     let acceptor = tls.then(|| tokio_rustls::TlsAcceptor::from(Arc::new(server_tls_config())));
     let posts = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&posts);
@@ -206,21 +649,26 @@ async fn http_receiver(script: Vec<u16>, tls: bool) -> (Arc<Mutex<Vec<Post>>>, S
         let mut script = script.into_iter();
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let status = script.next().unwrap_or(200);
             match &acceptor {
                 // A client that does not trust the certificate gives up mid-handshake.
                 Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => answer_post(stream, status, &seen).await,
+                    Ok(stream) => {
+                        let reply = script.next().unwrap_or(Reply::status(200));
+                        answer_post(stream, reply, &seen).await
+                    }
                     Err(_) => continue,
                 },
-                None => answer_post(stream, status, &seen).await,
+                None => {
+                    let reply = script.next().unwrap_or(Reply::status(200));
+                    answer_post(stream, reply, &seen).await
+                }
             }
         }
     });
-    (posts, base)
+    posts
 }
 
-async fn answer_post<S>(mut stream: S, status: u16, seen: &Mutex<Vec<Post>>)
+async fn answer_post<S>(mut stream: S, reply: Reply, seen: &Mutex<Vec<Post>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -267,7 +715,7 @@ where
         tenant,
         body,
     });
-    if status == 0 {
+    if reply.status == 0 {
         // Hold the connection open without answering.
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -275,9 +723,14 @@ where
         });
         return;
     }
+    let retry_after = reply
+        .retry_after
+        .map(|v| format!("Retry-After: {v}\r\n"))
+        .unwrap_or_default();
     let response = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/x-protobuf\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "HTTP/1.1 {} X\r\nContent-Type: application/x-protobuf\r\n{retry_after}\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+        reply.status
     );
     stream.write_all(response.as_bytes()).await.unwrap();
     stream.shutdown().await.unwrap();
@@ -307,10 +760,10 @@ fn server_tls_config() -> rustls::ServerConfig {
 
 #[tokio::test]
 async fn http_retries_503_and_delivers_the_batch_once() {
-    let (posts, base) = http_receiver(vec![503, 503], false).await;
+    let (posts, base) = http_receiver(vec![Reply::status(503), Reply::status(503)], false).await;
     let metrics = Arc::new(Metrics::default());
     let config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
+    let (handle, exporter) = spawn(otlp(config), Arc::clone(&metrics)).unwrap();
     for span in spans(3) {
         handle.export(span);
     }
@@ -330,79 +783,32 @@ async fn http_retries_503_and_delivers_the_batch_once() {
     assert_eq!(span_ids(std::slice::from_ref(&posts[2].body)).len(), 3);
     assert_eq!(count(&metrics.export_failures), 2);
     assert_eq!(count(&metrics.spans_exported), 3);
-    assert_eq!(count(&metrics.spans_dropped), 0);
+    assert_eq!(metrics.spans_dropped.total(), 0);
 }
 
 #[tokio::test]
-async fn http_does_not_retry_a_bad_request() {
-    let (posts, base) = http_receiver(vec![400], false).await;
+async fn http_does_not_retry_a_bad_request_and_counts_it_rejected() {
+    let (posts, base) = http_receiver(vec![Reply::status(400)], false).await;
     let metrics = Arc::new(Metrics::default());
     let config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
+    let (handle, exporter) = spawn(otlp(config), Arc::clone(&metrics)).unwrap();
     for span in spans(2) {
         handle.export(span);
     }
     exporter.shutdown(Duration::from_secs(10)).await;
     assert_eq!(posts.lock().unwrap().len(), 1);
     assert_eq!(count(&metrics.export_failures), 1);
-    assert_eq!(count(&metrics.spans_dropped), 2);
+    assert_eq!(dropped(&metrics, DropReason::Rejected), 2);
+    assert_eq!(metrics.spans_dropped.total(), 2);
     assert_eq!(count(&metrics.spans_exported), 0);
 }
 
 #[tokio::test]
-async fn an_unreachable_receiver_is_retried_a_bounded_number_of_times() {
-    // A port that was just free: connecting is refused.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}/v1/traces", listener.local_addr().unwrap());
-    drop(listener);
-    let metrics = Arc::new(Metrics::default());
-    let config = otlp_config(Protocol::HttpProtobuf, endpoint);
-    let attempts = u64::from(config.retry.max_attempts);
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
-    handle.export(spans(1).remove(0));
-    exporter.shutdown(Duration::from_secs(10)).await;
-    assert_eq!(count(&metrics.export_failures), attempts);
-    assert_eq!(count(&metrics.spans_dropped), 1);
-}
-
-#[tokio::test]
-async fn a_full_queue_drops_and_counts_without_blocking() {
-    let (posts, base) = http_receiver(vec![], false).await;
-    let metrics = Arc::new(Metrics::default());
-    let mut config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
-    config.batch.max_queue_size = 4;
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
-    // The test runtime has one thread: the export task cannot run until this loop
-    // yields, so the queue takes 4 spans and the other 16 must be dropped at once.
-    for span in spans(20) {
-        handle.export(span);
-    }
-    assert_eq!(count(&metrics.spans_dropped), 16);
-    exporter.shutdown(Duration::from_secs(10)).await;
-    assert_eq!(count(&metrics.spans_exported), 4);
-    assert_eq!(
-        span_ids(
-            &posts
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|p| p.body.clone())
-                .collect::<Vec<_>>()
-        )
-        .len(),
-        4
-    );
-    // After shutdown the handle still accepts calls, and counts them as dropped.
-    handle.export(spans(1).remove(0));
-    assert_eq!(count(&metrics.spans_dropped), 17);
-}
-
-#[tokio::test]
 async fn shutdown_gives_up_at_the_deadline_and_counts_what_is_lost() {
-    let (_posts, base) = http_receiver(vec![0], false).await;
+    let (_posts, base) = http_receiver(vec![Reply::status(0)], false).await;
     let metrics = Arc::new(Metrics::default());
     let config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
+    let (handle, exporter) = spawn(otlp(config), Arc::clone(&metrics)).unwrap();
     for span in spans(5) {
         handle.export(span);
     }
@@ -412,25 +818,57 @@ async fn shutdown_gives_up_at_the_deadline_and_counts_what_is_lost() {
         started.elapsed() < Duration::from_secs(3),
         "shutdown overran its deadline"
     );
-    assert_eq!(count(&metrics.spans_dropped), 5);
+    assert_eq!(dropped(&metrics, DropReason::Shutdown), 5);
+    assert_eq!(metrics.spans_dropped.total(), 5);
     assert_eq!(count(&metrics.spans_exported), 0);
+    assert_eq!(count(&metrics.export_queue_spans), 0);
+}
+
+#[tokio::test]
+async fn shutdown_with_the_receiver_down_keeps_retrying_until_the_deadline() {
+    let addr = unused_addr().await;
+    let metrics = Arc::new(Metrics::default());
+    let config = otlp_config(Protocol::HttpProtobuf, format!("http://{addr}/v1/traces"));
+    let (handle, exporter) = spawn(otlp(config), Arc::clone(&metrics)).unwrap();
+    for span in spans(4) {
+        handle.export(span);
+    }
+    let shutdown = tokio::spawn(exporter.shutdown(Duration::from_secs(10)));
+    eventually("a failed attempt", || count(&metrics.export_failures) >= 2).await;
+    // The receiver comes back before the deadline: nothing is lost.
+    let posts = http_receiver_on(addr, vec![], false).await;
+    shutdown.await.unwrap();
+    assert_eq!(posts.lock().unwrap().len(), 1);
+    assert_eq!(count(&metrics.spans_exported), 4);
+    assert_eq!(metrics.spans_dropped.total(), 0);
 }
 
 /// Exports 3 spans to an https receiver, trusting the test CA or not; answers
-/// (spans exported, spans dropped).
+/// (spans exported, spans dropped as expired).
 async fn export_over_tls(protocol: Protocol, endpoint: String, trust_test_ca: bool) -> (u64, u64) {
     let metrics = Arc::new(Metrics::default());
     let mut config = otlp_config(protocol, endpoint);
     config.ca_file = trust_test_ca.then(|| testdata("ca.pem"));
-    config.retry.max_attempts = 1;
-    let (handle, exporter) = spawn(Output::Otlp(config), Arc::clone(&metrics)).unwrap();
+    // An untrusted server is retried like one that is down, until the spans expire.
+    let output = Output {
+        destination: Destination::Otlp(config),
+        queue: QueueConfig {
+            max_age: Duration::from_millis(300),
+            ..roomy()
+        },
+    };
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
     for span in spans(3) {
         handle.export(span);
     }
     exporter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        metrics.spans_dropped.total(),
+        dropped(&metrics, DropReason::Expired)
+    );
     (
         count(&metrics.spans_exported),
-        count(&metrics.spans_dropped),
+        dropped(&metrics, DropReason::Expired),
     )
 }
 
@@ -472,13 +910,33 @@ async fn http_over_tls_verifies_the_server_against_the_configured_roots() {
 }
 
 #[tokio::test]
+async fn a_failed_file_write_is_counted_as_write_failed() {
+    let metrics = Arc::new(Metrics::default());
+    // Every write to /dev/full fails with ENOSPC, like a full disk.
+    let (handle, exporter) = spawn(
+        to(Destination::OtlpJson {
+            path: PathBuf::from("/dev/full"),
+        }),
+        Arc::clone(&metrics),
+    )
+    .unwrap();
+    for span in spans(3) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(dropped(&metrics, DropReason::WriteFailed), 3);
+    assert_eq!(count(&metrics.export_failures), 1);
+    assert_eq!(count(&metrics.spans_exported), 0);
+}
+
+#[tokio::test]
 async fn otlp_json_file_gets_one_request_per_line_and_is_appended_to() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spans.jsonl");
     for round in 0..2 {
         let metrics = Arc::new(Metrics::default());
         let (handle, exporter) = spawn(
-            Output::OtlpJson { path: path.clone() },
+            to(Destination::OtlpJson { path: path.clone() }),
             Arc::clone(&metrics),
         )
         .unwrap();
@@ -511,9 +969,9 @@ async fn otlp_json_file_gets_one_request_per_line_and_is_appended_to() {
 #[tokio::test]
 async fn an_unwritable_output_file_is_a_clear_error() {
     let err = spawn(
-        Output::OtlpJson {
+        to(Destination::OtlpJson {
             path: PathBuf::from("/nonexistent-dir/spans.jsonl"),
-        },
+        }),
         Arc::new(Metrics::default()),
     )
     .err()
@@ -528,7 +986,7 @@ async fn an_unwritable_output_file_is_a_clear_error() {
 
 #[test]
 fn spawning_outside_a_runtime_says_so() {
-    let err = spawn(Output::Stdout, Arc::new(Metrics::default()))
+    let err = spawn(to(Destination::Stdout), Arc::new(Metrics::default()))
         .err()
         .unwrap();
     assert!(matches!(err, ExportError::NoRuntime));

@@ -4,11 +4,16 @@
 //! (honouring SSL_CERT_FILE / SSL_CERT_DIR), or Mozilla's bundle when the system has
 //! none (a distroless container), plus an optional CA file.
 //!
-//! A send answers whether a failure is worth retrying; retrying is the caller's.
+//! A send answers whether a failure is worth retrying, as the OTLP specification
+//! says: gRPC `CANCELLED`, `DEADLINE_EXCEEDED`, `ABORTED`, `OUT_OF_RANGE`,
+//! `UNAVAILABLE` and `DATA_LOSS`, and `RESOURCE_EXHAUSTED` only when the server sends
+//! `RetryInfo`; HTTP 429, 502, 503 and 504, and failures to connect or to get an
+//! answer in time. The delay a receiver asks for (`RetryInfo`, `Retry-After` in
+//! seconds or as a date) comes along. Retrying is the caller's.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
@@ -19,6 +24,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic_types::StatusExt;
 use tracing::warn;
 
 use super::ExportError;
@@ -184,8 +190,7 @@ impl Transport {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 // A failed read of the body after a 2xx still means delivered.
                 let body = response.bytes().await.unwrap_or_default();
                 if status.is_success() {
@@ -219,24 +224,41 @@ fn delivered(response: ExportTraceServiceResponse) -> Delivered {
     }
 }
 
-/// The codes the OTLP specification calls retryable. Connection failures reach us
-/// as `Unavailable`.
+/// The codes the OTLP specification calls retryable, with the server's `RetryInfo`.
+/// Connection failures reach us as `Unavailable`.
 fn grpc_error(status: &tonic::Status) -> SendError {
     use tonic::Code;
     let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    let retry_after = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
-        | Code::ResourceExhausted
         | Code::Aborted
         | Code::OutOfRange
         | Code::Unavailable
         | Code::DataLoss => SendError::Transient {
             reason,
-            retry_after: None,
+            retry_after,
+        },
+        // Retryable only when the server says recovery is possible.
+        Code::ResourceExhausted if retry_after.is_some() => SendError::Transient {
+            reason,
+            retry_after,
         },
         _ => SendError::Permanent(reason),
     }
+}
+
+/// `Retry-After`: a number of seconds, or an HTTP date (a date already past means now).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// reqwest's top-level message is "error sending request"; the cause says which.
@@ -285,16 +307,72 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, ExportError> {
 mod tests {
     use super::*;
 
+    fn transient_after(error: SendError) -> Option<Option<Duration>> {
+        match error {
+            SendError::Transient { retry_after, .. } => Some(retry_after),
+            SendError::Permanent(_) => None,
+        }
+    }
+
     #[test]
     fn retryable_grpc_codes_are_transient() {
-        assert!(matches!(
-            grpc_error(&tonic::Status::unavailable("down")),
-            SendError::Transient { .. }
-        ));
-        assert!(matches!(
-            grpc_error(&tonic::Status::invalid_argument("bad span")),
-            SendError::Permanent(_)
-        ));
+        use tonic::Code;
+        for code in [
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unavailable,
+            Code::DataLoss,
+        ] {
+            let status = tonic::Status::new(code, "down");
+            assert_eq!(transient_after(grpc_error(&status)), Some(None), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::ResourceExhausted,
+        ] {
+            let status = tonic::Status::new(code, "no");
+            assert_eq!(transient_after(grpc_error(&status)), None, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn retry_info_makes_resource_exhausted_retryable_and_gives_the_delay() {
+        use tonic::Code;
+        use tonic_types::ErrorDetails;
+        let delay = Duration::from_millis(1500);
+        for code in [Code::ResourceExhausted, Code::Unavailable] {
+            let status = tonic::Status::with_error_details(
+                code,
+                "slow down",
+                ErrorDetails::with_retry_info(Some(delay)),
+            );
+            assert_eq!(
+                transient_after(grpc_error(&status)),
+                Some(Some(delay)),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]
