@@ -38,6 +38,12 @@ class Jaeger:
         self.query_grpc_port = free_port()
         self.health_port = free_port()
         self.log = workdir / "jaeger.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self):
+        """Starts Jaeger on this instance's ports (again, after stop()) and waits until
+        its receivers listen and its query API answers."""
         env = dict(os.environ)
         # Jaeger's own OpenTelemetry SDK would export its traces to localhost:4317.
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
@@ -52,7 +58,7 @@ class Jaeger:
         })
         self.proc = subprocess.Popen(
             [str(jaeger_bin()), "--config", str(TESTS / "jaeger" / "config.yaml")],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         for port in (self.grpc_port, self.http_port, self.query_port):
             wait_listening(port, self.proc, timeout=60, what="jaeger", log=self.log)
         deadline = time.monotonic() + 30
@@ -241,4 +247,89 @@ def test_agent_exports_to_jaeger(jaeger, tmp_path, protocol, how):
         if app:
             app.stop()
         code = agent.stop()
+    assert code == 0, f"agent exited with {code} after SIGINT\n{agent.stderr_tail()}"
+
+
+# ---------------------------------------------------------------- collector outage
+
+def metrics_of(agent: Agent) -> dict[str, float]:
+    """The agent's /metrics samples, keyed by name with labels (`a_total{reason="x"}`)."""
+    code, body = agent.get("/metrics")
+    assert code == 200, body
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def dropped_by_reason(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k.startswith("sonde_spans_dropped_total")}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_spans_made_while_jaeger_is_down_reach_it_when_it_is_back(tmp_path, protocol):
+    """Jaeger stops while the agent runs; 40 requests are traced; Jaeger starts again
+    about 8 s later. Every one of the 80 spans (40 server, 40 client) is found through
+    Jaeger's query API, and the agent dropped nothing."""
+    require_root()
+    (tmp_path / "jaeger").mkdir()
+    jaeger = Jaeger(tmp_path / "jaeger")
+    agent = app = None
+    try:
+        port = jaeger.grpc_port if protocol == "grpc" else jaeger.http_port
+        agent = Agent(tmp_path / "agent", output="otlp",
+                      args=["--otlp-endpoint", f"http://127.0.0.1:{port}",
+                            "--otlp-protocol", protocol])
+        agent.start()
+        tag = uuid.uuid4().hex[:8]
+        shop, customer = f"outage-shop-{tag}", f"outage-customer-{tag}"
+        app = start_app(tmp_path, env={"OTEL_SERVICE_NAME": shop})
+        # Export works before the outage: the agent holds a live connection to Jaeger.
+        run_curl([app.url("/orders/warm-up")], env={"OTEL_SERVICE_NAME": customer})
+        jaeger.wait_spans(shop, 1)
+
+        jaeger.stop()
+        stopped = time.monotonic()
+        c = run_curl([app.url(f"/orders/{i}") for i in range(40)],
+                     env={"OTEL_SERVICE_NAME": customer})
+        assert [r["code"] for r in c.out] == [200] * 40
+        # The agent has the spans and has seen Jaeger refuse them.
+        deadline = time.monotonic() + 15
+        while True:
+            m = metrics_of(agent)
+            if m.get("sonde_export_failures_total", 0) > 0 and \
+                    m.get("sonde_export_queue_spans", 0) >= 80:
+                break
+            assert time.monotonic() < deadline, \
+                f"spans not queued or no failed export while Jaeger is down: {m}"
+            time.sleep(0.2)
+        assert sum(dropped_by_reason(m).values()) == 0, dropped_by_reason(m)
+        time.sleep(max(0.0, 8 - (time.monotonic() - stopped)))
+
+        jaeger.start()  # in-memory storage: it comes back empty
+        server = jaeger.wait_spans(shop, 40, timeout=45, settle=2)
+        paths = sorted(tags_of(s)["url.path"] for s in server)
+        assert paths == sorted(f"/orders/{i}" for i in range(40)), paths
+        assert all(tags_of(s).get("span.kind") == "server" for s in server)
+        client = jaeger.wait_spans(customer, 40, timeout=30, settle=0)
+        assert len(client) == 40, [tags_of(s).get("url.full") for s in client]
+        assert {s["traceID"] for s in server} == {s["traceID"] for s in client}
+
+        m = metrics_of(agent)
+        assert dropped_by_reason(m) == {
+            f'sonde_spans_dropped_total{{reason="{r}"}}': 0
+            for r in ("queue_full", "expired", "rejected", "write_failed", "shutdown")
+        }, m
+        assert m["sonde_export_failures_total"] > 0, m
+        # The agent must not trace its own export connection, not even the new one.
+        for svc in jaeger.services():
+            own = jaeger.find_spans(svc, tags={"url.path": "/v1/traces"})
+            assert own == [], f"spans of the agent's own export traffic in {svc!r}: {own[:3]}"
+    finally:
+        if app:
+            app.stop()
+        code = agent.stop() if agent else 0
+        jaeger.stop()
     assert code == 0, f"agent exited with {code} after SIGINT\n{agent.stderr_tail()}"
