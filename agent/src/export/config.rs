@@ -650,6 +650,31 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_takes_queue_bounds_with_units() {
+        use crate::config::{Cli, Command};
+        use clap::Parser;
+        let run = |args: &[&str]| -> Result<crate::config::OutputArgs, clap::Error> {
+            let cli = Cli::try_parse_from(["sonde", "run"].iter().chain(args))?;
+            match cli.command {
+                Command::Run(run) => Ok(run.out),
+                Command::Replay(_) => unreachable!("parsed a run"),
+            }
+        };
+        let defaults = run(&[]).unwrap();
+        assert_eq!(defaults.export_queue_mb, DEFAULT_QUEUE_MB);
+        assert_eq!(defaults.export_max_age, DEFAULT_MAX_AGE);
+        let set = run(&["--export-queue-mb", "8", "--export-max-age", "90s"]).unwrap();
+        assert_eq!(set.export_queue_mb, 8);
+        assert_eq!(set.export_max_age, Duration::from_secs(90));
+        assert_eq!(
+            run(&["--export-max-age", "1h 30m"]).unwrap().export_max_age,
+            Duration::from_secs(5400)
+        );
+        let err = run(&["--export-max-age", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("--export-max-age"), "{err}");
+    }
+
+    #[test]
     fn unusable_queue_bounds_are_refused_by_name() {
         let zero_mb = QueueConfig::resolve(&env(&[]), 0, DEFAULT_MAX_AGE).unwrap_err();
         assert!(

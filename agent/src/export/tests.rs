@@ -438,6 +438,44 @@ async fn the_byte_bound_drops_and_counts_what_does_not_fit_without_blocking() {
 }
 
 #[tokio::test]
+async fn a_producer_that_can_wait_loses_nothing_to_a_small_queue() {
+    let (posts, base) = http_receiver(vec![Reply::status(503)], false).await;
+    let size = OtlpItem::prepare(spans(1).remove(0)).1;
+    let metrics = Arc::new(Metrics::default());
+    let mut config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
+    config.batch.max_export_batch_size = 2;
+    let output = Output {
+        destination: Destination::Otlp(config),
+        queue: QueueConfig {
+            max_bytes: 3 * size,
+            ..roomy()
+        },
+    };
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
+    // As `sonde replay` does: a thread of its own, faster than the receiver.
+    let producer = std::thread::spawn(move || {
+        for span in spans(20) {
+            handle.export_waiting(span);
+        }
+    });
+    tokio::task::spawn_blocking(move || producer.join().unwrap())
+        .await
+        .unwrap();
+    exporter.shutdown(Duration::from_secs(10)).await;
+    let bodies: Vec<_> = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|p| p.body.clone())
+        .collect();
+    let expected: Vec<Vec<u8>> = (1..=20).map(|i| vec![i; 8]).collect();
+    assert_eq!(span_ids(&bodies), expected);
+    assert_eq!(count(&metrics.spans_exported), 20);
+    assert_eq!(metrics.spans_dropped.total(), 0);
+}
+
+#[tokio::test]
 async fn retries_wait_longer_each_time_and_keep_the_batch_order() {
     let (posts, base) = http_receiver(
         vec![
