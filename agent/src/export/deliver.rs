@@ -10,19 +10,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::config::RetryConfig;
 use super::queue::{Entry, Outcome, Queue};
 use super::transport::{SendError, Transport};
-use super::{OtlpItem, Pause, otlp};
+use super::{EncodedSpan, Pause, otlp};
+use crate::spans::Resource;
 use crate::telemetry::{DropReason, Metrics};
 
 /// Everything the delivery task needs.
 pub(super) struct Delivery {
-    pub queue: Arc<Queue<OtlpItem>>,
+    pub queue: Arc<Queue<EncodedSpan>>,
     pub transport: Transport,
     pub retry: RetryConfig,
     /// How long a batch waits to fill.
@@ -42,7 +43,7 @@ pub(super) async fn run(mut d: Delivery) {
     while let Some(entries) = d.queue.next_batch(d.delay).await {
         let mut batch = Batch::new(entries);
         loop {
-            let error = match d.transport.send(&batch.request).await {
+            let error = match d.transport.send(&batch.body).await {
                 Ok(delivered) => {
                     if let Some(since) = failing_since.take() {
                         info!(
@@ -160,31 +161,45 @@ impl Backoff {
     }
 }
 
-/// One batch as a request, with what the queue needs to know of each span in it.
+/// One batch: its spans, encoded and grouped by resource, with when each was queued,
+/// and the request they make.
 struct Batch {
-    request: ExportTraceServiceRequest,
-    /// `meta[i][j]`: when the `j`th span of `request.resource_spans[i]` was queued,
-    /// and its size.
-    meta: Vec<Vec<(Instant, usize)>>,
+    groups: Vec<(Arc<Resource>, Vec<Held>)>,
+    /// The encoded `ExportTraceServiceRequest`.
+    body: Bytes,
     spans: usize,
     bytes: usize,
 }
 
+/// One span of a batch: its encoding, and when it was queued.
+struct Held {
+    bytes: Vec<u8>,
+    queued: Instant,
+}
+
 impl Batch {
-    fn new(entries: Vec<Entry<OtlpItem>>) -> Self {
+    fn new(entries: Vec<Entry<EncodedSpan>>) -> Self {
         let spans = entries.len();
         let bytes = entries.iter().map(|e| e.size).sum();
-        let (request, meta) = otlp::to_request(
-            entries
-                .into_iter()
-                .map(|e| (e.item.resource, e.item.span, (e.enqueued, e.size))),
-        );
-        Batch {
-            request,
-            meta,
+        let groups = otlp::group_by_resource(entries.into_iter().map(|e| {
+            let held = Held {
+                bytes: e.item.bytes,
+                queued: e.enqueued,
+            };
+            (e.item.resource, held)
+        }));
+        let mut batch = Batch {
+            groups,
+            body: Bytes::new(),
             spans,
             bytes,
-        }
+        };
+        batch.encode();
+        batch
+    }
+
+    fn encode(&mut self) {
+        self.body = otlp::encode_request(&self.groups, |held| &held.bytes).into();
     }
 
     /// Takes out the spans queued at or before `cutoff`; answers how many, and their
@@ -194,27 +209,22 @@ impl Batch {
             return (0, 0);
         };
         let (mut spans, mut bytes) = (0, 0);
-        for (group, meta) in self.request.resource_spans.iter_mut().zip(&mut self.meta) {
-            let mut keep = meta.iter().map(|&(queued, _)| queued > cutoff);
-            for scope in &mut group.scope_spans {
-                scope.spans.retain(|_| keep.next().unwrap_or(true));
-            }
-            meta.retain(|&(queued, size)| {
-                let expired = queued <= cutoff;
+        for (_, group) in &mut self.groups {
+            group.retain(|held| {
+                let expired = held.queued <= cutoff;
                 if expired {
                     spans += 1;
-                    bytes += size;
+                    bytes += held.bytes.len();
                 }
                 !expired
             });
         }
-        let mut meta = self.meta.iter();
-        self.request
-            .resource_spans
-            .retain(|_| meta.next().is_some_and(|m| !m.is_empty()));
-        self.meta.retain(|m| !m.is_empty());
-        self.spans -= spans;
-        self.bytes -= bytes;
+        if spans > 0 {
+            self.groups.retain(|(_, group)| !group.is_empty());
+            self.spans -= spans;
+            self.bytes -= bytes;
+            self.encode();
+        }
         (spans, bytes)
     }
 }
@@ -222,7 +232,10 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{Resource, Span, SpanKind, Status};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    use crate::spans::{Span, SpanKind, Status};
 
     fn config() -> RetryConfig {
         RetryConfig {
@@ -262,7 +275,7 @@ mod tests {
         assert_eq!(backoff.next(Some(Duration::ZERO), limit), Duration::ZERO);
     }
 
-    fn entry(resource: &Arc<Resource>, id: u8, enqueued: Instant) -> Entry<OtlpItem> {
+    fn entry(resource: &Arc<Resource>, id: u8, enqueued: Instant) -> Entry<EncodedSpan> {
         let span = Span {
             trace_id: [1; 16],
             span_id: [id; 8],
@@ -275,10 +288,10 @@ mod tests {
             status: Status::Unset,
             resource: Arc::clone(resource),
         };
-        let (resource, span) = otlp::to_proto(span);
+        let (item, size) = <EncodedSpan as super::super::Item>::prepare(span);
         Entry {
-            item: OtlpItem { resource, span },
-            size: 10 + usize::from(id),
+            item,
+            size,
             enqueued,
         }
     }
@@ -293,39 +306,42 @@ mod tests {
         })
     }
 
+    fn ids(batch: &Batch) -> Vec<u8> {
+        let request = ExportTraceServiceRequest::decode(batch.body.clone()).unwrap();
+        request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans[0].spans)
+            .map(|s| s.span_id[0])
+            .collect()
+    }
+
     #[test]
     fn expiring_a_batch_takes_out_exactly_the_old_spans_of_every_resource() {
         let (shop, crm) = (resource("shop"), resource("crm"));
         let t0 = Instant::now();
         let t = |s| t0 + Duration::from_secs(s);
-        let mut batch = Batch::new(vec![
+        let entries = vec![
             entry(&shop, 1, t(0)),
             entry(&crm, 2, t(1)),
             entry(&shop, 3, t(2)),
             entry(&crm, 4, t(3)),
-        ]);
-        assert_eq!((batch.spans, batch.bytes), (4, 50));
+        ];
+        let sizes: Vec<usize> = entries.iter().map(|e| e.size).collect();
+        let mut batch = Batch::new(entries);
+        assert_eq!((batch.spans, batch.bytes), (4, sizes.iter().sum()));
+        // Grouped by resource: shop's spans, then crm's.
+        assert_eq!(ids(&batch), [1, 3, 2, 4]);
         assert_eq!(batch.expire(None), (0, 0));
-        // Spans 1 (shop) and 2 (crm) are old; every crm span would go at t(3).
-        assert_eq!(batch.expire(Some(t(1))), (2, 23));
-        assert_eq!((batch.spans, batch.bytes), (2, 27));
-        let ids: Vec<Vec<u8>> = batch
-            .request
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans[0].spans)
-            .map(|s| s.span_id.clone())
-            .collect();
-        assert_eq!(ids, [vec![3; 8], vec![4; 8]]);
-        assert_eq!(batch.expire(Some(t(2))), (1, 13));
-        assert_eq!(
-            batch.request.resource_spans.len(),
-            1,
-            "shop's group is empty"
-        );
-        assert_eq!(batch.meta.len(), 1);
-        assert_eq!(batch.expire(Some(t(3))), (1, 14));
-        assert!(batch.request.resource_spans.is_empty());
+        // Spans 1 (shop) and 2 (crm) are old.
+        assert_eq!(batch.expire(Some(t(1))), (2, sizes[0] + sizes[1]));
+        assert_eq!((batch.spans, batch.bytes), (2, sizes[2] + sizes[3]));
+        assert_eq!(ids(&batch), [3, 4]);
+        assert_eq!(batch.expire(Some(t(2))), (1, sizes[2]));
+        assert_eq!(batch.groups.len(), 1, "shop's group is gone");
+        assert_eq!(ids(&batch), [4]);
+        assert_eq!(batch.expire(Some(t(3))), (1, sizes[3]));
+        assert!(batch.groups.is_empty());
         assert_eq!((batch.spans, batch.bytes), (0, 0));
     }
 }

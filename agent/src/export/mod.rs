@@ -2,11 +2,13 @@
 //! over OTLP (gRPC or HTTP/protobuf) to a collector or Jaeger.
 //!
 //! The pipeline hands spans to an [`ExporterHandle`], which never blocks: each span is
-//! put in the form its sink sends (a text line, or its OTLP protobuf) and goes into
-//! the export [`queue`], bounded by those encoded bytes, by age and, when
-//! `OTEL_BSP_MAX_QUEUE_SIZE` asks, by count. One task drains the queue in batches (up
+//! put in the form its sink takes (a text line for stdout, its protobuf bytes for
+//! OTLP, the decoded OTLP message for the JSON file) and goes into the export
+//! [`queue`], bounded by its encoded size, by age and, when `OTEL_BSP_MAX_QUEUE_SIZE`
+//! asks, by count. One task drains the queue in batches (up
 //! to `max_export_batch_size` spans, or whatever arrived within `scheduled_delay`).
-//! Over OTLP a batch is one `ExportTraceServiceRequest` (see [`otlp`]), sent and,
+//! Over OTLP a batch is one `ExportTraceServiceRequest` put together from the encoded
+//! spans (see [`otlp`]), sent and,
 //! while the receiver is down, overloaded or unreachable, retried with capped
 //! exponential backoff (see [`deliver`]) until it is delivered or its spans are too
 //! old. Every span is counted exactly once: `spans_exported`, or `spans_dropped` with
@@ -198,7 +200,7 @@ fn spawn_pausing_with(
         Destination::Otlp(config) => {
             let transport = Transport::new(&config)?;
             let max_age = limits.max_age;
-            let queue = Arc::new(Queue::<OtlpItem>::new(
+            let queue = Arc::new(Queue::<EncodedSpan>::new(
                 limits,
                 config.batch.max_export_batch_size,
                 Arc::clone(&metrics),
@@ -266,7 +268,7 @@ impl Item for Line {
     }
 }
 
-/// A span in its OTLP form; the size is its protobuf encoding's.
+/// A span in its OTLP form, for the JSON file; the size is its protobuf encoding's.
 struct OtlpItem {
     resource: Arc<Resource>,
     span: ProtoSpan,
@@ -277,6 +279,23 @@ impl Item for OtlpItem {
         let (resource, span) = otlp::to_proto(span);
         let size = span.encoded_len();
         (OtlpItem { resource, span }, size)
+    }
+}
+
+/// A span as the protobuf bytes OTLP sends, for the OTLP exporter: held encoded, the
+/// queue's memory is close to its byte bound (decoded, a span takes about 3 times its
+/// encoded size), and a retried batch is sent again without encoding it again.
+struct EncodedSpan {
+    resource: Arc<Resource>,
+    bytes: Vec<u8>,
+}
+
+impl Item for EncodedSpan {
+    fn prepare(span: Span) -> (Self, usize) {
+        let (resource, span) = otlp::to_proto(span);
+        let bytes = span.encode_to_vec();
+        let size = bytes.len();
+        (EncodedSpan { resource, bytes }, size)
     }
 }
 
@@ -304,11 +323,8 @@ async fn write_json(queue: Arc<Queue<OtlpItem>>, file: Arc<File>) {
         let (spans, bytes) = totals(&batch);
         let file = Arc::clone(&file);
         let written = tokio::task::spawn_blocking(move || {
-            let (request, _) = otlp::to_request(
-                batch
-                    .into_iter()
-                    .map(|e| (e.item.resource, e.item.span, ())),
-            );
+            let request =
+                otlp::to_request(batch.into_iter().map(|e| (e.item.resource, e.item.span)));
             let mut line = serde_json::to_vec(&request).map_err(io::Error::from)?;
             line.push(b'\n');
             // One write per line, so concurrent readers never see half a line

@@ -67,49 +67,97 @@ pub fn to_proto(span: Span) -> (Arc<Resource>, ProtoSpan) {
     (resource, proto)
 }
 
-/// One request for a batch of spans, grouped by resource in the order each resource
-/// first appears. Each span carries a `M` along (the queue's bookkeeping); the answer
-/// holds them grouped the same way, `meta[i][j]` for the `j`th span of
-/// `resource_spans[i]`.
-pub fn to_request<M>(
-    spans: impl IntoIterator<Item = (Arc<Resource>, ProtoSpan, M)>,
-) -> (ExportTraceServiceRequest, Vec<Vec<M>>) {
-    let mut groups: Vec<(Arc<Resource>, Vec<ProtoSpan>, Vec<M>)> = Vec::new();
-    for (resource, span, meta) in spans {
+/// Groups `items` by resource, in the order each resource first appears.
+pub fn group_by_resource<T>(
+    items: impl IntoIterator<Item = (Arc<Resource>, T)>,
+) -> Vec<(Arc<Resource>, Vec<T>)> {
+    let mut groups: Vec<(Arc<Resource>, Vec<T>)> = Vec::new();
+    for (resource, item) in items {
         // Builders share one Arc per process, so the pointer test nearly always
         // decides; equal resources behind different Arcs still land together.
         match groups
             .iter_mut()
-            .find(|(r, _, _)| Arc::ptr_eq(r, &resource) || **r == *resource)
+            .find(|(r, _)| Arc::ptr_eq(r, &resource) || **r == *resource)
         {
-            Some((_, group, metas)) => {
-                group.push(span);
-                metas.push(meta);
-            }
-            None => groups.push((resource, vec![span], vec![meta])),
+            Some((_, group)) => group.push(item),
+            None => groups.push((resource, vec![item])),
         }
     }
-    let mut metas = Vec::with_capacity(groups.len());
-    let resource_spans = groups
+    groups
+}
+
+/// One request for a batch of spans, grouped by resource.
+pub fn to_request(
+    spans: impl IntoIterator<Item = (Arc<Resource>, ProtoSpan)>,
+) -> ExportTraceServiceRequest {
+    let resource_spans = group_by_resource(spans)
         .into_iter()
-        .map(|(resource, spans, meta)| {
-            metas.push(meta);
-            ResourceSpans {
-                resource: Some(to_proto_resource(&resource)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: SCOPE_NAME.to_owned(),
-                        version: SCOPE_VERSION.to_owned(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    schema_url: SCHEMA_URL.to_owned(),
-                }],
+        .map(|(resource, spans)| ResourceSpans {
+            resource: Some(to_proto_resource(&resource)),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans,
                 schema_url: SCHEMA_URL.to_owned(),
-            }
+            }],
+            schema_url: SCHEMA_URL.to_owned(),
         })
         .collect();
-    (ExportTraceServiceRequest { resource_spans }, metas)
+    ExportTraceServiceRequest { resource_spans }
+}
+
+/// The protobuf encoding of the request [`to_request`] would make, from spans already
+/// encoded (each a `Span` message's bytes), grouped by resource: what the OTLP
+/// exporter sends, put together without decoding the spans again. Fields in tag
+/// order, as prost writes them, so the bytes are the same.
+pub fn encode_request<T>(
+    groups: &[(Arc<Resource>, Vec<T>)],
+    span_bytes: impl Fn(&T) -> &[u8],
+) -> Vec<u8> {
+    use prost::encoding::{self, WireType, encode_key, encode_varint, encoded_len_varint};
+    // Every field here has a tag below 16, so its key is one byte.
+    fn delimited_len(len: usize) -> usize {
+        encoding::key_len(1) + encoded_len_varint(len as u64) + len
+    }
+    fn put_delimited_head(tag: u32, len: usize, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+    }
+    let schema_url = SCHEMA_URL.to_owned();
+    let scope = scope();
+    let mut buf = Vec::new();
+    for (resource, spans) in groups {
+        let resource = to_proto_resource(resource);
+        let spans_len: usize = spans
+            .iter()
+            .map(|s| delimited_len(span_bytes(s).len()))
+            .sum();
+        let scope_spans_len = encoding::message::encoded_len(1, &scope)
+            + spans_len
+            + encoding::string::encoded_len(3, &schema_url);
+        let resource_spans_len = encoding::message::encoded_len(1, &resource)
+            + delimited_len(scope_spans_len)
+            + encoding::string::encoded_len(3, &schema_url);
+        put_delimited_head(1, resource_spans_len, &mut buf);
+        encoding::message::encode(1, &resource, &mut buf);
+        put_delimited_head(2, scope_spans_len, &mut buf);
+        encoding::message::encode(1, &scope, &mut buf);
+        for span in spans {
+            let bytes = span_bytes(span);
+            put_delimited_head(2, bytes.len(), &mut buf);
+            buf.extend_from_slice(bytes);
+        }
+        encoding::string::encode(3, &schema_url, &mut buf);
+        encoding::string::encode(3, &schema_url, &mut buf);
+    }
+    buf
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: SCOPE_NAME.to_owned(),
+        version: SCOPE_VERSION.to_owned(),
+        ..Default::default()
+    }
 }
 
 /// The resource's fixed fields, sonde's own `telemetry.sdk.*`, then the further
@@ -207,11 +255,7 @@ mod tests {
     use crate::spans::KeyValue as SpanKv;
 
     fn request_of(spans: Vec<Span>) -> ExportTraceServiceRequest {
-        to_request(spans.into_iter().map(|s| {
-            let (resource, proto) = to_proto(s);
-            (resource, proto, ())
-        }))
-        .0
+        to_request(spans.into_iter().map(to_proto))
     }
 
     fn resource(service: &str, pid: u32) -> Arc<Resource> {
@@ -293,6 +337,30 @@ mod tests {
             .unwrap();
         assert_eq!(scope.name, "sonde");
         assert_eq!(scope.version, env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn a_request_put_together_from_encoded_spans_is_what_prost_would_encode() {
+        use prost::Message;
+        let shop = resource("shop-api", 10);
+        let crm = resource("crm-api", 20);
+        let batch = vec![
+            span(&shop, SpanKind::Server, 1),
+            span(&crm, SpanKind::Client, 2),
+            span(&shop, SpanKind::Client, 3),
+        ];
+        let encoded: Vec<(Arc<Resource>, Vec<u8>)> = batch
+            .clone()
+            .into_iter()
+            .map(|s| {
+                let (resource, proto) = to_proto(s);
+                (resource, proto.encode_to_vec())
+            })
+            .collect();
+        let groups = group_by_resource(encoded);
+        let bytes = encode_request(&groups, |s| s.as_slice());
+        assert_eq!(bytes, request_of(batch).encode_to_vec());
+        assert!(encode_request::<Vec<u8>>(&[], |s| s.as_slice()).is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Sending one `ExportTraceServiceRequest`: OTLP/gRPC with opentelemetry-proto's
-//! generated client on tonic, or OTLP/HTTP protobuf with reqwest. Both over rustls
+//! Sending one `ExportTraceServiceRequest`, already encoded: OTLP/gRPC on tonic (the
+//! call opentelemetry-proto's generated client makes, with the bytes passed through
+//! as they are), or OTLP/HTTP protobuf with reqwest. Both over rustls
 //! (ring provider) with the trusted roots set here, explicitly: the system's store
 //! (honouring SSL_CERT_FILE / SSL_CERT_DIR), or Mozilla's bundle when the system has
 //! none (a distroless container), plus an optional CA file.
@@ -15,9 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
-};
+use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
@@ -31,6 +31,37 @@ use super::ExportError;
 use super::config::{OtlpConfig, Protocol};
 
 const USER_AGENT: &str = concat!("sonde/", env!("CARGO_PKG_VERSION"));
+/// The OTLP trace service's one method.
+const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A message already encoded, which tonic's prost codec sends as it is. Only ever
+/// encoded: decoding one skips every field.
+#[derive(Clone, Debug, Default)]
+struct Encoded(Bytes);
+
+impl Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// What a delivered request came back with.
 #[derive(Debug, Default, PartialEq)]
@@ -64,7 +95,7 @@ impl std::fmt::Display for SendError {
 
 pub(super) enum Transport {
     Grpc {
-        client: TraceServiceClient<Channel>,
+        client: tonic::client::Grpc<Channel>,
         metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     },
     Http {
@@ -116,7 +147,7 @@ impl Transport {
                     })
                     .collect::<Result<_, _>>()?;
                 Ok(Transport::Grpc {
-                    client: TraceServiceClient::new(endpoint.connect_lazy()),
+                    client: tonic::client::Grpc::new(endpoint.connect_lazy()),
                     metadata,
                 })
             }
@@ -159,17 +190,28 @@ impl Transport {
         }
     }
 
-    pub async fn send(
-        &mut self,
-        request: &ExportTraceServiceRequest,
-    ) -> Result<Delivered, SendError> {
+    /// Sends `body`, an encoded `ExportTraceServiceRequest`.
+    pub async fn send(&mut self, body: &Bytes) -> Result<Delivered, SendError> {
         match self {
             Transport::Grpc { client, metadata } => {
-                let mut call = tonic::Request::new(request.clone());
+                let mut call = tonic::Request::new(Encoded(body.clone()));
                 for (key, value) in metadata.iter() {
                     call.metadata_mut().insert(key.clone(), value.clone());
                 }
-                match client.export(call).await {
+                // A channel that cannot connect says so here, as UNAVAILABLE.
+                if let Err(error) = client.ready().await {
+                    return Err(grpc_error(&tonic::Status::unavailable(error.to_string())));
+                }
+                let codec =
+                    tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default();
+                match client
+                    .unary(
+                        call,
+                        tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH),
+                        codec,
+                    )
+                    .await
+                {
                     Ok(response) => Ok(delivered(response.into_inner())),
                     Err(status) => Err(grpc_error(&status)),
                 }
@@ -178,7 +220,7 @@ impl Transport {
                 let response = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-                    .body(request.encode_to_vec())
+                    .body(body.clone())
                     .send()
                     .await
                     .map_err(|e| SendError::Transient {
