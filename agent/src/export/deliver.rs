@@ -55,17 +55,17 @@ pub(super) async fn run(mut d: Delivery) {
                     let rejected = usize::try_from(delivered.rejected)
                         .unwrap_or(usize::MAX)
                         .min(batch.spans);
+                    d.queue
+                        .settle(Outcome::Exported, batch.spans - rejected, batch.bytes);
                     if rejected > 0 {
                         warn!(
                             rejected,
                             reason = %delivered.message,
                             "OTLP receiver refused some spans (partial success); they are dropped"
                         );
+                        d.queue
+                            .settle(Outcome::Dropped(DropReason::Rejected), rejected, 0);
                     }
-                    d.queue
-                        .settle(Outcome::Exported, batch.spans - rejected, batch.bytes);
-                    d.queue
-                        .settle(Outcome::Dropped(DropReason::Rejected), rejected, 0);
                     break;
                 }
                 Err(error) => error,
