@@ -105,3 +105,23 @@ impl SpansDropped {
         DropReason::ALL.iter().map(|&r| self.get(r)).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_drop_reason_has_its_own_counter() {
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "ALL must list the reasons in order");
+        }
+        let dropped = SpansDropped::default();
+        for (n, reason) in (1..).zip(DropReason::ALL) {
+            dropped.add(reason, n);
+        }
+        for (n, reason) in (1..).zip(DropReason::ALL) {
+            assert_eq!(dropped.get(reason), n, "{}", reason.label());
+        }
+        assert_eq!(dropped.total(), 15);
+    }
+}
