@@ -51,10 +51,13 @@ install_rust() {
     log "rustup is missing: this machine kind ships Rust through rustup; install it first"
     exit 1
   fi
+  # rust-src for -Z build-std=core; clippy for linting agent-ebpf on its own target.
+  local nightly_have
+  nightly_have="$(rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null || true)"
   if ! rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1 \
-     || ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q rust-src; then
-    log "Rust: installing $NIGHTLY with rust-src"
-    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --no-self-update
+     || ! grep -q '^rust-src' <<<"$nightly_have" || ! grep -q '^clippy' <<<"$nightly_have"; then
+    log "Rust: installing $NIGHTLY with rust-src and clippy"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --component clippy --no-self-update
   fi
   rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
   if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then

@@ -113,6 +113,10 @@ pub fn proc_event(
 /// read, as for sendfile), of which the first `payload_cap` are copied. `ts_ns` is when
 /// the bytes moved, or 0 for now.
 #[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "inlined into each probe: a struct of these values would only add a copy on the 512-byte BPF stack"
+)]
 pub fn data_event(
     pid_tgid: u64,
     fd: u32,

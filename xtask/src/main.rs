@@ -4,10 +4,13 @@
 //! cargo xtask build-ebpf          the eBPF object alone (pinned nightly, bpf-linker)
 //! cargo xtask build               release build of the agent (embeds the eBPF object)
 //! cargo xtask run -- <args>       setup, build, then `sonde run <args>` as root
-//! cargo xtask test                setup, unit tests, release build, Jaeger, pytest on tests/
-//! cargo xtask ci                  fmt --check, clippy, then everything `test` does
-//! cargo xtask bench -- [s] [c]     release build, then bench/http_overhead.sh
+//! cargo xtask lint                cargo fmt --check and clippy -D warnings, agent-ebpf and fuzz/ included
+//! cargo xtask test                setup, lint, unit tests, fuzzing, release build, pytest on tests/
+//! cargo xtask bench -- [s] [c]    release build, then bench/http_overhead.sh
 //! ```
+//!
+//! `test` is what `scripts/test.sh` and CI (`.ci/run`) run; any step that fails makes
+//! it fail, after the later steps have run and shown their own results.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -43,10 +46,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, unit tests, release build, Jaeger build, then the privileged pytest suite.
+    /// `cargo fmt --check` (workspace, agent-ebpf, xtask, fuzz) and `cargo clippy -D warnings`
+    /// (workspace with all targets, and agent-ebpf for its BPF target on the pinned nightly).
+    Lint,
+    /// Set up, lint, unit tests, fuzzing, release build, then the privileged pytest suite.
     Test(TestArgs),
-    /// `cargo fmt --check`, clippy, then everything `test` does.
-    Ci(TestArgs),
     /// Release build, then bench/http_overhead.sh (traced against untraced, ratios):
     /// `cargo xtask bench -- [seconds] [connections]`.
     Bench {
@@ -60,9 +64,13 @@ struct TestArgs {
     /// Skip scripts/setup.sh, scripts/setup-tests.sh and scripts/setup-clients.sh.
     #[arg(long)]
     skip_setup: bool,
-    /// Skip `cargo test` (unit tests).
+    /// Skip every step before the privileged suite (lint, `cargo test`, fuzzing): for
+    /// running a part of the suite, e.g. `--skip-setup --no-unit -- -k tls -x`.
     #[arg(long)]
     no_unit: bool,
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
     /// Skip the release build (pytest then uses the existing binary, or SONDE_BIN).
     #[arg(long)]
     no_build: bool,
@@ -94,6 +102,7 @@ fn real_main() -> Result<()> {
             build(&root)?;
             run_agent(&root, args)
         }
+        Cmd::Lint => lint(&root),
         Cmd::Test(t) => test(&root, &t),
         Cmd::Bench { args } => {
             build(&root)?;
@@ -102,31 +111,6 @@ fn real_main() -> Result<()> {
                 .args(&args)
                 .env("SONDE_BIN", target_dir(&root).join("release/sonde"))
                 .current_dir(&root))
-        }
-        Cmd::Ci(t) => {
-            step("cargo fmt --check");
-            run(cargo(&root).args(["fmt", "--all", "--check"]))?;
-            if !t.skip_setup {
-                setup(&root)?;
-            }
-            step("cargo clippy");
-            run(cargo(&root).args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "agent-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            test(
-                &root,
-                &TestArgs {
-                    skip_setup: true,
-                    ..t
-                },
-            )
         }
     }
 }
@@ -220,9 +204,9 @@ fn setup(root: &Path) -> Result<()> {
     run(as_root(root.join("scripts/setup.sh")).current_dir(root))
 }
 
-fn build_ebpf(root: &Path) -> Result<()> {
-    step(&format!("eBPF programs ({EBPF_TOOLCHAIN}, {EBPF_TARGET})"));
-    // The same flags aya-build passes when the agent's build.rs builds the programs.
+/// `cargo <subcommand>` on agent-ebpf with the pinned nightly, for the BPF target, with
+/// the flags aya-build passes when the agent's build.rs builds the programs.
+fn ebpf_cargo(root: &Path, subcommand: &str) -> Command {
     let arch = std::env::consts::ARCH;
     let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
@@ -230,25 +214,30 @@ fn build_ebpf(root: &Path) -> Result<()> {
         "-Clink-arg=--btf".into(),
     ]
     .join("\x1f");
-    run(Command::new("rustup")
-        .current_dir(root)
+    let mut c = nightly_cargo(root);
+    c.env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .args([subcommand, "--package", "agent-ebpf", "--release"])
+        .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(target_dir(root).join("ebpf"));
+    c
+}
+
+/// cargo of the pinned nightly, not the one that runs xtask.
+fn nightly_cargo(root: &Path) -> Command {
+    let mut c = Command::new("rustup");
+    c.current_dir(root)
         .env("PATH", path_env())
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO")
-        .args([
-            "run",
-            EBPF_TOOLCHAIN,
-            "cargo",
-            "build",
-            "--package",
-            "agent-ebpf",
-            "--release",
-        ])
-        .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(target_dir(root).join("ebpf")))?;
+        .args(["run", EBPF_TOOLCHAIN, "cargo"]);
+    c
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    step(&format!("eBPF programs ({EBPF_TOOLCHAIN}, {EBPF_TARGET})"));
+    run(&mut ebpf_cargo(root, "build"))?;
     eprintln!(
         "xtask: eBPF object at {}",
         target_dir(root)
@@ -258,6 +247,53 @@ fn build_ebpf(root: &Path) -> Result<()> {
             .display()
     );
     Ok(())
+}
+
+/// Every check, even after one failed, so that one run shows all that is wrong.
+fn lint(root: &Path) -> Result<()> {
+    let fuzz_manifest = root.join("fuzz/Cargo.toml");
+    let mut checks: Vec<(&str, Command)> = Vec::new();
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--check"]);
+    checks.push((
+        "cargo fmt --check (workspace: agent, agent-common, agent-ebpf, xtask)",
+        fmt,
+    ));
+    let mut fmt_fuzz = cargo(root);
+    fmt_fuzz
+        .args(["fmt", "--all", "--check", "--manifest-path"])
+        .arg(&fuzz_manifest);
+    checks.push(("cargo fmt --check (fuzz)", fmt_fuzz));
+    let mut clippy = cargo(root);
+    clippy
+        .env("PATH", path_env())
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--all-targets",
+        ])
+        .args(["--", "-D", "warnings"]);
+    checks.push(("cargo clippy --all-targets -D warnings (workspace)", clippy));
+    let mut clippy_ebpf = ebpf_cargo(root, "clippy");
+    clippy_ebpf.args(["--", "-D", "warnings"]);
+    checks.push((
+        "cargo clippy -D warnings (agent-ebpf, pinned nightly, BPF target)",
+        clippy_ebpf,
+    ));
+    let mut failed = Vec::new();
+    for (what, mut cmd) in checks {
+        step(what);
+        if let Err(e) = run(&mut cmd) {
+            failed.push(format!("{what}: {e:#}"));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failed.join("; "))
+    }
 }
 
 fn build(root: &Path) -> Result<()> {
@@ -301,9 +337,15 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
         step("scripts/setup-clients.sh (pika, amqplib, Go test clients)");
         run(as_root(root.join("scripts/setup-clients.sh")).current_dir(root))?;
     }
-    // A failing unit test does not stop the privileged suite: both summaries are shown,
-    // and the run fails at the end.
+    // A failing step does not stop the later ones (a lint error does not hide a failing
+    // test): every summary is shown, and the run fails at the end.
     let mut failed: Vec<String> = Vec::new();
+    if !t.no_unit
+        && !t.no_lint
+        && let Err(e) = lint(root)
+    {
+        failed.push(format!("lint: {e:#}"));
+    }
     if !t.no_unit {
         step("unit tests: cargo test --workspace");
         if let Err(e) = run(cargo(root).env("PATH", path_env()).args([

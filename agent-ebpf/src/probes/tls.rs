@@ -111,7 +111,7 @@ fn enter(ctx: &ProbeContext, kind: u32) {
             tgid: pid_tgid >> 32,
             ssl: call.ssl,
         };
-        if let Some(fd) = unsafe { SSL_FDS.get(&key) }.copied()
+        if let Some(fd) = unsafe { SSL_FDS.get(key) }.copied()
             && num > 0
             && (num >> 62) == 0
             && emit_on(pid_tgid, fd, &call, num, call.start_ns)
@@ -166,7 +166,7 @@ fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
     };
     let mut fd = call.fd;
     if fd == NO_FD {
-        fd = match unsafe { SSL_FDS.get(&ssl_key) } {
+        fd = match unsafe { SSL_FDS.get(ssl_key) } {
             Some(fd) => *fd,
             None => match unsafe { LAST_FD.get(pid_tgid) } {
                 Some(fd) => *fd,
@@ -174,7 +174,7 @@ fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
             },
         };
     }
-    let _ = SSL_FDS.insert(&ssl_key, fd, 0);
+    let _ = SSL_FDS.insert(ssl_key, fd, 0);
     // Writes are stamped with their start, reads with their return (when the bytes
     // are there).
     let ts = if is_write(call.kind) {
@@ -316,20 +316,20 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         emitted: 0,
         _pad: 0,
     };
-    if call.fd == NO_FD {
-        if let Some(fd) = unsafe {
-            SSL_FDS.get(&SslKey {
+    if call.fd == NO_FD
+        && let Some(fd) = unsafe {
+            SSL_FDS.get(SslKey {
                 tgid: pid_tgid >> 32,
                 ssl: call.ssl,
             })
-        } {
-            call.fd = *fd;
         }
+    {
+        call.fd = *fd;
     }
     // A write's bytes are all in `b` at entry (Write writes all of them or fails).
     if kind == KIND_WRITE && call.fd != NO_FD && regs.rcx > 0 && (regs.rcx >> 62) == 0 {
         let _ = SSL_FDS.insert(
-            &SslKey {
+            SslKey {
                 tgid: pid_tgid >> 32,
                 ssl: call.ssl,
             },
@@ -340,7 +340,7 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
             call.emitted = 1;
         }
     }
-    let _ = GO_TLS_CALLS.insert(&key, &call, 0);
+    let _ = GO_TLS_CALLS.insert(key, call, 0);
 }
 
 #[uprobe]
@@ -364,10 +364,10 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
         tgid: pid_tgid >> 32,
         goroutine: regs.r14,
     };
-    let Some(call) = (unsafe { GO_TLS_CALLS.get(&key) }).copied() else {
+    let Some(call) = (unsafe { GO_TLS_CALLS.get(key) }).copied() else {
         return 0;
     };
-    let _ = GO_TLS_CALLS.remove(&key);
+    let _ = GO_TLS_CALLS.remove(key);
     let n = regs.rax as i64;
     if n > 0 && call.emitted == 0 {
         emit_plaintext(pid_tgid, &call, n as u64);
