@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What the privileged test suite needs on top of scripts/setup.sh: a Python venv at
-# tests/.venv with pytest, and Jaeger v2 built into .tools/jaeger. Idempotent.
+# What the tests need on top of scripts/setup.sh: cargo-fuzz for the fuzz targets, a
+# Python venv at tests/.venv with pytest, and Jaeger v2 built into .tools/jaeger.
+# Idempotent.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +12,17 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '[setup-tests] %s\n' "$*" >&2; }
 
 PY_DEPS=(pytest pytest-timeout)
+CARGO_FUZZ_VERSION="0.13.2"
+
+# cargo-fuzz builds on stable; the targets themselves build with setup.sh's pinned nightly.
+install_cargo_fuzz() {
+  if cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+    log "cargo-fuzz: present ($CARGO_FUZZ_VERSION)"
+    return
+  fi
+  log "cargo-fuzz: installing $CARGO_FUZZ_VERSION (about 1.5 minutes)"
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+}
 
 venv_ok() {
   [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import pytest, pytest_timeout" 2>/dev/null
@@ -41,6 +53,7 @@ make_venv() {
 
 # Real peers: nginx, RabbitMQ, tcpdump/tshark for captures, wrk and bc for bench/.
 SONDE_SETUP_TEST_PEERS=1 "$ROOT/scripts/setup.sh"
+install_cargo_fuzz
 make_venv
 "$ROOT/scripts/build-jaeger.sh"
 log "done"

@@ -5,6 +5,7 @@
 //! cargo xtask build               release build of the agent (embeds the eBPF object)
 //! cargo xtask run -- <args>       setup, build, then `sonde run <args>` as root
 //! cargo xtask lint                cargo fmt --check and clippy -D warnings, agent-ebpf and fuzz/ included
+//! cargo xtask fuzz [-s N] [T...]  build every fuzz target in fuzz/, run each (or T) N s (30)
 //! cargo xtask test                setup, lint, unit tests, fuzzing, release build, pytest on tests/
 //! cargo xtask bench -- [s] [c]    release build, then bench/http_overhead.sh
 //! ```
@@ -22,6 +23,8 @@ use clap::{Parser, Subcommand};
 /// The nightly whose rustc is on LLVM 22, the LLVM that bpf-linker is built against.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
+/// How long `test` runs each fuzz target.
+const FUZZ_SECONDS: u64 = 30;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "sonde's build, run and test tasks")]
@@ -49,6 +52,16 @@ enum Cmd {
     /// `cargo fmt --check` (workspace, agent-ebpf, xtask, fuzz) and `cargo clippy -D warnings`
     /// (workspace with all targets, and agent-ebpf for its BPF target on the pinned nightly).
     Lint,
+    /// Build every fuzz target of fuzz/Cargo.toml (cargo-fuzz, pinned nightly), then run
+    /// each for a while; a crash, a failed assertion or a hang fails the run, and the
+    /// input is saved under fuzz/artifacts/<target>/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(short, long, default_value_t = FUZZ_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Set up, lint, unit tests, fuzzing, release build, then the privileged pytest suite.
     Test(TestArgs),
     /// Release build, then bench/http_overhead.sh (traced against untraced, ratios):
@@ -71,6 +84,9 @@ struct TestArgs {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Skip building and running the fuzz targets.
+    #[arg(long)]
+    no_fuzz: bool,
     /// Skip the release build (pytest then uses the existing binary, or SONDE_BIN).
     #[arg(long)]
     no_build: bool,
@@ -103,6 +119,7 @@ fn real_main() -> Result<()> {
             run_agent(&root, args)
         }
         Cmd::Lint => lint(&root),
+        Cmd::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Cmd::Test(t) => test(&root, &t),
         Cmd::Bench { args } => {
             build(&root)?;
@@ -296,6 +313,76 @@ fn lint(root: &Path) -> Result<()> {
     }
 }
 
+/// `cargo fuzz <subcommand>` on fuzz/ with the pinned nightly. Debug assertions and
+/// overflow checks are on, so that an overflow is a finding rather than a wrong number.
+/// The eBPF object is not built: no target loads it.
+fn cargo_fuzz(root: &Path, subcommand: &str) -> Command {
+    let mut c = nightly_cargo(root);
+    c.env("AYA_BUILD_SKIP", "1")
+        .args(["fuzz", subcommand, "--fuzz-dir"])
+        .arg(root.join("fuzz"));
+    if subcommand != "list" {
+        c.arg("--debug-assertions")
+            .arg("--target-dir")
+            .arg(target_dir(root).join("fuzz"));
+    }
+    c
+}
+
+fn fuzz(root: &Path, seconds: u64, only: &[String]) -> Result<()> {
+    let listed = cargo_fuzz(root, "list")
+        .output()
+        .context("could not run cargo fuzz list: is cargo-fuzz installed (scripts/setup.sh)?")?;
+    if !listed.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+    let all: Vec<String> = String::from_utf8(listed.stdout)
+        .context("cargo fuzz list printed non-UTF-8")?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if all.is_empty() {
+        bail!("fuzz/Cargo.toml lists no fuzz targets");
+    }
+    if let Some(unknown) = only.iter().find(|t| !all.contains(t)) {
+        bail!("no fuzz target {unknown:?}; fuzz/Cargo.toml has {all:?}");
+    }
+    let targets = if only.is_empty() { &all[..] } else { only };
+    step(&format!(
+        "fuzz targets: cargo fuzz build ({EBPF_TOOLCHAIN})"
+    ));
+    run(&mut cargo_fuzz(root, "build"))?;
+    let mut failed = Vec::new();
+    for target in targets {
+        step(&format!("fuzz {target} for {seconds} s"));
+        // The corpus grows across local runs in the target directory, out of the tree.
+        let corpus = target_dir(root).join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("could not create {}", corpus.display()))?;
+        let mut cmd = cargo_fuzz(root, "run");
+        cmd.arg(target)
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            // One input running this long is a hang, and a finding.
+            .arg("-timeout=10");
+        if let Err(e) = run(&mut cmd) {
+            failed.push(format!("{target}: {e:#}"));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "fuzzing found failures (inputs in fuzz/artifacts/): {}",
+            failed.join("; ")
+        )
+    }
+}
+
 fn build(root: &Path) -> Result<()> {
     step("release build of the agent");
     run(cargo(root)
@@ -356,6 +443,12 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
         ])) {
             failed.push(format!("unit tests: {e:#}"));
         }
+    }
+    if !t.no_unit
+        && !t.no_fuzz
+        && let Err(e) = fuzz(root, FUZZ_SECONDS, &[])
+    {
+        failed.push(format!("fuzz: {e:#}"));
     }
     if !t.no_integration {
         if !t.no_build {
