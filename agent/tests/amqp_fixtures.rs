@@ -10,6 +10,10 @@
 //! own, the broker end named after its listening address) must give the broker's view
 //! as well: see `replay_shows_the_broker_view`.
 //!
+//! As for HTTP, the parser must not depend on how the bytes arrive: every prefix of
+//! each connection, from either end, gives a prefix of the operations of the whole
+//! (never more, never others), and any split of the reads gives the same operations.
+//!
 //! The pcap reader here is test-only: loopback Ethernet, IPv4 or IPv6, TCP, no
 //! reordering; retransmitted bytes are dropped by sequence number.
 
@@ -19,6 +23,7 @@ use std::{
 
 use agent_common::Direction;
 use pcap_file::pcap::PcapReader;
+use proptest::prelude::*;
 use sonde::{
     conn::ConnInfo,
     context_amqp::{MessageKey, MessageLinker},
@@ -153,22 +158,62 @@ fn operations(conn: &Connection, cap: usize) -> Vec<AmqpOperation> {
 /// Parses one connection as the client (`broker` false) or the broker saw it.
 fn parse(conn: &Connection, cap: usize, broker: bool) -> Vec<AmqpOperation> {
     let mut p = AmqpParser::new();
+    let last = feed(&mut p, &conn.segments, cap, broker);
+    p.close(last);
+    assert_ne!(p.is_amqp(), Some(false));
+    p.take_operations()
+}
+
+/// Feeds the first `cut` octets of `segments` to `p` (the last segment cut short), from
+/// the client's or the broker's end; returns the time of the last.
+fn feed_prefix(
+    p: &mut AmqpParser,
+    segments: &[(Direction, Vec<u8>, u64)],
+    mut cut: usize,
+    broker: bool,
+) -> u64 {
     let mut last = 0;
-    for (dir, data, ts) in &conn.segments {
-        let dir = match (broker, *dir) {
-            (false, d) => d,
-            (true, Direction::Egress) => Direction::Ingress,
-            (true, Direction::Ingress) => Direction::Egress,
-        };
+    for (dir, data, ts) in segments {
+        if cut == 0 {
+            break;
+        }
+        let dir = if broker { dir.opposite() } else { *dir };
+        let n = cut.min(data.len());
+        p.feed(dir, &data[..n], *ts);
+        cut -= n;
+        last = *ts;
+    }
+    last
+}
+
+/// Feeds `segments` to `p` from the client's or the broker's end, `cap` octets of each
+/// captured and the rest skipped; returns the time of the last.
+fn feed(
+    p: &mut AmqpParser,
+    segments: &[(Direction, Vec<u8>, u64)],
+    cap: usize,
+    broker: bool,
+) -> u64 {
+    let mut last = 0;
+    for (dir, data, ts) in segments {
+        let dir = if broker { dir.opposite() } else { *dir };
         let n = cap.min(data.len());
         p.feed(dir, &data[..n], *ts);
         p.skip(dir, (data.len() - n) as u64, *ts);
         last = *ts;
     }
-    p.close(last);
-    assert_ne!(p.is_amqp(), Some(false));
-    p.take_operations()
+    last
 }
+
+const CASES: [&str; 7] = [
+    "confirms_acks",
+    "nack_requeue",
+    "large_body",
+    "fanout",
+    "get_return_error",
+    "node_to_go",
+    "go_to_node",
+];
 
 fn resource(name: String) -> Arc<Resource> {
     Arc::new(Resource {
@@ -380,6 +425,125 @@ fn capture_cap_keeps_the_same_messages() {
     }
 }
 
+/// Every prefix of every connection of capture `case`, as the client and as the broker
+/// saw it, yields a prefix of the operations of the whole connection: what the parser
+/// emits it never takes back, and it emits nothing the whole stream does not. Closing
+/// after the prefix must not panic either (it may finish what is open). One test per
+/// capture (and per end for the large one: each prefix is parsed from the start, so it
+/// costs most), so that they run in parallel.
+fn every_prefix_yields_a_prefix_of_the_operations(case: &str, ends: &[bool]) {
+    for (i, conn) in connections(case).iter().enumerate() {
+        let total: usize = conn.segments.iter().map(|(_, d, _)| d.len()).sum();
+        assert!(total > 0, "{case} c{i}: no payload");
+        for &broker in ends {
+            let full = parse(conn, usize::MAX, broker);
+            assert!(!full.is_empty(), "{case} c{i}: no operations at all");
+            let show = |ops: &[AmqpOperation]| {
+                ops.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            for cut in 0..=total {
+                let mut p = AmqpParser::new();
+                let last = feed_prefix(&mut p, &conn.segments, cut, broker);
+                let got = p.take_operations();
+                assert!(
+                    got.len() <= full.len() && got[..] == full[..got.len()],
+                    "{case} c{i} (broker {broker}): a prefix of {cut} of {total} octets gave\n{}\nbut the whole gave\n{}",
+                    show(&got),
+                    show(&full),
+                );
+                assert_ne!(p.is_amqp(), Some(false), "{case} c{i}: prefix of {cut}");
+                p.close(last);
+                p.take_operations();
+            }
+        }
+    }
+}
+
+#[test]
+fn every_prefix_confirms_acks() {
+    every_prefix_yields_a_prefix_of_the_operations("confirms_acks", &[false, true]);
+}
+
+#[test]
+fn every_prefix_nack_requeue() {
+    every_prefix_yields_a_prefix_of_the_operations("nack_requeue", &[false, true]);
+}
+
+#[test]
+fn every_prefix_large_body_client() {
+    every_prefix_yields_a_prefix_of_the_operations("large_body", &[false]);
+}
+
+#[test]
+fn every_prefix_large_body_broker() {
+    every_prefix_yields_a_prefix_of_the_operations("large_body", &[true]);
+}
+
+#[test]
+fn every_prefix_fanout() {
+    every_prefix_yields_a_prefix_of_the_operations("fanout", &[false, true]);
+}
+
+#[test]
+fn every_prefix_get_return_error() {
+    every_prefix_yields_a_prefix_of_the_operations("get_return_error", &[false, true]);
+}
+
+#[test]
+fn every_prefix_node_to_go() {
+    every_prefix_yields_a_prefix_of_the_operations("node_to_go", &[false, true]);
+}
+
+#[test]
+fn every_prefix_go_to_node() {
+    every_prefix_yields_a_prefix_of_the_operations("go_to_node", &[false, true]);
+}
+
+/// `segments` with each one cut into several reads, at positions taken from `cuts`.
+fn split(segments: &[(Direction, Vec<u8>, u64)], cuts: &[u16]) -> Vec<(Direction, Vec<u8>, u64)> {
+    let mut cuts = cuts.iter().copied().cycle();
+    let mut out = Vec::new();
+    for (dir, data, ts) in segments {
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let n = match cuts.next() {
+                Some(c) => 1 + usize::from(c) % rest.len(),
+                None => rest.len(),
+            };
+            out.push((*dir, rest[..n].to_vec(), *ts));
+            rest = &rest[n..];
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Any split of the reads of every capture, from either end, gives the same
+    /// operations as the reads as captured.
+    #[test]
+    fn any_split_of_the_reads_gives_the_same_operations(cuts in prop::collection::vec(any::<u16>(), 0..64)) {
+        for case in CASES {
+            for (i, conn) in connections(case).iter().enumerate() {
+                for broker in [false, true] {
+                    let expected = parse(conn, usize::MAX, broker);
+                    let split = Connection {
+                        client: conn.client,
+                        server: conn.server,
+                        segments: split(&conn.segments, &cuts),
+                    };
+                    let got = parse(&split, usize::MAX, broker);
+                    prop_assert_eq!(&got, &expected, "{} c{} (broker {})", case, i, broker);
+                }
+            }
+        }
+    }
+}
+
 /// Every split of each direction's bytes into two reads gives the same operations.
 #[test]
 fn any_read_boundary_gives_the_same_operations() {
@@ -424,15 +588,7 @@ fn replay_shows_the_broker_view() {
         Some(Value::Str(v)) => Some(v.clone()),
         _ => None,
     };
-    for case in [
-        "confirms_acks",
-        "nack_requeue",
-        "large_body",
-        "fanout",
-        "get_return_error",
-        "node_to_go",
-        "go_to_node",
-    ] {
+    for case in CASES {
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let into = spans.clone();
         let outcome = replay_file(
