@@ -276,9 +276,10 @@ fn lint(root: &Path) -> Result<()> {
         "cargo fmt --check (workspace: agent, agent-common, agent-ebpf, xtask)",
         fmt,
     ));
+    // Without --all: that would format the agent again, a path dependency of fuzz/.
     let mut fmt_fuzz = cargo(root);
     fmt_fuzz
-        .args(["fmt", "--all", "--check", "--manifest-path"])
+        .args(["fmt", "--check", "--manifest-path"])
         .arg(&fuzz_manifest);
     checks.push(("cargo fmt --check (fuzz)", fmt_fuzz));
     let mut clippy = cargo(root);
