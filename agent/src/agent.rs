@@ -13,9 +13,11 @@ use crate::{
     events::decode,
     export,
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
-    probes::{ProbeOptions, Probes},
+    probes::{
+        ProbeOptions, Probes,
+        tls::{TlsDiscovery, TlsTarget},
+    },
     telemetry::Metrics,
-    tls::{TlsDiscovery, TlsTarget},
 };
 
 /// How often the ring buffer is drained when the kernel did not wake us: programs wake

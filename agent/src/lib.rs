@@ -7,11 +7,9 @@
 
 pub mod admin;
 pub mod agent;
-pub mod btf;
 pub mod config;
 pub mod conn;
 pub mod context;
-pub mod context_amqp;
 pub mod events;
 pub mod export;
 pub mod pipeline;
@@ -22,4 +20,3 @@ pub mod reassembly;
 pub mod replay;
 pub mod spans;
 pub mod telemetry;
-pub mod tls;

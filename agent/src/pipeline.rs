@@ -16,8 +16,7 @@ use tracing::debug;
 
 use crate::{
     conn::ConnInfo,
-    context::{ConnKey, Linker},
-    context_amqp::{MessageKey, MessageLinker},
+    context::{ConnKey, Linker, MessageKey, MessageLinker},
     events::{Event, direction},
     process::ProcessRegistry,
     protocols::{

@@ -21,7 +21,7 @@ use agent_common::Direction;
 use pcap_file::pcap::PcapReader;
 use sonde::{
     conn::ConnInfo,
-    context_amqp::{MessageKey, MessageLinker},
+    context::{MessageKey, MessageLinker},
     protocols::amqp::{AmqpOperation, AmqpParser},
     replay::replay_file,
     spans::{
