@@ -10,6 +10,7 @@ pub mod agent;
 pub mod config;
 pub mod conn;
 pub mod context;
+pub mod discovery;
 pub mod events;
 pub mod export;
 pub mod pipeline;

@@ -190,14 +190,23 @@ pub struct TlsTarget {
     pub symbols: TlsSymbols,
 }
 
-/// Remembers which files were examined, by (device, inode).
-#[derive(Default)]
+/// Finds TLS targets in library directories and in processes (through a /proc tree),
+/// and remembers which files were examined, by (device, inode).
 pub struct TlsDiscovery {
+    proc_root: PathBuf,
+    library_dirs: Vec<PathBuf>,
     examined: HashSet<(u64, u64)>,
 }
 
+impl Default for TlsDiscovery {
+    /// This machine's /proc and the directories where distributions keep libssl.
+    fn default() -> Self {
+        TlsDiscovery::new("/proc", LIBRARY_DIRS.iter().map(PathBuf::from).collect())
+    }
+}
+
 /// Directories where distributions keep libssl.
-const LIBRARY_DIRS: &[&str] = &[
+pub const LIBRARY_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu",
     "/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
@@ -213,10 +222,18 @@ fn is_libssl(name: &str) -> bool {
 }
 
 impl TlsDiscovery {
+    pub fn new(proc_root: impl Into<PathBuf>, library_dirs: Vec<PathBuf>) -> Self {
+        TlsDiscovery {
+            proc_root: proc_root.into(),
+            library_dirs,
+            examined: HashSet::new(),
+        }
+    }
+
     /// The host's own libssl files, whether or not a process maps them yet.
     pub fn scan_library_dirs(&mut self) -> Vec<TlsTarget> {
         let mut out = Vec::new();
-        for dir in LIBRARY_DIRS {
+        for dir in self.library_dirs.clone() {
             let Ok(entries) = fs::read_dir(dir) else {
                 continue;
             };
@@ -229,16 +246,13 @@ impl TlsDiscovery {
         out
     }
 
-    /// Every running process's TLS libraries and executable.
-    pub fn scan_all_processes(&mut self) -> Vec<TlsTarget> {
-        let pids: Vec<u32> = fs::read_dir("/proc")
+    /// The pids of every running process.
+    pub fn running_processes(&self) -> Vec<u32> {
+        fs::read_dir(&self.proc_root)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-            .collect();
-        pids.into_iter()
-            .flat_map(|pid| self.scan_process(pid))
             .collect()
     }
 
@@ -247,12 +261,13 @@ impl TlsDiscovery {
         if pid == std::process::id() {
             return Vec::new();
         }
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let dir = self.proc_root.join(pid.to_string());
+        let root = dir.join("root");
         let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+        if let Ok(exe) = fs::read_link(dir.join("exe")) {
             candidates.push(exe);
         }
-        if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+        if let Ok(maps) = fs::read_to_string(dir.join("maps")) {
             for line in maps.lines() {
                 let Some(path) = line.split_whitespace().nth(5) else {
                     continue;
