@@ -329,6 +329,7 @@ impl Probes {
 }
 
 fn check_privileges() -> Result<(), ProbeError> {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
         return Ok(());
@@ -355,6 +356,7 @@ fn raise_memlock_limit() {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
+    // SAFETY: `unlimited` is a valid rlimit that outlives the call, which only reads it.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         debug!("could not raise RLIMIT_MEMLOCK; fine on Linux 5.11 and newer");
     }
@@ -369,6 +371,8 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
     }
     let src = CString::new("tracefs").expect("no NUL");
     let target = CString::new(TRACEFS).expect("no NUL");
+    // SAFETY: the source, target and type are NUL-terminated CStrings alive for the
+    // call; tracefs takes no mount data, so a null data pointer is allowed.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),

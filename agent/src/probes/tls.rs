@@ -133,6 +133,12 @@ fn ret_offsets(code: &[u8], address: u64) -> Vec<u64> {
 }
 
 /// A read-only private mapping of a whole file.
+///
+/// # Safety
+///
+/// The bytes are those of the file as it is: if another process changes the file
+/// while it is mapped, the slice changes under the caller (who must cope with any
+/// content, as an ELF parser of untrusted files does).
 unsafe fn memmap_file(file: &fs::File) -> std::io::Result<Mapped> {
     use std::os::fd::AsRawFd;
     let len = file.metadata()?.len() as usize;
@@ -142,6 +148,8 @@ unsafe fn memmap_file(file: &fs::File) -> std::io::Result<Mapped> {
             len: 0,
         });
     }
+    // SAFETY: a fresh mapping chosen by the kernel (null hint) of `len` bytes of an open
+    // descriptor, read-only and private: it aliases no Rust memory.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -177,6 +185,8 @@ impl std::ops::Deref for Mapped {
 impl Drop for Mapped {
     fn drop(&mut self) {
         if self.len != 0 {
+            // SAFETY: ptr and len are those mmap returned, unmapped once, here; the
+            // slices Deref gave out borrow self, so none outlives the mapping.
             unsafe { libc::munmap(self.ptr, self.len) };
         }
     }
