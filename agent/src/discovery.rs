@@ -9,10 +9,10 @@
 //! bounded channel the thread waits on (nothing is dropped on the way back). Attaching
 //! uprobes to the TLS targets found stays with the loop, which owns the probes.
 //!
-//! Identities go first: a request to name a process is answered before the next ELF
-//! file is looked at. The thread starts with the library directories and every running
-//! process, and says when that start-up scan is done ([`Found::StartupScanned`]: every
-//! target it found was sent before). New processes are scanned before rescans.
+//! Identities go first: a request to name a process is answered before the next process
+//! is looked at for TLS code. The thread starts with the library directories and every
+//! running process, and says when that start-up scan is done ([`Found::StartupScanned`]:
+//! every target it found was sent before). New processes are scanned before the rest.
 
 use std::{
     collections::{HashSet, VecDeque},

@@ -319,8 +319,8 @@ impl ProcessRegistry {
                     });
                 } else {
                     // Its spans leave with the provisional identity after IDENTITY_WAIT,
-                    // counted there.
-                    tracing::debug!(pid, "process query queue full; /proc not read");
+                    // counted there too.
+                    Metrics::inc(&lock(&off.gate).metrics.discovery_requests_dropped);
                 }
                 provisional
             }
@@ -842,6 +842,21 @@ mod tests {
         reg.insert(71, named(71, "known"));
         gated(span_of(reg.resource(71)));
         assert_eq!(services(&out), ["pid-70", "known"]);
+    }
+
+    #[test]
+    fn queries_past_the_queue_bound_are_counted() {
+        let (sink, _out) = collecting_sink();
+        let metrics = Arc::new(Metrics::default());
+        let (mut reg, _gated) = ProcessRegistry::off_thread(sink, metrics.clone());
+        for pid in 0..=MAX_QUEUED_QUERIES as u32 {
+            reg.resource(pid);
+        }
+        assert_eq!(reg.take_queries().len(), MAX_QUEUED_QUERIES);
+        assert_eq!(
+            metrics.discovery_requests_dropped.load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]
