@@ -181,6 +181,8 @@ fn render_metrics(metrics: &Metrics) -> String {
         connections_evicted,
         bytes_skipped,
         spans_waiting,
+        discovery_requests_dropped,
+        spans_identity_unconfirmed,
         ready,
         export_queue_spans,
         export_queue_bytes,
@@ -238,6 +240,16 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_bytes_skipped_total",
         "Stream bytes that passed without being captured.",
         bytes_skipped,
+    );
+    counter(
+        "sonde_discovery_requests_dropped_total",
+        "Requests to the discovery thread (name a process, find its TLS code) dropped: queue full.",
+        discovery_requests_dropped,
+    );
+    counter(
+        "sonde_spans_identity_unconfirmed_total",
+        "Spans that left before /proc named their process (named from its exec event or pid).",
+        spans_identity_unconfirmed,
     );
     let name = "sonde_spans_dropped_total";
     let _ = writeln!(

@@ -1,5 +1,12 @@
 //! `sonde run`: load the probes, drain the ring buffer into the pipeline, export, and
 //! shut down cleanly on SIGINT/SIGTERM.
+//!
+//! One thread runs the event loop: the ring buffer, the pipeline, the exporter and
+//! attaching uprobes. Everything that reads files to find things out (naming new
+//! processes from /proc, looking for TLS code in what they run) is on the discovery
+//! thread ([`crate::discovery`]): the loop sends it requests and takes its findings
+//! as they come. The agent is ready (`/readyz`) once the TLS code of the processes
+//! running at start-up is probed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,12 +17,12 @@ use tracing::{info, warn};
 
 use crate::{
     config::RunArgs,
+    discovery::{Discovery, Found, Request, Roots},
     events::decode,
     export,
     pipeline::{Pipeline, PipelineOptions, monotonic_ns},
-    probes::{ProbeOptions, Probes},
+    probes::{ProbeOptions, Probes, tls::TlsTarget},
     telemetry::Metrics,
-    tls::{TlsDiscovery, TlsTarget},
 };
 
 /// How often the ring buffer is drained when the kernel did not wake us: programs wake
@@ -58,18 +65,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         wakeup_bytes: WAKEUP_BYTES,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
-    let mut tls = TlsDiscovery::default();
-    let mut targets = tls.scan_library_dirs();
-    targets.extend(tls.scan_all_processes());
-    attach_tls(&mut probes, targets);
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
+    let mut discovery = Discovery::spawn(Roots::default(), metrics.clone())
+        .context("cannot start the discovery thread")?;
+    let mut discovering = true;
 
     let sink_exporter = exporter.clone();
     let pipeline_opts = PipelineOptions {
         max_connections: args.max_connections,
+        identify_off_thread: true,
         ..Default::default()
     };
     let mut pipeline = Pipeline::new(
@@ -91,8 +94,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 let more = drain(guard.get_inner_mut(), &mut pipeline, &metrics);
-                // A new program may carry TLS code: probe it before it gets far.
-                attach_tls(&mut probes, new_process_targets(&mut pipeline, &mut tls));
+                // New programs: their names and their TLS code, before they get far.
+                ask_about_new_processes(&mut pipeline, &discovery);
                 if more {
                     // More is waiting: let the exporter run before reading on.
                     drop(guard);
@@ -101,17 +104,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     guard.clear_ready();
                 }
             }
+            found = discovery.next(), if discovering => match found {
+                Some(Found::Identity(answer)) => pipeline.identified(answer),
+                Some(Found::Tls(target)) => attach_tls(&mut probes, target),
+                Some(Found::StartupScanned) => {
+                    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                    info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
+                }
+                None => {
+                    // Only a panic ends the thread while the loop runs.
+                    warn!("the discovery thread stopped: new processes are named by their exec events and their TLS code is not probed");
+                    discovering = false;
+                }
+            },
             _ = tick.tick() => {
                 while drain(ring.get_mut(), &mut pipeline, &metrics) {
                     tokio::task::yield_now().await;
                 }
                 pipeline.tick(monotonic_ns());
-                let mut targets = new_process_targets(&mut pipeline, &mut tls);
+                ask_about_new_processes(&mut pipeline, &discovery);
                 if last_rescan.elapsed() >= TLS_RESCAN_INTERVAL {
                     last_rescan = std::time::Instant::now();
-                    targets.extend(pipeline.active_processes().into_iter().flat_map(|pid| tls.scan_process(pid)));
+                    discovery.send(Request::Rescan(pipeline.active_processes()));
                 }
-                attach_tls(&mut probes, targets);
                 metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
@@ -130,6 +145,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     while drain(&mut ring, &mut pipeline, &metrics) {
         tokio::task::yield_now().await;
     }
+    // Names already read are used; the spans still waiting for one leave without it.
+    while let Some(found) = discovery.try_next() {
+        if let Found::Identity(answer) = found {
+            pipeline.identified(answer);
+        }
+    }
+    drop(discovery);
     pipeline.finish();
     drop(pipeline);
     drop(exporter);
@@ -138,21 +160,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn new_process_targets(pipeline: &mut Pipeline, tls: &mut TlsDiscovery) -> Vec<TlsTarget> {
-    pipeline
-        .take_new_processes()
-        .into_iter()
-        .flat_map(|pid| tls.scan_process(pid))
-        .collect()
+fn ask_about_new_processes(pipeline: &mut Pipeline, discovery: &Discovery) {
+    for query in pipeline.take_process_queries() {
+        discovery.send(Request::Process(query));
+    }
 }
 
-fn attach_tls(probes: &mut Probes, targets: Vec<TlsTarget>) {
-    for target in targets {
-        match probes.attach_tls(&target) {
-            Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
-            Err(e) => {
-                warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde")
-            }
+fn attach_tls(probes: &mut Probes, target: TlsTarget) {
+    match probes.attach_tls(&target) {
+        Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
+        Err(e) => {
+            warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde")
         }
     }
 }

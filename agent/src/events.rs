@@ -183,6 +183,9 @@ mod tests {
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         let p = (v as *const T).cast::<u8>();
+        // SAFETY: `p` points to a live `T` borrowed for this call, readable for its whole
+        // size; the test types are #[repr(C)] with explicit padding, so every byte is
+        // initialised.
         unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<T>()) }.to_vec()
     }
 

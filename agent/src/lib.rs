@@ -3,15 +3,17 @@
 //! The modules follow the pipeline in DESIGN.md, one stage each: probes (load and
 //! attach the eBPF programs) -> events (decode the ring buffer) -> process (who is
 //! this pid) -> conn (which connection) -> reassembly (byte streams with gaps) ->
-//! protocols (HTTP/1.x) -> spans (semantic-convention spans) -> export.
+//! protocols (HTTP/1.x, AMQP 0-9-1) -> spans (semantic-convention spans) -> context
+//! (parents and traces) -> export. Beside the pipeline: discovery (naming processes
+//! from /proc and finding TLS code, on a thread of its own), agent (`sonde run`),
+//! replay (`sonde replay`), admin and telemetry (/metrics).
 
 pub mod admin;
 pub mod agent;
-pub mod btf;
 pub mod config;
 pub mod conn;
 pub mod context;
-pub mod context_amqp;
+pub mod discovery;
 pub mod events;
 pub mod export;
 pub mod pipeline;
@@ -22,4 +24,3 @@ pub mod reassembly;
 pub mod replay;
 pub mod spans;
 pub mod telemetry;
-pub mod tls;

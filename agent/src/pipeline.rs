@@ -16,10 +16,9 @@ use tracing::debug;
 
 use crate::{
     conn::ConnInfo,
-    context::{ConnKey, Linker},
-    context_amqp::{MessageKey, MessageLinker},
+    context::{ConnKey, Linker, MessageKey, MessageLinker},
     events::{Event, direction},
-    process::ProcessRegistry,
+    process::{Identified, ProcessQuery, ProcessRegistry},
     protocols::{
         amqp::AmqpOperation,
         detect::{ConnParser, Parsed, Verdict},
@@ -52,6 +51,11 @@ pub struct PipelineOptions {
     /// of this node: a replayed capture holds both ends of connections between
     /// any hosts.
     pub link_remote_peers: bool,
+    /// Leave /proc to the discovery thread ([`ProcessRegistry::off_thread`]): new
+    /// processes are queued in [`Pipeline::take_process_queries`] and named by
+    /// [`Pipeline::identified`]. Off: /proc is read on the pipeline's thread (replays,
+    /// tests).
+    pub identify_off_thread: bool,
 }
 
 impl Default for PipelineOptions {
@@ -65,6 +69,7 @@ impl Default for PipelineOptions {
             message_memory: Duration::from_secs(120),
             exclude_own_sockets: true,
             link_remote_peers: false,
+            identify_off_thread: false,
         }
     }
 }
@@ -107,13 +112,16 @@ pub struct Pipeline {
     mono_to_unix_ns: i128,
     sink: Sink,
     last_ns: u64,
-    /// Processes that exec'd since the last `take_new_processes`.
-    new_processes: Vec<u32>,
     last_conn_tick_ns: u64,
 }
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
+        let (registry, sink) = if opts.identify_off_thread {
+            ProcessRegistry::off_thread(sink, metrics.clone())
+        } else {
+            (ProcessRegistry::new(), sink)
+        };
         Pipeline {
             linker: Linker::new(opts.link_hold, opts.max_pending_spans),
             messages: MessageLinker::new(
@@ -122,7 +130,7 @@ impl Pipeline {
                 opts.max_pending_spans,
             ),
             opts,
-            registry: ProcessRegistry::new(),
+            registry,
             conns: BTreeMap::new(),
             own: OwnSockets::default(),
             local_addrs: LocalAddrs::read(),
@@ -130,7 +138,6 @@ impl Pipeline {
             mono_to_unix_ns: mono_to_unix_offset(),
             sink,
             last_ns: 0,
-            new_processes: Vec::new(),
             last_conn_tick_ns: 0,
         }
     }
@@ -197,9 +204,6 @@ impl Pipeline {
                 comm, args, env, ..
             } => {
                 self.registry.exec(h.tgid, &comm, &args, &env);
-                if self.new_processes.len() < 4096 {
-                    self.new_processes.push(h.tgid);
-                }
             }
             Event::Exit { .. } => {
                 let fds: Vec<u32> = self
@@ -226,9 +230,15 @@ impl Pipeline {
         self.registry.insert(pid, resource);
     }
 
-    /// Processes that started a new program since the last call (for TLS discovery).
-    pub fn take_new_processes(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.new_processes)
+    /// Processes to name from /proc (new ones, and those that started a new program)
+    /// since the last call, for the discovery thread.
+    pub fn take_process_queries(&mut self) -> Vec<ProcessQuery> {
+        self.registry.take_queries()
+    }
+
+    /// The discovery thread named a process.
+    pub fn identified(&mut self, answer: Identified) {
+        self.registry.identified(answer);
     }
 
     /// Processes with connections now.
@@ -242,6 +252,7 @@ impl Pipeline {
     /// Periodic work: release spans that waited long enough, forget idle connections.
     /// `now_ns` is CLOCK_MONOTONIC.
     pub fn tick(&mut self, now_ns: u64) {
+        self.registry.tick();
         for span in self.linker.expire(now_ns) {
             (self.sink)(span);
         }
@@ -308,6 +319,7 @@ impl Pipeline {
         for span in self.messages.drain() {
             (self.sink)(span);
         }
+        self.registry.finish();
     }
 
     fn conn(&mut self, tgid: u32, fd: u32, tuple: &SockTuple, ts_ns: u64) -> Option<&mut Conn> {
@@ -485,6 +497,8 @@ pub fn mono_to_unix_offset() -> i128 {
             tv_sec: 0,
             tv_nsec: 0,
         };
+        // SAFETY: `ts` is a valid timespec for the call to write; the clock ids used
+        // exist on every Linux.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
     }
@@ -497,6 +511,8 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `ts` is a valid timespec for the call to write; CLOCK_MONOTONIC exists on
+    // every Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

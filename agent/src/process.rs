@@ -4,92 +4,156 @@
 //! OTEL_RESOURCE_ATTRIBUTES), else, for interpreters, the script or module it runs
 //! (python3 shop.py -> "shop", python3 -m http.server -> "http.server",
 //! node crm.js -> "crm"), else the executable's name.
+//!
+//! What a process is comes from /proc ([`Describer`]), and from its exec event when it
+//! is gone before /proc is read (a curl that lived for 3 ms): the event carries its
+//! comm, a prefix of its command line and the OTEL_* variables of a prefix of its
+//! environment.
+//!
+//! In the live agent, /proc is read on the discovery thread ([`crate::discovery`]), not
+//! on the pipeline's: the registry names a new process at once from what it has (the
+//! exec event; for a process first seen without one, only its pid), queues a
+//! [`ProcessQuery`], and takes the answer in [`ProcessRegistry::identified`]. Spans
+//! built from such a provisional identity wait at the registry's gate until the answer
+//! comes, at most [`IDENTITY_WAIT`], and leave with the identity /proc gave; so do spans
+//! built from it later (connections opened before the answer keep the provisional one).
+//! Spans that waited too long leave with the provisional identity and are counted
+//! (`sonde_spans_identity_unconfirmed_total`). Each query carries a generation, so an
+//! answer about a process that has since exec'd again, or exited and had its pid reused,
+//! is not applied to the newer one; an answer read from /proc after the process
+//! exec'd another program (its comm is not the exec event's) keeps the exec event's
+//! identity. Replays and tests use [`ProcessRegistry::new`], which reads /proc itself.
 
 use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use crate::spans::{KeyValue, Resource};
+use crate::{
+    pipeline::Sink,
+    spans::{KeyValue, Resource, Span},
+    telemetry::Metrics,
+};
 
 /// Upper bound on remembered processes; the oldest lookups are dropped past it.
 const MAX_PROCESSES: usize = 16384;
+/// Longest a span waits for its process's identity from /proc.
+pub const IDENTITY_WAIT: Duration = Duration::from_secs(1);
+/// Most spans waiting for their process's identity; past it they leave at once.
+const MAX_WAITING_SPANS: usize = 10_000;
+/// Most queries waiting for the discovery thread to take them.
+const MAX_QUEUED_QUERIES: usize = 4096;
 
-pub struct ProcessRegistry {
-    proc_root: PathBuf,
-    host_name: String,
-    known: HashMap<u32, Arc<Resource>>,
+/// What an exec event says about the new program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecHint {
+    pub comm: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
 }
 
-impl ProcessRegistry {
-    pub fn new() -> Self {
-        Self::with_proc_root("/proc")
-    }
+/// A request to read a process's identity from /proc.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessQuery {
+    pub pid: u32,
+    /// Tells this identity of `pid` from earlier and later ones.
+    pub generation: u64,
+    /// The exec event, when the process was seen starting its program.
+    pub exec: Option<ExecHint>,
+}
 
-    pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {
+/// The answer to a [`ProcessQuery`].
+#[derive(Clone, Debug)]
+pub struct Identified {
+    pub pid: u32,
+    pub generation: u64,
+    /// None: /proc has no such process any more, or it runs another program by now.
+    pub resource: Option<Resource>,
+}
+
+/// Reads processes' identities from a /proc tree.
+#[derive(Clone, Debug)]
+pub struct Describer {
+    proc_root: PathBuf,
+    host_name: String,
+}
+
+/// What /proc says about one process.
+#[derive(Debug, Default)]
+struct ProcFacts {
+    env: Vec<String>,
+    cmdline: Vec<String>,
+    exe_path: Option<PathBuf>,
+    comm: Option<String>,
+    container_id: Option<String>,
+}
+
+impl Describer {
+    pub fn new(proc_root: impl Into<PathBuf>) -> Self {
+        let proc_root = proc_root.into();
         let host_name = fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
-        ProcessRegistry {
-            proc_root: root.into(),
+        Describer {
+            proc_root,
             host_name,
-            known: HashMap::new(),
         }
     }
 
-    /// The resource of `pid`, read from /proc on first use.
-    pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
-        if let Some(r) = self.known.get(&pid) {
-            return r.clone();
+    /// The process as /proc shows it now, completed by its exec event; None when /proc
+    /// has no such process, or when it runs another program than `exec` says.
+    pub fn describe(&self, pid: u32, exec: Option<&ExecHint>) -> Option<Resource> {
+        let facts = self.facts(pid)?;
+        if let (Some(exec), Some(comm)) = (exec, &facts.comm)
+            && !exec.comm.is_empty()
+            && *comm != exec.comm
+        {
+            return None;
         }
-        if self.known.len() >= MAX_PROCESSES {
-            self.known.clear();
-        }
-        let r = Arc::new(self.describe(pid, None));
-        self.known.insert(pid, r.clone());
-        r
+        Some(self.resource(pid, facts, exec))
     }
 
-    /// The process ran execve: it is another program now. It is described at once,
-    /// with the kernel's `comm` and command line standing in for /proc when the process
-    /// is already gone (a curl that lived for 3 ms).
-    pub fn exec(&mut self, pid: u32, comm: &str, args: &[String], env: &[String]) {
-        if self.known.len() >= MAX_PROCESSES {
-            self.known.clear();
-        }
-        let r = Arc::new(self.describe(pid, Some((comm, args, env))));
-        self.known.insert(pid, r);
+    /// The process as far as its exec event tells, without reading /proc.
+    pub fn from_exec(&self, pid: u32, exec: Option<&ExecHint>) -> Resource {
+        self.resource(pid, ProcFacts::default(), exec)
     }
 
-    /// Names a process by hand (replayed captures have no /proc to read).
-    pub fn insert(&mut self, pid: u32, resource: Resource) {
-        self.known.insert(pid, Arc::new(resource));
-    }
-
-    /// The process exited.
-    pub fn exit(&mut self, pid: u32) {
-        self.known.remove(&pid);
-    }
-
-    fn describe(&self, pid: u32, exec_hint: Option<(&str, &[String], &[String])>) -> Resource {
+    fn facts(&self, pid: u32) -> Option<ProcFacts> {
         let dir = self.proc_root.join(pid.to_string());
-        let mut env = read_nul_separated(&dir.join("environ"));
-        let mut cmdline = read_nul_separated(&dir.join("cmdline"));
-        let exe_path = fs::read_link(dir.join("exe")).ok();
-        let mut comm = fs::read_to_string(dir.join("comm"))
-            .map(|s| s.trim().to_owned())
-            .ok();
-        if let Some((hint_comm, hint_args, hint_env)) = exec_hint {
+        if !dir.is_dir() {
+            return None;
+        }
+        Some(ProcFacts {
+            env: read_nul_separated(&dir.join("environ")),
+            cmdline: read_nul_separated(&dir.join("cmdline")),
+            exe_path: fs::read_link(dir.join("exe")).ok(),
+            comm: fs::read_to_string(dir.join("comm"))
+                .map(|s| s.trim().to_owned())
+                .ok(),
+            container_id: container_id(&dir.join("cgroup")),
+        })
+    }
+
+    fn resource(&self, pid: u32, facts: ProcFacts, exec: Option<&ExecHint>) -> Resource {
+        let ProcFacts {
+            mut env,
+            mut cmdline,
+            exe_path,
+            mut comm,
+            container_id,
+        } = facts;
+        if let Some(hint) = exec {
             if cmdline.is_empty() {
-                cmdline = hint_args.to_vec();
+                cmdline = hint.args.clone();
             }
             if env.is_empty() {
-                env = hint_env.to_vec();
+                env = hint.env.clone();
             }
-            if comm.is_none() && !hint_comm.is_empty() {
-                comm = Some(hint_comm.to_owned());
+            if comm.is_none() && !hint.comm.is_empty() {
+                comm = Some(hint.comm.clone());
             }
         }
         let executable_name = exe_path
@@ -147,7 +211,7 @@ impl ProcessRegistry {
         if !cmdline.is_empty() {
             attributes.push(KeyValue::new(res::PROCESS_COMMAND, cmdline[0].clone()));
         }
-        if let Some(id) = container_id(&dir.join("cgroup")) {
+        if let Some(id) = container_id {
             attributes.push(KeyValue::new(res::CONTAINER_ID, id));
         }
         Resource {
@@ -160,9 +224,287 @@ impl ProcessRegistry {
     }
 }
 
+/// What the pipeline knows of one process.
+struct Known {
+    resource: Arc<Resource>,
+    generation: u64,
+}
+
+pub struct ProcessRegistry {
+    describer: Describer,
+    known: HashMap<u32, Known>,
+    next_generation: u64,
+    /// Set when /proc is read on the discovery thread.
+    off_thread: Option<OffThread>,
+}
+
+struct OffThread {
+    queries: Vec<ProcessQuery>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+impl ProcessRegistry {
+    /// A registry that reads /proc itself, on the caller's thread (replays, tests).
+    pub fn new() -> Self {
+        Self::with_proc_root("/proc")
+    }
+
+    pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {
+        ProcessRegistry {
+            describer: Describer::new(root),
+            known: HashMap::new(),
+            next_generation: 0,
+            off_thread: None,
+        }
+    }
+
+    /// A registry that leaves /proc to the discovery thread: it queues
+    /// [`ProcessQuery`]s ([`Self::take_queries`]) and takes their answers
+    /// ([`Self::identified`]). Returns the sink to give spans to: it holds the spans of
+    /// processes whose identity is on its way, then hands them to `sink`.
+    pub fn off_thread(sink: Sink, metrics: Arc<Metrics>) -> (Self, Sink) {
+        let gate = Arc::new(Mutex::new(Gate {
+            sink,
+            by_pid: HashMap::new(),
+            waiting_spans: 0,
+            metrics,
+        }));
+        let mut registry = Self::new();
+        registry.off_thread = Some(OffThread {
+            queries: Vec::new(),
+            gate: Arc::clone(&gate),
+        });
+        let gated: Sink = Box::new(move |span| lock(&gate).offer(span));
+        (registry, gated)
+    }
+
+    /// The resource of `pid`; a process seen for the first time is described now (from
+    /// /proc, or provisionally while discovery reads /proc).
+    pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
+        if let Some(k) = self.known.get(&pid) {
+            return k.resource.clone();
+        }
+        self.learn(pid, None)
+    }
+
+    /// The process ran execve: it is another program now.
+    pub fn exec(&mut self, pid: u32, comm: &str, args: &[String], env: &[String]) {
+        let hint = ExecHint {
+            comm: comm.to_owned(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+        };
+        self.learn(pid, Some(hint));
+    }
+
+    fn learn(&mut self, pid: u32, exec: Option<ExecHint>) -> Arc<Resource> {
+        if self.known.len() >= MAX_PROCESSES {
+            self.known.clear();
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let resource = match &mut self.off_thread {
+            None => {
+                let described = self.describer.describe(pid, exec.as_ref());
+                Arc::new(described.unwrap_or_else(|| self.describer.from_exec(pid, exec.as_ref())))
+            }
+            Some(off) => {
+                let provisional = Arc::new(self.describer.from_exec(pid, exec.as_ref()));
+                lock(&off.gate).expect(pid, generation, provisional.clone());
+                if off.queries.len() < MAX_QUEUED_QUERIES {
+                    off.queries.push(ProcessQuery {
+                        pid,
+                        generation,
+                        exec,
+                    });
+                } else {
+                    // Its spans leave with the provisional identity after IDENTITY_WAIT,
+                    // counted there too.
+                    Metrics::inc(&lock(&off.gate).metrics.discovery_requests_dropped);
+                }
+                provisional
+            }
+        };
+        self.known.insert(
+            pid,
+            Known {
+                resource: resource.clone(),
+                generation,
+            },
+        );
+        resource
+    }
+
+    /// Queries for the discovery thread queued since the last call.
+    pub fn take_queries(&mut self) -> Vec<ProcessQuery> {
+        self.off_thread
+            .as_mut()
+            .map(|off| std::mem::take(&mut off.queries))
+            .unwrap_or_default()
+    }
+
+    /// The discovery thread's answer to a query: the spans waiting for it leave with it.
+    pub fn identified(&mut self, answer: Identified) {
+        let Some(off) = &self.off_thread else {
+            return;
+        };
+        let resource = answer.resource.map(Arc::new);
+        if let (Some(known), Some(r)) = (self.known.get_mut(&answer.pid), &resource)
+            && known.generation == answer.generation
+        {
+            known.resource = r.clone();
+        }
+        lock(&off.gate).resolve(answer.pid, answer.generation, resource);
+    }
+
+    /// Lets go of spans that waited [`IDENTITY_WAIT`] for their identity.
+    pub fn tick(&mut self) {
+        if let Some(off) = &self.off_thread {
+            lock(&off.gate).expire(Instant::now(), IDENTITY_WAIT);
+        }
+    }
+
+    /// Lets go of every waiting span (at shutdown).
+    pub fn finish(&mut self) {
+        if let Some(off) = &self.off_thread {
+            lock(&off.gate).expire(Instant::now(), Duration::ZERO);
+        }
+    }
+
+    /// Names a process by hand (replayed captures have no /proc to read).
+    pub fn insert(&mut self, pid: u32, resource: Resource) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.known.insert(
+            pid,
+            Known {
+                resource: Arc::new(resource),
+                generation,
+            },
+        );
+    }
+
+    /// The process exited.
+    pub fn exit(&mut self, pid: u32) {
+        self.known.remove(&pid);
+    }
+}
+
 impl Default for ProcessRegistry {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The gate is only ever locked by the pipeline's own thread (the sink and the registry
+/// both belong to it); the mutex makes the sink `Send`. A panic while it was held left
+/// nothing half-done that matters more than the spans, so a poisoned lock is used anyway.
+fn lock(gate: &Mutex<Gate>) -> std::sync::MutexGuard<'_, Gate> {
+    gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Holds the spans of processes whose identity discovery is reading, and gives spans
+/// built from a provisional identity the one /proc gave.
+struct Gate {
+    sink: Sink,
+    by_pid: HashMap<u32, Vec<Identity>>,
+    waiting_spans: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// One provisional identity of a process.
+struct Identity {
+    generation: u64,
+    provisional: Arc<Resource>,
+    state: IdentityState,
+}
+
+enum IdentityState {
+    Waiting {
+        since: Instant,
+        spans: Vec<Span>,
+    },
+    /// What spans built from `provisional` leave with.
+    Known(Arc<Resource>),
+}
+
+impl Gate {
+    fn expect(&mut self, pid: u32, generation: u64, provisional: Arc<Resource>) {
+        self.by_pid.entry(pid).or_default().push(Identity {
+            generation,
+            provisional,
+            state: IdentityState::Waiting {
+                since: Instant::now(),
+                spans: Vec::new(),
+            },
+        });
+    }
+
+    fn offer(&mut self, mut span: Span) {
+        let identity = self.by_pid.get_mut(&span.resource.pid).and_then(|ids| {
+            ids.iter_mut()
+                .find(|i| Arc::ptr_eq(&i.provisional, &span.resource))
+        });
+        match identity.map(|i| &mut i.state) {
+            Some(IdentityState::Known(resource)) => span.resource = resource.clone(),
+            Some(IdentityState::Waiting { spans, .. }) => {
+                if self.waiting_spans < MAX_WAITING_SPANS {
+                    spans.push(span);
+                    self.waiting_spans += 1;
+                    return;
+                }
+                Metrics::inc(&self.metrics.spans_identity_unconfirmed);
+            }
+            None => {}
+        }
+        (self.sink)(span);
+    }
+
+    fn resolve(&mut self, pid: u32, generation: u64, resource: Option<Arc<Resource>>) {
+        let Some(ids) = self.by_pid.get_mut(&pid) else {
+            return;
+        };
+        let Some(at) = ids.iter().position(|i| i.generation == generation) else {
+            return;
+        };
+        let before = match &resource {
+            Some(r) => std::mem::replace(&mut ids[at].state, IdentityState::Known(r.clone())),
+            // Nothing better is coming: spans built from the provisional identity keep it.
+            None => ids.remove(at).state,
+        };
+        if let IdentityState::Waiting { spans, .. } = before {
+            self.waiting_spans -= spans.len();
+            for mut span in spans {
+                if let Some(r) = &resource {
+                    span.resource = r.clone();
+                }
+                (self.sink)(span);
+            }
+        }
+    }
+
+    /// Releases spans that waited `wait`, and forgets identities nothing refers to any
+    /// more (the gate's own reference is the last).
+    fn expire(&mut self, now: Instant, wait: Duration) {
+        let mut late = Vec::new();
+        for ids in self.by_pid.values_mut() {
+            ids.retain_mut(|i| match &mut i.state {
+                IdentityState::Waiting { since, spans } => {
+                    if now.duration_since(*since) < wait {
+                        return true;
+                    }
+                    late.append(spans);
+                    false
+                }
+                IdentityState::Known(_) => Arc::strong_count(&i.provisional) > 1,
+            });
+        }
+        self.by_pid.retain(|_, ids| !ids.is_empty());
+        self.waiting_spans -= late.len();
+        Metrics::add(&self.metrics.spans_identity_unconfirmed, late.len() as u64);
+        for span in late {
+            (self.sink)(span);
+        }
     }
 }
 
@@ -241,6 +583,8 @@ fn container_id(cgroup_file: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     fn cmd(args: &[&str]) -> Vec<String> {
@@ -345,5 +689,194 @@ mod tests {
         assert_eq!(me.pid, std::process::id());
         assert!(!me.executable_name.is_empty());
         assert!(!me.host_name.is_empty());
+    }
+
+    fn collecting_sink() -> (Sink, Arc<Mutex<Vec<Span>>>) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        (Box::new(move |span| o.lock().unwrap().push(span)), out)
+    }
+
+    fn span_of(resource: Arc<Resource>) -> Span {
+        use crate::spans::{SpanKind, Status, new_span_id, new_trace_id};
+        Span {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_span_id: None,
+            name: "GET /".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: 1,
+            end_unix_nanos: 2,
+            attributes: vec![],
+            status: Status::Unset,
+            resource,
+        }
+    }
+
+    fn named(pid: u32, service: &str) -> Resource {
+        Resource {
+            service_name: service.into(),
+            pid,
+            executable_name: "python3.11".into(),
+            host_name: "h".into(),
+            attributes: vec![],
+        }
+    }
+
+    fn services(out: &Mutex<Vec<Span>>) -> Vec<String> {
+        out.lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.resource.service_name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn spans_wait_for_the_identity_discovery_reads_from_proc() {
+        let (sink, out) = collecting_sink();
+        let metrics = Arc::new(Metrics::default());
+        let (mut reg, mut gated) = ProcessRegistry::off_thread(sink, metrics.clone());
+        reg.exec(
+            50,
+            "python3",
+            &cmd(&["python3", "shop.py"]),
+            &cmd(&["OTEL_RESOURCE_ATTRIBUTES=deployment.environment.name=prod"]),
+        );
+        let queries = reg.take_queries();
+        assert_eq!(queries.len(), 1);
+        assert_eq!(queries[0].pid, 50);
+        assert_eq!(queries[0].exec.as_ref().unwrap().comm, "python3");
+        assert!(reg.take_queries().is_empty());
+
+        // Until /proc is read, the exec event names it; its spans wait.
+        let provisional = reg.resource(50);
+        assert_eq!(provisional.service_name, "shop");
+        gated(span_of(provisional.clone()));
+        assert!(out.lock().unwrap().is_empty());
+
+        // /proc says more (its OTEL_SERVICE_NAME was past the exec event's prefix).
+        reg.identified(Identified {
+            pid: 50,
+            generation: queries[0].generation,
+            resource: Some(named(50, "shop-api")),
+        });
+        assert_eq!(services(&out), ["shop-api"]);
+        assert_eq!(reg.resource(50).service_name, "shop-api");
+        // A span built later from a connection opened before the answer: the same name.
+        gated(span_of(provisional));
+        assert_eq!(services(&out), ["shop-api", "shop-api"]);
+        assert_eq!(
+            metrics.spans_identity_unconfirmed.load(Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[test]
+    fn an_answer_about_an_earlier_program_or_process_is_not_applied_to_a_later_one() {
+        let (sink, out) = collecting_sink();
+        let metrics = Arc::new(Metrics::default());
+        let (mut reg, mut gated) = ProcessRegistry::off_thread(sink, metrics.clone());
+        // sh exec's curl under the same pid before the answer about sh comes.
+        reg.exec(60, "sh", &cmd(&["sh", "-c", "exec curl x"]), &[]);
+        let sh = reg.resource(60);
+        reg.exec(60, "curl", &cmd(&["curl", "x"]), &[]);
+        let curl = reg.resource(60);
+        let q = reg.take_queries();
+        assert_eq!(q.len(), 2);
+        assert_ne!(q[0].generation, q[1].generation);
+        gated(span_of(sh));
+        gated(span_of(curl.clone()));
+        reg.identified(Identified {
+            pid: 60,
+            generation: q[0].generation,
+            resource: Some(named(60, "sh-from-proc")),
+        });
+        assert_eq!(services(&out), ["sh-from-proc"]);
+        assert_eq!(reg.resource(60).service_name, "curl");
+        // curl was gone by the time /proc was read: its exec event's name stays.
+        reg.identified(Identified {
+            pid: 60,
+            generation: q[1].generation,
+            resource: None,
+        });
+        assert_eq!(services(&out), ["sh-from-proc", "curl"]);
+
+        // The pid is reused by a process first seen without its exec event.
+        reg.exit(60);
+        let unknown = reg.resource(60);
+        assert_eq!(unknown.service_name, "pid-60");
+        let q = reg.take_queries();
+        reg.identified(Identified {
+            pid: 60,
+            generation: q[0].generation - 1,
+            resource: Some(named(60, "stale")),
+        });
+        assert_eq!(reg.resource(60).service_name, "pid-60");
+        gated(span_of(unknown));
+        // At shutdown a span still waiting leaves as it is, counted.
+        reg.finish();
+        assert_eq!(services(&out), ["sh-from-proc", "curl", "pid-60"]);
+        assert_eq!(
+            metrics.spans_identity_unconfirmed.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn spans_wait_at_most_the_identity_wait() {
+        let (sink, out) = collecting_sink();
+        let metrics = Arc::new(Metrics::default());
+        let (mut reg, mut gated) = ProcessRegistry::off_thread(sink, metrics.clone());
+        let r = reg.resource(70);
+        gated(span_of(r));
+        let gate = reg.off_thread.as_ref().unwrap().gate.clone();
+        lock(&gate).expire(Instant::now(), IDENTITY_WAIT);
+        assert!(out.lock().unwrap().is_empty());
+        lock(&gate).expire(Instant::now() + IDENTITY_WAIT, IDENTITY_WAIT);
+        assert_eq!(services(&out), ["pid-70"]);
+        assert_eq!(
+            metrics.spans_identity_unconfirmed.load(Ordering::Relaxed),
+            1
+        );
+        // Spans of processes with a known identity do not wait.
+        reg.insert(71, named(71, "known"));
+        gated(span_of(reg.resource(71)));
+        assert_eq!(services(&out), ["pid-70", "known"]);
+    }
+
+    #[test]
+    fn queries_past_the_queue_bound_are_counted() {
+        let (sink, _out) = collecting_sink();
+        let metrics = Arc::new(Metrics::default());
+        let (mut reg, _gated) = ProcessRegistry::off_thread(sink, metrics.clone());
+        for pid in 0..=MAX_QUEUED_QUERIES as u32 {
+            reg.resource(pid);
+        }
+        assert_eq!(reg.take_queries().len(), MAX_QUEUED_QUERIES);
+        assert_eq!(
+            metrics.discovery_requests_dropped.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_process_is_not_taken_for_another_program() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("80");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("comm"), b"nginx\n").unwrap();
+        fs::write(dir.join("cmdline"), b"nginx\0-g\0daemon off;\0").unwrap();
+        let d = Describer::new(root.path());
+        let hint = |comm: &str| ExecHint {
+            comm: comm.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.describe(80, Some(&hint("nginx"))).unwrap().service_name,
+            "nginx"
+        );
+        assert!(d.describe(80, Some(&hint("bash"))).is_none());
+        assert!(d.describe(81, None).is_none());
+        assert_eq!(d.from_exec(81, Some(&hint("bash"))).service_name, "bash");
     }
 }

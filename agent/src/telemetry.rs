@@ -33,6 +33,12 @@ pub struct Metrics {
     pub bytes_skipped: AtomicU64,
     /// Spans held by the linkers for their other end (a gauge).
     pub spans_waiting: AtomicU64,
+    /// Requests to the discovery thread (name a process, look for TLS code) dropped
+    /// because its queue was full.
+    pub discovery_requests_dropped: AtomicU64,
+    /// Spans that left before /proc named their process, with the name from its exec
+    /// event (or its pid).
+    pub spans_identity_unconfirmed: AtomicU64,
     /// True once every probe is attached.
     pub ready: AtomicBool,
     /// Spans in the export queue or in a batch being sent (a gauge).

@@ -26,7 +26,7 @@ use pcap_file::pcap::PcapReader;
 use proptest::prelude::*;
 use sonde::{
     conn::ConnInfo,
-    context_amqp::{MessageKey, MessageLinker},
+    context::{MessageKey, MessageLinker},
     protocols::amqp::{AmqpOperation, AmqpParser},
     replay::replay_file,
     spans::{

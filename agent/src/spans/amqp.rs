@@ -30,7 +30,7 @@
 //!   span would count as one more delivery in tools that count consumers).
 //!   `messaging.operation.type` is left out: none of its values (create, send, receive,
 //!   process, settle) is what a broker does when it routes. The message linker
-//!   (`crate::context_amqp`) completes it: parent (the producer span), end (the last
+//!   (`crate::context::amqp`) completes it: parent (the producer span), end (the last
 //!   delivery the broker sent for the message), [`QUEUES`] and [`DELIVERIES`].
 //! - Other operations seen from the broker's side of a connection make no span: the
 //!   client's side already makes them when both run on this node.
@@ -39,9 +39,9 @@ use std::sync::Arc;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
-use super::http::parse_traceparent;
 use super::{KeyValue, Resource, Span, SpanKind, Status, new_span_id, new_trace_id};
 use crate::conn::{ConnInfo, Role};
+use crate::context::w3c::parse_traceparent;
 use crate::protocols::amqp::{
     AmqpOperation, CloseReason, Delivery, DeliveryKind, Message, Outcome, Publish,
 };
@@ -54,7 +54,7 @@ pub const OUTCOME: &str = "messaging.rabbitmq.outcome";
 pub const REDELIVERED: &str = "messaging.rabbitmq.redelivered";
 /// Milliseconds between the start of the publish and the start of the delivery: how
 /// long the message waited in the broker. Set on consumer spans linked to their
-/// producer span (`crate::context_amqp`), whose clocks are the same node's.
+/// producer span (`crate::context::amqp`), whose clocks are the same node's.
 pub const BROKER_WAIT_MS: &str = "messaging.rabbitmq.broker_wait_ms";
 /// Broker span: the exchange the message was published to (`amq.default` for the
 /// default exchange, whose name is empty).

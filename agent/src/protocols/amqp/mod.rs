@@ -257,7 +257,7 @@ pub enum Topology {
 /// - `Dispatch`: the broker's side only (the traced process is the broker): as soon as
 ///   the content of a basic.deliver or basic.get-ok it sent is complete, without its
 ///   outcome; the same delivery follows as a `Delivery` when settled. The broker's view
-///   of a message (`crate::context_amqp`) needs the time a message left the broker, not
+///   of a message (`crate::context::amqp`) needs the time a message left the broker, not
 ///   the time its consumer got round to acking it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AmqpOperation {

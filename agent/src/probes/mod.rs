@@ -5,6 +5,9 @@
 //! registry below says which program needs which hook, so that a missing kernel feature
 //! is reported by name.
 
+pub mod btf;
+pub mod tls;
+
 use std::{ffi::CString, fmt, path::Path};
 
 use agent_common::{KernelOffsets, MAX_PAYLOAD, ProbeConfig, lost, maps};
@@ -68,7 +71,7 @@ pub enum ProbeError {
     )]
     NoSyscallTracepoint(String),
     #[error("reading kernel structure offsets from BTF failed: {0}")]
-    Btf(#[from] crate::btf::BtfError),
+    Btf(#[from] btf::BtfError),
     #[error(
         "loading the eBPF programs failed: {0}. sonde needs Linux 5.8 or newer (BPF ring \
          buffer) with BTF (CONFIG_DEBUG_INFO_BTF=y)"
@@ -206,8 +209,8 @@ impl Probes {
         raise_memlock_limit();
         ensure_tracefs()?;
 
-        let btf = crate::btf::Btf::from_kernel()?;
-        let offsets: KernelOffsets = crate::btf::kernel_offsets(&btf)?;
+        let btf = btf::Btf::from_kernel()?;
+        let offsets: KernelOffsets = btf::kernel_offsets(&btf)?;
         debug!(?offsets, "kernel structure offsets");
 
         let backend = choose_backend(opts.backend)?;
@@ -282,7 +285,7 @@ impl Probes {
     }
 
     /// Puts the TLS uprobes on one library or executable (all processes that map it).
-    pub fn attach_tls(&mut self, target: &crate::tls::TlsTarget) -> Result<(), ProbeError> {
+    pub fn attach_tls(&mut self, target: &tls::TlsTarget) -> Result<(), ProbeError> {
         let s = &target.symbols;
         let points = [
             ("ssl_read_enter", s.ssl_read),
@@ -326,6 +329,7 @@ impl Probes {
 }
 
 fn check_privileges() -> Result<(), ProbeError> {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
         return Ok(());
@@ -352,6 +356,7 @@ fn raise_memlock_limit() {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
+    // SAFETY: `unlimited` is a valid rlimit that outlives the call, which only reads it.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         debug!("could not raise RLIMIT_MEMLOCK; fine on Linux 5.11 and newer");
     }
@@ -366,6 +371,8 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
     }
     let src = CString::new("tracefs").expect("no NUL");
     let target = CString::new(TRACEFS).expect("no NUL");
+    // SAFETY: the source, target and type are NUL-terminated CStrings alive for the
+    // call; tracefs takes no mount data, so a null data pointer is allowed.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, ReadRef};
 use tracing::{debug, info};
 
 /// File offsets of the TLS functions in one ELF file.
@@ -49,12 +49,15 @@ const GO_TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
 
 /// The TLS functions defined (not merely imported) in the ELF file at `path`, as file
 /// offsets, or None when it has none.
+///
+/// The file is read with read(2), as far as needed (headers, symbol tables, the Go
+/// functions' code), not mapped: the kernel writes the breakpoints of uprobes already on
+/// the file (another tracer's, or another sonde's) into every new mapping of it that may
+/// be executable, and the code decoded would show them where RET instructions are.
 pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
     let file = fs::File::open(path).map_err(|e| e.to_string())?;
-    // SAFETY: the mapping is read-only and private; a file changed underneath while
-    // mapped could give wrong symbols, which only makes a probe miss.
-    let map = unsafe { memmap_file(&file) }.map_err(|e| e.to_string())?;
-    let elf = object::File::parse(&*map).map_err(|e| e.to_string())?;
+    let data = ReadCache::new(file);
+    let elf = object::File::parse(&data).map_err(|e| e.to_string())?;
     let mut found = TlsSymbols::default();
     let segments: Vec<(u64, u64, u64)> = elf
         .segments()
@@ -88,15 +91,15 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
         }
     }
     if go_functions.len() >= 2 && elf.architecture() == object::Architecture::X86_64 {
-        found.go = go_tls(&elf, &map, &go_functions, to_offset);
+        found.go = go_tls(&elf, &data, &go_functions, to_offset);
     }
     Ok(found.is_usable().then_some(found))
 }
 
 /// Entries and RET instructions of Go's TLS read and write, as file offsets.
-fn go_tls(
-    elf: &object::File<'_>,
-    data: &[u8],
+fn go_tls<'data, R: ReadRef<'data>>(
+    elf: &object::File<'data, R>,
+    data: R,
     functions: &[(&str, u64, u64)],
     to_offset: impl Fn(u64) -> Option<u64>,
 ) -> Option<GoTls> {
@@ -110,8 +113,8 @@ fn go_tls(
         } else {
             go.write = entry;
         }
-        let start = usize::try_from(addr.checked_sub(text.address())? + text_off).ok()?;
-        let code = data.get(start..start + usize::try_from(*size).ok()?)?;
+        let start = addr.checked_sub(text.address())? + text_off;
+        let code = data.read_bytes_at(start, *size).ok()?;
         go.returns
             .extend(ret_offsets(code, *addr).into_iter().filter_map(&to_offset));
     }
@@ -132,56 +135,6 @@ fn ret_offsets(code: &[u8], address: u64) -> Vec<u64> {
     out
 }
 
-/// A read-only private mapping of a whole file.
-unsafe fn memmap_file(file: &fs::File) -> std::io::Result<Mapped> {
-    use std::os::fd::AsRawFd;
-    let len = file.metadata()?.len() as usize;
-    if len == 0 {
-        return Ok(Mapped {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-        });
-    }
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(Mapped { ptr, len })
-}
-
-struct Mapped {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: ptr..ptr+len is a live read-only mapping owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        if self.len != 0 {
-            unsafe { libc::munmap(self.ptr, self.len) };
-        }
-    }
-}
-
 /// A file found to hold TLS functions, to attach to.
 #[derive(Clone, Debug)]
 pub struct TlsTarget {
@@ -190,14 +143,16 @@ pub struct TlsTarget {
     pub symbols: TlsSymbols,
 }
 
-/// Remembers which files were examined, by (device, inode).
-#[derive(Default)]
+/// Finds TLS targets in library directories and in processes (through a /proc tree),
+/// and remembers which files were examined, by (device, inode).
 pub struct TlsDiscovery {
+    proc_root: PathBuf,
+    library_dirs: Vec<PathBuf>,
     examined: HashSet<(u64, u64)>,
 }
 
 /// Directories where distributions keep libssl.
-const LIBRARY_DIRS: &[&str] = &[
+pub const LIBRARY_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu",
     "/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
@@ -213,10 +168,18 @@ fn is_libssl(name: &str) -> bool {
 }
 
 impl TlsDiscovery {
+    pub fn new(proc_root: impl Into<PathBuf>, library_dirs: Vec<PathBuf>) -> Self {
+        TlsDiscovery {
+            proc_root: proc_root.into(),
+            library_dirs,
+            examined: HashSet::new(),
+        }
+    }
+
     /// The host's own libssl files, whether or not a process maps them yet.
     pub fn scan_library_dirs(&mut self) -> Vec<TlsTarget> {
         let mut out = Vec::new();
-        for dir in LIBRARY_DIRS {
+        for dir in self.library_dirs.clone() {
             let Ok(entries) = fs::read_dir(dir) else {
                 continue;
             };
@@ -229,16 +192,13 @@ impl TlsDiscovery {
         out
     }
 
-    /// Every running process's TLS libraries and executable.
-    pub fn scan_all_processes(&mut self) -> Vec<TlsTarget> {
-        let pids: Vec<u32> = fs::read_dir("/proc")
+    /// The pids of every running process.
+    pub fn running_processes(&self) -> Vec<u32> {
+        fs::read_dir(&self.proc_root)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-            .collect();
-        pids.into_iter()
-            .flat_map(|pid| self.scan_process(pid))
             .collect()
     }
 
@@ -247,12 +207,13 @@ impl TlsDiscovery {
         if pid == std::process::id() {
             return Vec::new();
         }
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let dir = self.proc_root.join(pid.to_string());
+        let root = dir.join("root");
         let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+        if let Ok(exe) = fs::read_link(dir.join("exe")) {
             candidates.push(exe);
         }
-        if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+        if let Ok(maps) = fs::read_to_string(dir.join("maps")) {
             for line in maps.lines() {
                 let Some(path) = line.split_whitespace().nth(5) else {
                     continue;
@@ -313,7 +274,7 @@ mod tests {
 
     #[test]
     fn system_libssl_has_the_functions_and_curl_only_imports_them() {
-        let mut d = TlsDiscovery::default();
+        let mut d = TlsDiscovery::new("/proc", LIBRARY_DIRS.iter().map(PathBuf::from).collect());
         let found = d.scan_library_dirs();
         let libssl3 = found
             .iter()

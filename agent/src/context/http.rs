@@ -120,7 +120,7 @@ impl Linker {
                 Pending {
                     span,
                     request,
-                    deadline_ns: now_ns + self.hold_ns,
+                    deadline_ns: now_ns.saturating_add(self.hold_ns),
                     seq,
                 },
             ),
@@ -261,6 +261,19 @@ mod tests {
         );
         assert_eq!(l.expire(1000).len(), 1);
         assert!(l.is_empty());
+    }
+
+    /// Found by the capture_packet fuzz target: a capture whose timestamps are near
+    /// the end of time overflowed the deadline.
+    #[test]
+    fn a_span_offered_at_the_end_of_time_waits_and_leaves() {
+        let mut l = Linker::new(Duration::from_secs(1), 100);
+        assert!(
+            l.offer(span(SpanKind::Client), key(), "GET", "/", u64::MAX - 10)
+                .is_empty()
+        );
+        assert!(l.expire(u64::MAX - 1).is_empty());
+        assert_eq!(l.expire(u64::MAX).len(), 1);
     }
 
     #[test]
