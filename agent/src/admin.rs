@@ -180,6 +180,7 @@ fn render_metrics(metrics: &Metrics) -> String {
         connections_tracked,
         connections_evicted,
         bytes_skipped,
+        message_starts_missed,
         spans_waiting,
         ready,
         export_queue_spans,
@@ -238,6 +239,11 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_bytes_skipped_total",
         "Stream bytes that passed without being captured.",
         bytes_skipped,
+    );
+    counter(
+        "sonde_message_starts_missed_total",
+        "Messages that started in bytes the kernel did not copy, so the parser resynchronised.",
+        message_starts_missed,
     );
     let name = "sonde_spans_dropped_total";
     let _ = writeln!(

@@ -22,8 +22,9 @@ use crate::{
     events::{Event, direction},
     process::ProcessRegistry,
     protocols::{
+        Parsed,
         amqp::AmqpOperation,
-        detect::{ConnParser, Parsed, Verdict},
+        detect::{ConnParser, Verdict},
         http::HttpExchange,
     },
     reassembly::Piece,
@@ -53,6 +54,9 @@ pub struct PipelineOptions {
     /// of this node: a replayed capture holds both ends of connections between
     /// any hosts.
     pub link_remote_peers: bool,
+    /// Payload bytes the kernel copies per event: a message that starts further than
+    /// this beyond the bytes seen would be missed without a window there.
+    pub capture_cap: u64,
 }
 
 impl Default for PipelineOptions {
@@ -66,12 +70,19 @@ impl Default for PipelineOptions {
             message_memory: Duration::from_secs(120),
             exclude_own_sockets: true,
             link_remote_peers: false,
+            capture_cap: agent_common::MAX_PAYLOAD as u64,
         }
     }
 }
 
 /// Where finished spans go.
 pub type Sink = Box<dyn FnMut(Span) + Send>;
+
+/// Told where the next message of a connection's direction starts, when that lies more
+/// than the capture cap beyond the bytes seen: (pid, fd, direction, whether the stream
+/// is a TLS library's plaintext, stream offset of the message's first byte). The kernel
+/// then copies a window from there too.
+pub type MessageStartHook = Box<dyn FnMut(u32, u32, Direction, bool, u64) + Send>;
 
 /// What the pipeline keeps per connection, beside what the connection table keeps.
 struct Tracked {
@@ -80,6 +91,8 @@ struct Tracked {
     parser: Option<ConnParser>,
     /// No parser understood the bytes (counted when the connection goes).
     unparsed: bool,
+    /// Per direction, the stream offset last given to the message-start hook.
+    announced: [Option<u64>; 2],
 }
 
 type Conn = table::Conn<Tracked>;
@@ -100,6 +113,7 @@ pub struct Pipeline {
     /// Processes that exec'd since the last `take_new_processes`.
     new_processes: Vec<u32>,
     last_conn_tick_ns: u64,
+    on_message_start: Option<MessageStartHook>,
 }
 
 impl Pipeline {
@@ -122,7 +136,14 @@ impl Pipeline {
             last_ns: 0,
             new_processes: Vec::new(),
             last_conn_tick_ns: 0,
+            on_message_start: None,
         }
+    }
+
+    /// Calls `hook` whenever a connection's next message starts further than the capture
+    /// cap beyond the bytes seen (see [`MessageStartHook`]).
+    pub fn set_message_start_hook(&mut self, hook: MessageStartHook) {
+        self.on_message_start = Some(hook);
     }
 
     /// Handles one event.
@@ -135,6 +156,7 @@ impl Pipeline {
                 Metrics::add(&self.metrics.bytes_seen, data.len);
                 let tls = SyscallId::is_tls(data.syscall);
                 let metrics = Arc::clone(&self.metrics);
+                let (hooked, cap) = (self.on_message_start.is_some(), self.opts.capture_cap);
                 let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
                 match conn.data_event(tls, h.ts_ns) {
                     DataSource::Ignore => return,
@@ -145,6 +167,12 @@ impl Pipeline {
                 }
                 let dir = direction(data.direction);
                 Self::feed(conn, dir, &data, payload, &metrics);
+                let start = hooked
+                    .then(|| Self::next_message_start(conn, dir, cap))
+                    .flatten();
+                if let (Some((tls, offset)), Some(hook)) = (start, self.on_message_start.as_mut()) {
+                    hook(h.tgid, h.fd, dir, tls, offset);
+                }
                 self.after_parse(h.tgid, h.fd, h.ts_ns);
             }
             Event::Connect { tuple, .. } | Event::Accept { tuple, .. } => {
@@ -186,16 +214,52 @@ impl Pipeline {
             Direction::Ingress => &mut conn.ingress,
             Direction::Egress => &mut conn.egress,
         };
+        // Stream offset of the next piece.
+        let mut at = cursor.next_offset();
         for piece in cursor.advance(data.offset, data.len, payload).pieces() {
             match piece {
-                Piece::Data(bytes) => parser.feed(dir, bytes, data.header.ts_ns),
+                Piece::Data(bytes) => {
+                    parser.feed(dir, bytes, data.header.ts_ns);
+                    at = at.saturating_add(bytes.len() as u64);
+                }
                 Piece::Gap(n) => {
                     Metrics::add(&metrics.bytes_skipped, n);
+                    let expected = parser.next_message_in(dir).map(|m| at.saturating_add(m));
+                    let was_in_sync = parser.in_sync(dir);
                     parser.skip(dir, n, data.header.ts_ns);
+                    if expected.is_some_and(|x| x >= at && x < at.saturating_add(n))
+                        && was_in_sync
+                        && !parser.in_sync(dir)
+                    {
+                        // A message started inside the bytes that were not captured.
+                        Metrics::inc(&metrics.message_starts_missed);
+                    }
+                    at = at.saturating_add(n);
                 }
-                Piece::Resync => parser.resync(dir),
+                Piece::Resync => {
+                    parser.resync(dir);
+                    at = data.offset;
+                }
             }
         }
+    }
+
+    /// Where the next message of `dir` starts (whether the stream is TLS plaintext, and
+    /// the stream offset), when the parser knows, it lies beyond what the kernel copies
+    /// anyway, and it was not told before.
+    fn next_message_start(
+        conn: &mut Conn,
+        dir: Direction,
+        capture_cap: u64,
+    ) -> Option<(bool, u64)> {
+        let ahead = conn.state.parser.as_ref()?.next_message_in(dir)?;
+        let offset = conn.cursor(dir).next_offset().saturating_add(ahead);
+        let announced = &mut conn.state.announced[dir.index()];
+        if ahead <= capture_cap || *announced == Some(offset) {
+            return None;
+        }
+        *announced = Some(offset);
+        Some((conn.tls, offset))
     }
 
     /// Sets the clock offset added to event times to get Unix times; replays of
@@ -228,25 +292,25 @@ impl Pipeline {
         for span in self.messages.expire(now_ns) {
             (self.sink)(span);
         }
-        // AMQP publishes waiting for a possible basic.return finish on idle
-        // connections; once a second is plenty.
+        // Parsers that wait for time (AMQP publishes waiting for a possible
+        // basic.return) finish on idle connections; once a second is plenty.
         if now_ns.saturating_sub(self.last_conn_tick_ns) >= 1_000_000_000 {
             self.last_conn_tick_ns = now_ns;
-            let amqp: Vec<(u32, u32)> = self
-                .conns
-                .iter_mut()
-                .filter(|(_, c)| matches!(c.state.parser, Some(ConnParser::Amqp(_))))
-                .map(|(k, _)| k)
-                .collect();
-            for (tgid, fd) in amqp {
-                if let Some(p) = self
-                    .conns
-                    .get_mut(tgid, fd)
-                    .and_then(|c| c.state.parser.as_mut())
-                {
+            let mut finished = Vec::new();
+            for (key, conn) in self.conns.iter_mut() {
+                if let Some(p) = conn.state.parser.as_mut() {
                     p.tick(now_ns);
+                    let parsed = p.take();
+                    if !parsed.is_empty() {
+                        finished.push((key, parsed));
+                    }
                 }
-                self.after_parse(tgid, fd, now_ns);
+            }
+            for ((tgid, fd), parsed) in finished {
+                if let Some(conn) = self.conns.get_mut(tgid, fd) {
+                    let (info, resource, tls) = (conn.info, conn.state.resource.clone(), conn.tls);
+                    self.emit_parsed(parsed, &info, &resource, tls, now_ns);
+                }
             }
         }
         let idle = self
@@ -268,10 +332,20 @@ impl Pipeline {
         );
     }
 
-    /// Ends everything: open exchanges, waiting spans (at shutdown).
+    /// Ends everything at shutdown: open exchanges become spans marked incomplete
+    /// (`agent_stop`), waiting spans go out.
     pub fn finish(&mut self) {
+        self.finish_for(EndReason::AgentStop);
+    }
+
+    /// As [`Pipeline::finish`], at the end of a replayed capture (`capture_end`).
+    pub fn finish_capture(&mut self) {
+        self.finish_for(EndReason::CaptureEnd);
+    }
+
+    fn finish_for(&mut self, reason: EndReason) {
         let now = self.last_ns;
-        for ended in self.conns.remove_all(EndReason::AgentStop) {
+        for ended in self.conns.remove_all(reason) {
             self.end(ended, now);
         }
         for span in self.linker.drain() {
@@ -299,6 +373,7 @@ impl Pipeline {
                 resource: registry.resource(tgid),
                 parser: (!ours).then(ConnParser::new),
                 unparsed: false,
+                announced: [None; 2],
             }
         });
         let grew = self.conns.len() != before || !ended.is_empty();
@@ -334,9 +409,7 @@ impl Pipeline {
             Metrics::inc(&self.metrics.connections_evicted);
         }
         if let Some(parser) = conn.state.parser.as_mut() {
-            if reason.socket_closed() {
-                parser.close(ts_ns);
-            }
+            parser.close(ts_ns, reason);
             let parsed = parser.take();
             self.emit(&conn, parsed, ts_ns);
         }
@@ -595,3 +668,6 @@ impl LocalAddrs {
         false
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -46,8 +46,10 @@ use crate::protocols::amqp::{
     AmqpOperation, CloseReason, Delivery, DeliveryKind, Message, Outcome, Publish,
 };
 
-/// How a consumer settled the message: `ack`, `auto_ack`, `nack`, `reject` or
-/// `requeue` (a nack or reject that put it back in the queue). For a publish with
+/// How a consumer settled the message: `ack`, `auto_ack`, `nack`, `reject`,
+/// `requeue` (a nack or reject that put it back in the queue), or `unknown` when the
+/// consumer registered before the agent saw its connection, so that whether it acks is
+/// unknown (the span then ends when the message was delivered). For a publish with
 /// confirms: `ack` or `nack` from the broker, or `returned`.
 pub const OUTCOME: &str = "messaging.rabbitmq.outcome";
 /// The broker flagged the delivery as redelivered (an earlier delivery was not acked).
@@ -385,6 +387,7 @@ fn delivery_span(
             Outcome::Nack { requeue: true } | Outcome::Reject { requeue: true } => "requeue",
             Outcome::Nack { requeue: false } => "nack",
             Outcome::Reject { requeue: false } => "reject",
+            Outcome::AckModeUnknown => "unknown",
         };
         attrs.push(KeyValue::new(OUTCOME, text));
     }
@@ -612,6 +615,17 @@ mod tests {
             Status::Unset,
             "a nack is an outcome, not an error"
         );
+    }
+
+    #[test]
+    fn a_delivery_of_unknown_ack_mode_is_a_consumer_span_with_outcome_unknown() {
+        let mut d = delivery(message("orders", "order.created"), None);
+        d.outcome = Some(Outcome::AckModeUnknown);
+        let s = amqp_span(&AmqpOperation::Delivery(d), &conn(), resource(), 0).unwrap();
+        assert_eq!(s.kind, SpanKind::Consumer);
+        assert_eq!(s.name, "deliver orders:order.created");
+        assert_eq!(attr(&s, OUTCOME), Some(&Value::from("unknown")));
+        assert_eq!(s.status, Status::Unset);
     }
 
     #[test]

@@ -35,6 +35,13 @@
 //!   for an ack (client direction lost) or publishes waiting for a confirm (broker
 //!   direction lost) are finished without an outcome, since theirs may be in the gap.
 //! - When an operation completes: see [`AmqpOperation`].
+//! - A delivery to a consumer whose basic.consume the parser never saw (it registered
+//!   before the agent started) has an unknown ack mode: it finishes when delivered,
+//!   with the outcome [`Outcome::AckModeUnknown`], rather than waiting for an ack that
+//!   may never come. An ack on that channel for a delivery the parser does not hold
+//!   shows the consumers there ack: their later deliveries wait for their acks.
+//! - Frame windows: [`AmqpParser::next_message_in`] tells how many bytes are left in
+//!   the current frame, so that the kernel can copy from the next frame header on.
 //! - Memory is bounded whatever the input: one frame buffer and one scan window per
 //!   direction, at most [`MAX_CHANNELS`] channels, [`MAX_CONSUMERS`] consumers,
 //!   [`MAX_OPEN_OPERATIONS`] operations waiting for a confirm, a return or an ack (past
@@ -47,7 +54,8 @@ use std::collections::{HashMap, VecDeque};
 use agent_common::Direction;
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, exchange, queue};
 
-use crate::conn::Role;
+use super::{Parsed, ProtocolParser};
+use crate::conn::{EndReason, Role};
 
 /// Body bytes kept per message.
 pub const MAX_BODY_CAPTURE: usize = 16 * 1024;
@@ -64,6 +72,8 @@ pub const MAX_UNDECIDED_SCAN: u64 = 64 * 1024;
 pub const MAX_CHANNELS: usize = 256;
 /// Consumers (consumer tag -> queue) tracked per connection.
 pub const MAX_CONSUMERS: usize = 256;
+/// Consumers of unknown ack mode remembered per channel, to learn that they ack.
+const MAX_UNKNOWN_CONSUMERS: usize = 16;
 /// Publishes waiting for a confirm or a return, and deliveries waiting for an ack.
 pub const MAX_OPEN_OPERATIONS: usize = 1024;
 /// Finished operations kept until [`AmqpParser::take_operations`].
@@ -165,6 +175,10 @@ pub enum Outcome {
     },
     /// The consumer or the get asked for no acks: settled when delivered.
     AutoAck,
+    /// The consumer registered before the agent saw its connection, so whether it
+    /// acks is unknown: finished when delivered, without waiting for an ack that may
+    /// never come.
+    AckModeUnknown,
 }
 
 /// How the message reached the consumer.
@@ -628,6 +642,10 @@ struct Channel {
     pending_gets: VecDeque<(String, bool)>,
     /// The last queue declared: what an empty queue name means on this channel.
     last_queue: Option<String>,
+    /// Consumer tags seen in deliveries whose basic.consume the parser never saw (at
+    /// most [`MAX_UNKNOWN_CONSUMERS`]): an ack on the channel for a delivery it does not
+    /// hold shows they ack, and their later deliveries wait for it.
+    unknown_consumers: Vec<String>,
 }
 
 impl Channel {
@@ -638,7 +656,8 @@ impl Channel {
 
 #[derive(Debug)]
 struct Consumer {
-    queue: String,
+    /// `None` for a consumer learnt from its acks rather than from basic.consume.
+    queue: Option<String>,
     no_ack: bool,
 }
 
@@ -990,6 +1009,21 @@ impl AmqpParser {
             Phase::Fresh => h.phase = Phase::Lost,
             Phase::Lost => h.scan.clear(),
             _ => self.lose_sync(dir),
+        }
+    }
+
+    /// See [`ProtocolParser::next_message_in`]: inside a frame, its payload still to come
+    /// and its end octet; between frames, 0.
+    pub fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        let h = &self.halves[dir.index()];
+        match h.phase {
+            Phase::Payload => Some(h.left + 1),
+            Phase::FrameEnd => Some(1),
+            Phase::FrameHeader if h.head.is_empty() => Some(0),
+            _ => None,
         }
     }
 
@@ -1633,7 +1667,7 @@ impl AmqpParser {
                 let queue = queue_of(self, &c.queue);
                 let tag = c.consumer_tag.as_str().to_owned();
                 if !tag.is_empty() {
-                    self.add_consumer(channel_id, tag.clone(), queue.clone(), c.no_ack);
+                    self.add_consumer(channel_id, tag.clone(), Some(queue.clone()), c.no_ack);
                 }
                 if !c.nowait
                     && let Some(ch) = self.channel(channel_id)
@@ -1650,7 +1684,7 @@ impl AmqpParser {
                     self.add_consumer(
                         channel_id,
                         ok.consumer_tag.as_str().to_owned(),
-                        queue,
+                        Some(queue),
                         no_ack,
                     );
                 }
@@ -1683,7 +1717,7 @@ impl AmqpParser {
         }
     }
 
-    fn add_consumer(&mut self, channel: u16, tag: String, queue: String, no_ack: bool) {
+    fn add_consumer(&mut self, channel: u16, tag: String, queue: Option<String>, no_ack: bool) {
         let key = (channel, tag);
         if self.consumers.contains_key(&key) || self.consumers.len() < MAX_CONSUMERS {
             self.consumers.insert(key, Consumer { queue, no_ack });
@@ -1751,6 +1785,14 @@ impl AmqpParser {
             return;
         };
         let done = take_settled(&mut ch.unacked, tag, multiple, |d| d.delivery_tag);
+        if done.is_empty() && !ch.unknown_consumers.is_empty() {
+            // An ack for a delivery finished with an unknown ack mode: the consumers of
+            // the channel ack, and their next deliveries wait for theirs.
+            for tag in std::mem::take(&mut ch.unknown_consumers) {
+                self.add_consumer(channel_id, tag, None, false);
+            }
+            return;
+        }
         self.open_operations -= done.len();
         for mut d in done {
             d.outcome = Some(outcome);
@@ -1945,9 +1987,16 @@ impl AmqpParser {
             } => {
                 let consumer = self.consumers.get(&(channel_id, consumer_tag.clone()));
                 let (queue, no_ack) = match consumer {
-                    Some(cn) => (Some(cn.queue.clone()), cn.no_ack),
-                    None => (None, false),
+                    Some(cn) => (cn.queue.clone(), Some(cn.no_ack)),
+                    None => (None, None),
                 };
+                if no_ack.is_none()
+                    && let Some(ch) = self.channels.get_mut(&channel_id)
+                    && ch.unknown_consumers.len() < MAX_UNKNOWN_CONSUMERS
+                    && !ch.unknown_consumers.contains(&consumer_tag)
+                {
+                    ch.unknown_consumers.push(consumer_tag.clone());
+                }
                 let delivery = Delivery {
                     role,
                     kind: DeliveryKind::Deliver,
@@ -1959,12 +2008,16 @@ impl AmqpParser {
                     message: c.message,
                     start_ns: c.start_ns,
                     end_ns: ts_ns,
-                    outcome: no_ack.then_some(Outcome::AutoAck),
+                    outcome: match no_ack {
+                        Some(true) => Some(Outcome::AutoAck),
+                        Some(false) => None,
+                        None => Some(Outcome::AckModeUnknown),
+                    },
                     error: None,
                     vhost,
                     user,
                 };
-                self.delivered(channel_id, delivery, no_ack);
+                self.delivered(channel_id, delivery, no_ack != Some(false));
             }
             ContentOf::GetOk {
                 delivery_tag,
@@ -1993,11 +2046,13 @@ impl AmqpParser {
         }
     }
 
-    fn delivered(&mut self, channel_id: u16, delivery: Delivery, no_ack: bool) {
+    /// A delivery's content is complete; `settled` when no ack will be waited for (the
+    /// consumer or get asked for none, or whether it acks is unknown).
+    fn delivered(&mut self, channel_id: u16, delivery: Delivery, settled: bool) {
         if self.role() == Some(Role::Server) {
             self.push_finished(AmqpOperation::Dispatch(delivery.clone()));
         }
-        if no_ack {
+        if settled {
             self.push_finished(AmqpOperation::Delivery(delivery));
             return;
         }
@@ -2172,6 +2227,45 @@ impl AmqpParser {
             }
             Landing::Beyond => self.lose_sync(dir),
         }
+    }
+}
+
+impl ProtocolParser for AmqpParser {
+    fn detect(&self) -> Option<bool> {
+        self.is_amqp()
+    }
+
+    fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
+        AmqpParser::feed(self, dir, data, ts_ns);
+    }
+
+    fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
+        AmqpParser::skip(self, dir, len, ts_ns);
+    }
+
+    fn resync(&mut self, dir: Direction) {
+        AmqpParser::resync(self, dir);
+    }
+
+    /// Whatever the reason, what is open finishes without confirm or outcome.
+    fn close(&mut self, ts_ns: u64, _reason: EndReason) {
+        AmqpParser::close(self, ts_ns);
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        AmqpParser::tick(self, now_ns);
+    }
+
+    fn take(&mut self, out: &mut Vec<Parsed>) {
+        out.extend(self.finished.drain(..).map(Parsed::Amqp));
+    }
+
+    fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        AmqpParser::next_message_in(self, dir)
+    }
+
+    fn in_sync(&self, dir: Direction) -> bool {
+        self.halves[dir.index()].phase != Phase::Lost
     }
 }
 

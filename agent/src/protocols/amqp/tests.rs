@@ -1198,3 +1198,76 @@ fn every_single_split_point_gives_the_same_operations() {
         }
     }
 }
+
+#[test]
+fn a_delivery_to_a_consumer_registered_before_the_agent_is_not_held() {
+    // Picked up mid-stream: the basic.consume went by before the agent started.
+    let mut p = AmqpParser::new();
+    p.resync(In);
+    p.resync(Out);
+    let delivery = |tag: u64, id: &str| {
+        [
+            deliver(1, "amq.ctag-old", tag, false, "orders", "order.created"),
+            header(1, 3, props(id)),
+            body(1, b"one"),
+        ]
+        .concat()
+    };
+    p.feed(In, &delivery(1, "m1"), 10);
+    let ops = p.take_operations();
+    let [AmqpOperation::Delivery(d)] = &ops[..] else {
+        panic!("one delivery, not waiting for an ack: {ops:?}");
+    };
+    assert_eq!(d.outcome, Some(Outcome::AckModeUnknown));
+    assert_eq!(d.queue, None);
+    assert_eq!((d.start_ns, d.end_ns), (10, 10));
+    assert_eq!(d.consumer_tag.as_deref(), Some("amq.ctag-old"));
+
+    // An ack on the channel for a delivery it does not hold: this consumer acks, so its
+    // next delivery waits for its ack.
+    p.feed(Out, &[ack(1, 1, false), heartbeat()].concat(), 20);
+    assert!(p.take_operations().is_empty());
+    p.feed(In, &delivery(2, "m2"), 30);
+    assert!(p.take_operations().is_empty(), "waits for the ack now");
+    p.feed(Out, &ack(1, 2, false), 40);
+    let ops = p.take_operations();
+    let [AmqpOperation::Delivery(d)] = &ops[..] else {
+        panic!("{ops:?}");
+    };
+    assert_eq!(d.outcome, Some(Outcome::Ack));
+    assert_eq!((d.start_ns, d.end_ns), (30, 40));
+}
+
+#[test]
+fn next_message_in_counts_what_is_left_of_the_frame() {
+    let mut p = AmqpParser::new();
+    for (dir, d) in handshake() {
+        p.feed(dir, &d, 1);
+    }
+    assert_eq!(p.next_message_in(Out), Some(0));
+    p.feed(Out, &channel_open(1), 2);
+    let data = vec![7u8; 1000];
+    let frames = [
+        publish(1, "", "models", false),
+        header(1, data.len() as u64, props("m")),
+        body(1, &data),
+    ]
+    .concat();
+    let body_start = frames.len() - (7 + 1000 + 1);
+    // Into the body frame: 100 payload octets read, 900 and the end octet to come.
+    p.feed(Out, &frames[..body_start + 7 + 100], 3);
+    assert_eq!(p.next_message_in(Out), Some(901));
+    p.skip(Out, 900, 4);
+    assert_eq!(p.next_message_in(Out), Some(1));
+    p.feed(Out, &frames[frames.len() - 1..], 5);
+    assert_eq!(p.next_message_in(Out), Some(0));
+    assert_eq!(p.take_operations().len(), 1);
+    // Part of a frame header: the frame's size is not known yet.
+    p.feed(Out, &heartbeat()[..3], 6);
+    assert_eq!(p.next_message_in(Out), None);
+    // Lost sync: unknown.
+    p.resync(In);
+    assert_eq!(p.next_message_in(In), None);
+    assert!(!ProtocolParser::in_sync(&p, In));
+    assert!(ProtocolParser::in_sync(&p, Out));
+}

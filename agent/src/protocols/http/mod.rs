@@ -26,6 +26,15 @@
 //!   pairs with the newest request that started before it and the older unanswered
 //!   ones are dropped: right for clients that wait for each response, a guess when
 //!   requests were pipelined into the gap.
+//! - Ends: when the connection ends ([`HttpParser::end`], with the reason the connection
+//!   table gives), every exchange still open is emitted as it stands and marked
+//!   incomplete with that reason: a request without a response, a response cut short,
+//!   a request whose body was still arriving. A body delimited by the close ends
+//!   normally when the socket really closed.
+//! - Message windows: [`HttpParser::next_message_in`] tells, inside a body whose length
+//!   is known, how many bytes are left before the next head (or chunk line), so that
+//!   the kernel can copy bytes from there even when one read holds the end of a large
+//!   body and the start of the next message.
 //! - Memory is bounded whatever the input: one head or line buffer per direction, at
 //!   most [`MAX_IN_FLIGHT`] unanswered exchanges and [`MAX_FINISHED`] untaken ones, a
 //!   body prefix of [`MAX_BODY_CAPTURE`] bytes each.
@@ -38,7 +47,8 @@ use agent_common::Direction;
 
 use self::head::{Fit, Framing, FramingHeaders, Kind};
 pub use self::head::{MAX_HEADER_VALUE, MAX_KEPT_HEADERS, RequestHead, ResponseHead};
-use crate::conn::Role;
+use super::{Parsed, ProtocolParser};
+use crate::conn::{EndReason, Role};
 
 /// Longest head (start line and headers) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -78,6 +88,10 @@ pub struct HttpExchange {
     /// when bytes were not captured.
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
+    /// The connection ended, for this reason, before the exchange did: no response, a
+    /// response cut short, or a request still arriving. Its end times are those of the
+    /// last byte seen.
+    pub incomplete: Option<EndReason>,
 }
 
 /// Where in a chunked body a direction is.
@@ -342,16 +356,22 @@ impl HttpParser {
         }
     }
 
-    /// The connection closed at `ts_ns`: a body delimited by the close ends, and every
-    /// request still waiting is finished, without a response if none came.
-    pub fn close(&mut self, _ts_ns: u64) {
+    /// The connection closed at `ts_ns`: see [`HttpParser::end`].
+    pub fn close(&mut self, ts_ns: u64) {
+        self.end(ts_ns, EndReason::ConnectionClosed);
+    }
+
+    /// The connection ended for `reason`: a body delimited by the close ends when the
+    /// socket really closed, and every exchange still open is finished as it stands,
+    /// marked incomplete with `reason` (without a response if none came).
+    pub fn end(&mut self, _ts_ns: u64, reason: EndReason) {
         if self.closed {
             return;
         }
         if self.decided == Some(true) {
             for dir in [Direction::Ingress, Direction::Egress] {
                 let h = &self.halves[dir.index()];
-                if h.phase == Phase::Body(Body::UntilClose) {
+                if h.phase == Phase::Body(Body::UntilClose) && reason.socket_closed() {
                     let last = h.last_ns;
                     self.finish_message(dir, last);
                 }
@@ -365,6 +385,10 @@ impl HttpParser {
             while let Some(mut f) = self.in_flight.pop_front() {
                 if f.dropped {
                     continue;
+                }
+                let complete = f.request_done && f.response_done && f.exchange.response.is_some();
+                if !complete {
+                    f.exchange.incomplete = Some(reason);
                 }
                 if !f.request_done {
                     f.exchange.request_end_ns = request_last.max(f.exchange.request_start_ns);
@@ -380,6 +404,19 @@ impl HttpParser {
         for h in &mut self.halves {
             h.buf = Vec::new();
             h.phase = Phase::Stopped;
+        }
+    }
+
+    /// See [`ProtocolParser::next_message_in`].
+    pub fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        let h = &self.halves[dir.index()];
+        match h.phase {
+            Phase::Body(Body::Length(left) | Body::Chunked(Chunk::Data(left))) => Some(left),
+            Phase::Head | Phase::Body(Body::Chunked(_)) if h.buf.is_empty() => Some(0),
+            _ => None,
         }
     }
 
@@ -889,6 +926,43 @@ impl HttpParser {
     }
 }
 
+impl ProtocolParser for HttpParser {
+    fn detect(&self) -> Option<bool> {
+        self.is_http()
+    }
+
+    fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
+        HttpParser::feed(self, dir, data, ts_ns);
+    }
+
+    fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
+        HttpParser::skip(self, dir, len, ts_ns);
+    }
+
+    fn resync(&mut self, dir: Direction) {
+        HttpParser::resync(self, dir);
+    }
+
+    fn close(&mut self, ts_ns: u64, reason: EndReason) {
+        self.end(ts_ns, reason);
+    }
+
+    /// HTTP/1.x waits for nothing but bytes.
+    fn tick(&mut self, _now_ns: u64) {}
+
+    fn take(&mut self, out: &mut Vec<Parsed>) {
+        out.extend(self.finished.drain(..).map(Parsed::Http));
+    }
+
+    fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        HttpParser::next_message_in(self, dir)
+    }
+
+    fn in_sync(&self, dir: Direction) -> bool {
+        !matches!(self.halves[dir.index()].phase, Phase::Lost { .. })
+    }
+}
+
 /// Keeps a buffer's allocation for the next message unless it grew large.
 fn reuse(mut buf: Vec<u8>) -> Vec<u8> {
     buf.clear();
@@ -930,6 +1004,7 @@ impl HttpExchange {
             response_body_size: 0,
             request_body: Vec::new(),
             response_body: Vec::new(),
+            incomplete: None,
         }
     }
 }
