@@ -1,3 +1,4 @@
+use super::body::chunk_size;
 use super::*;
 use agent_common::Direction::{Egress as Out, Ingress as In};
 
