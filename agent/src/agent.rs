@@ -70,6 +70,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let sink_exporter = exporter.clone();
     let pipeline_opts = PipelineOptions {
         max_connections: args.max_connections,
+        capture_cap: u64::from(args.payload_cap),
         ..Default::default()
     };
     let mut pipeline = Pipeline::new(

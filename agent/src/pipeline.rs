@@ -162,6 +162,7 @@ impl Pipeline {
                     DataSource::Ignore => return,
                     DataSource::SwitchedToTls => {
                         conn.state.parser = Some(ConnParser::new());
+                        conn.state.announced = [None; 2];
                     }
                     DataSource::Parse => {}
                 }
