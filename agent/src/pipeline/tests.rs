@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, atomic::Ordering};
 use agent_common::{AF_INET, DataEvent, Direction, EventHeader, EventKind, SockTuple, SyscallId};
 
 use super::*;
-use crate::spans::{INCOMPLETE, INCOMPLETE_REASON, Status, Value};
+use crate::spans::{INCOMPLETE, INCOMPLETE_REASON, SpanKind, Status, Value};
 
 const PID: u32 = 7;
 
@@ -385,4 +385,100 @@ fn a_message_that_starts_in_uncaptured_bytes_is_counted_as_missed() {
         2_000,
     );
     assert_eq!(metrics.message_starts_missed.load(Ordering::Relaxed), 0);
+}
+
+/// AMQP frames as a client and a broker write them.
+mod amqp_frames {
+    use amq_protocol::{
+        frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame},
+        protocol::{AMQPClass, basic},
+    };
+
+    fn frame(f: AMQPFrame) -> Vec<u8> {
+        gen_frame(&f)(WriteContext::from(Vec::new()))
+            .expect("frame serialises")
+            .write
+    }
+
+    /// basic.deliver of `body` on channel 1 to consumer `tag`, with its content.
+    pub fn delivery(tag: &str, delivery_tag: u64, body: &[u8]) -> Vec<u8> {
+        let deliver = basic::Deliver {
+            consumer_tag: tag.into(),
+            delivery_tag,
+            redelivered: false,
+            exchange: "orders".into(),
+            routing_key: "order.created".into(),
+        };
+        [
+            frame(AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)),
+            )),
+            frame(AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties: basic::AMQPProperties::default(),
+                },
+            )),
+            frame(AMQPFrame::Body(1, body.to_vec())),
+        ]
+        .concat()
+    }
+}
+
+#[test]
+fn a_delivery_to_a_consumer_that_predates_the_agent_is_a_consumer_span_at_once() {
+    let (mut p, spans, _) = pipeline(PipelineOptions::default());
+    // No connect seen: the connection (and its basic.consume) predates the agent.
+    let first = amqp_frames::delivery("amq.ctag-old", 1, br#"{"order_id": 42}"#);
+    data(
+        &mut p,
+        5,
+        40100,
+        Direction::Ingress,
+        9_000,
+        first.len() as u64,
+        &first,
+        1_000,
+    );
+    let more = amqp_frames::delivery("amq.ctag-old", 2, br#"{"order_id": 43}"#);
+    let at = 9_000 + first.len() as u64;
+    data(
+        &mut p,
+        5,
+        40100,
+        Direction::Ingress,
+        at,
+        more.len() as u64,
+        &more,
+        2_000,
+    );
+    // Without waiting for an ack, or for the connection to end: once the wait for the
+    // publish that carried the message (3 s) is over, long before the idle timeout.
+    p.tick(10_000_000_000);
+    let got: Vec<(String, SpanKind, Option<String>)> = std::mem::take(&mut *spans.lock().unwrap())
+        .iter()
+        .map(|s| {
+            let outcome = str_attr(s, crate::spans::amqp::OUTCOME).map(str::to_owned);
+            (s.name.clone(), s.kind, outcome)
+        })
+        .collect();
+    let unknown = Some("unknown".to_owned());
+    assert_eq!(
+        got,
+        [
+            (
+                "deliver orders:order.created".to_owned(),
+                SpanKind::Consumer,
+                unknown.clone()
+            ),
+            (
+                "deliver orders:order.created".to_owned(),
+                SpanKind::Consumer,
+                unknown
+            ),
+        ]
+    );
 }
