@@ -40,8 +40,11 @@ use std::sync::Arc;
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::http::parse_traceparent;
-use super::{KeyValue, Resource, Span, SpanKind, Status, new_span_id, new_trace_id};
-use crate::conn::{ConnInfo, Role};
+use super::{
+    INCOMPLETE, INCOMPLETE_REASON, KeyValue, Resource, Span, SpanKind, Status, new_span_id,
+    new_trace_id,
+};
+use crate::conn::{ConnInfo, EndReason, Role};
 use crate::protocols::amqp::{
     AmqpOperation, CloseReason, Delivery, DeliveryKind, Message, Outcome, Publish,
 };
@@ -324,6 +327,7 @@ fn publish_span_of(
     if let Some(reason) = &p.error {
         status = close_status(reason, &mut attrs);
     }
+    incomplete(p.incomplete, &mut attrs);
     let (trace_id, parent_span_id) = trace_of(m);
     let name = if is_anonymous(&m.routing_key) && m.exchange.is_empty() {
         operation.to_owned()
@@ -391,6 +395,7 @@ fn delivery_span(
         };
         attrs.push(KeyValue::new(OUTCOME, text));
     }
+    incomplete(d.incomplete, &mut attrs);
     let status = match &d.error {
         Some(reason) => close_status(reason, &mut attrs),
         None => Status::Unset,
@@ -413,6 +418,14 @@ fn delivery_span(
         attributes: attrs,
         status,
         resource,
+    }
+}
+
+/// Marks a publish or delivery the connection's end cut short.
+fn incomplete(reason: Option<EndReason>, attrs: &mut Vec<KeyValue>) {
+    if let Some(reason) = reason {
+        attrs.push(KeyValue::new(INCOMPLETE, true));
+        attrs.push(KeyValue::new(INCOMPLETE_REASON, reason.as_str()));
     }
 }
 
@@ -497,6 +510,7 @@ mod tests {
             error: None,
             vhost: Some("/".into()),
             user: Some("guest".into()),
+            incomplete: None,
         }
     }
 
@@ -516,6 +530,7 @@ mod tests {
             error: None,
             vhost: None,
             user: None,
+            incomplete: None,
         }
     }
 
@@ -625,6 +640,30 @@ mod tests {
         assert_eq!(s.kind, SpanKind::Consumer);
         assert_eq!(s.name, "deliver orders:order.created");
         assert_eq!(attr(&s, OUTCOME), Some(&Value::from("unknown")));
+        assert_eq!(s.status, Status::Unset);
+    }
+
+    #[test]
+    fn operations_the_connection_end_cut_short_are_marked_incomplete() {
+        let mut d = delivery(message("orders", "order.created"), Some("mes"));
+        d.outcome = None;
+        d.incomplete = Some(EndReason::AgentStop);
+        let s = amqp_span(&AmqpOperation::Delivery(d), &conn(), resource(), 0).unwrap();
+        assert_eq!(attr(&s, INCOMPLETE), Some(&Value::Bool(true)));
+        assert_eq!(
+            attr(&s, INCOMPLETE_REASON),
+            Some(&Value::from("agent_stop"))
+        );
+        assert_eq!(attr(&s, OUTCOME), None);
+        assert_eq!(s.status, Status::Unset);
+        let mut p = publish(message("orders", "order.created"));
+        p.confirmed = None;
+        p.incomplete = Some(EndReason::ProcessExit);
+        let s = amqp_span(&AmqpOperation::Publish(p), &conn(), resource(), 0).unwrap();
+        assert_eq!(
+            attr(&s, INCOMPLETE_REASON),
+            Some(&Value::from("process_exit"))
+        );
         assert_eq!(s.status, Status::Unset);
     }
 

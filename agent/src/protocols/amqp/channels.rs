@@ -168,13 +168,16 @@ impl AmqpParser {
 
     /// Closes channel `id`: its open operations finish (with the error, if the close
     /// was one), contents in flight are dropped. `report`: an error close of this
-    /// channel alone is reported as a `ChannelError`.
+    /// channel alone is reported as a `ChannelError`. `ended`: the connection ended
+    /// for this reason without closing the channel, so the open operations are
+    /// incomplete; they end at `ts_ns` only when the socket really closed then.
     pub(super) fn finish_channel(
         &mut self,
         id: u16,
         reason: Option<CloseReason>,
         ts_ns: u64,
         report: bool,
+        ended: Option<EndReason>,
     ) {
         let Some(mut ch) = self.channels.remove(&id) else {
             if let Some(r) = reason.filter(|r| report && r.is_error()) {
@@ -185,10 +188,16 @@ impl AmqpParser {
         self.consumers.retain(|(c, _), _| *c != id);
         self.open_operations -= ch.open_operations();
         let error = reason.clone().filter(CloseReason::is_error);
+        let end_ns = if ended.is_none_or(EndReason::socket_closed) {
+            ts_ns
+        } else {
+            0
+        };
         let mut done: Vec<AmqpOperation> = Vec::new();
         for (_, mut p) in ch.awaiting_confirm.drain(..) {
             p.error.clone_from(&error);
-            p.end_ns = p.end_ns.max(ts_ns);
+            p.end_ns = p.end_ns.max(end_ns);
+            p.incomplete = ended;
             done.push(AmqpOperation::Publish(p));
         }
         for mut p in ch.awaiting_return.drain(..) {
@@ -197,7 +206,8 @@ impl AmqpParser {
         }
         for mut dl in ch.unacked.drain(..) {
             dl.error.clone_from(&error);
-            dl.end_ns = dl.end_ns.max(ts_ns);
+            dl.end_ns = dl.end_ns.max(end_ns);
+            dl.incomplete = ended;
             done.push(AmqpOperation::Delivery(dl));
         }
         for op in done {
@@ -487,6 +497,7 @@ impl AmqpParser {
                     error: None,
                     vhost,
                     user,
+                    incomplete: None,
                 };
                 if let Some(seq) = seq {
                     self.reserve_open_operation();
@@ -538,6 +549,7 @@ impl AmqpParser {
                     error: None,
                     vhost,
                     user,
+                    incomplete: None,
                 };
                 self.delivered(channel_id, delivery, no_ack != Some(false));
             }
@@ -562,6 +574,7 @@ impl AmqpParser {
                     error: None,
                     vhost,
                     user,
+                    incomplete: None,
                 };
                 self.delivered(channel_id, delivery, no_ack);
             }

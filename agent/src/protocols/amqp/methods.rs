@@ -146,7 +146,7 @@ impl AmqpParser {
                         Role::Server
                     },
                 };
-                self.finish_channel(channel_id, Some(reason), ts_ns, true);
+                self.finish_channel(channel_id, Some(reason), ts_ns, true, None);
             }
             AMQPClass::Channel(_) => {}
             AMQPClass::Confirm(confirm::AMQPMethod::Select(_)) => {
@@ -241,7 +241,7 @@ impl AmqpParser {
                 ids.sort_unstable();
                 let error = reason.is_error().then_some(&reason);
                 for id in ids {
-                    self.finish_channel(id, error.cloned(), ts_ns, false);
+                    self.finish_channel(id, error.cloned(), ts_ns, false, None);
                 }
                 self.channels.clear();
                 self.consumers.clear();

@@ -285,9 +285,15 @@ impl AmqpParser {
         self.release_returns(now_ns);
     }
 
-    /// The connection closed at `ts_ns`: every operation still open is finished (without
-    /// confirm or outcome), contents still arriving are dropped.
+    /// The connection closed at `ts_ns`: see [`AmqpParser::end`].
     pub fn close(&mut self, ts_ns: u64) {
+        self.end(ts_ns, EndReason::ConnectionClosed);
+    }
+
+    /// The connection ended for `reason` (at `ts_ns`, if the socket closed): every
+    /// publish or delivery still open is finished without confirm or outcome and marked
+    /// incomplete with `reason`; contents still arriving are dropped.
+    pub fn end(&mut self, ts_ns: u64, reason: EndReason) {
         if self.closed {
             return;
         }
@@ -295,7 +301,7 @@ impl AmqpParser {
             let mut ids: Vec<u16> = self.channels.keys().copied().collect();
             ids.sort_unstable();
             for id in ids {
-                self.finish_channel(id, None, ts_ns, false);
+                self.finish_channel(id, None, ts_ns, false, Some(reason));
             }
         }
         self.closed = true;
@@ -350,9 +356,8 @@ impl ProtocolParser for AmqpParser {
         AmqpParser::resync(self, dir);
     }
 
-    /// Whatever the reason, what is open finishes without confirm or outcome.
-    fn close(&mut self, ts_ns: u64, _reason: EndReason) {
-        AmqpParser::close(self, ts_ns);
+    fn close(&mut self, ts_ns: u64, reason: EndReason) {
+        self.end(ts_ns, reason);
     }
 
     fn tick(&mut self, now_ns: u64) {

@@ -3,7 +3,7 @@
 //! files.
 
 use super::FIRST_ERROR_CODE;
-use crate::conn::Role;
+use crate::conn::{EndReason, Role};
 
 /// Content properties of a message (the `basic` class), as text.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -125,6 +125,8 @@ pub struct Publish {
     pub vhost: Option<String>,
     /// The user the client logged in as (PLAIN or AMQPLAIN).
     pub user: Option<String>,
+    /// The connection ended, for this reason, while the publish waited for its confirm.
+    pub incomplete: Option<EndReason>,
 }
 
 /// A message the broker handed to the client.
@@ -151,6 +153,8 @@ pub struct Delivery {
     pub error: Option<CloseReason>,
     pub vhost: Option<String>,
     pub user: Option<String>,
+    /// The connection ended, for this reason, while the delivery waited for its ack.
+    pub incomplete: Option<EndReason>,
 }
 
 /// Exchanges, queues and bindings the client declared.
@@ -290,6 +294,9 @@ impl std::fmt::Display for AmqpOperation {
                 if let Some(e) = &p.error {
                     write!(f, " error={e}")?;
                 }
+                if let Some(r) = p.incomplete {
+                    write!(f, " incomplete={}", r.as_str())?;
+                }
             }
             AmqpOperation::Delivery(d) | AmqpOperation::Dispatch(d) => {
                 let kind = match d.kind {
@@ -321,6 +328,9 @@ impl std::fmt::Display for AmqpOperation {
                 }
                 if let Some(e) = &d.error {
                     write!(f, " error={e}")?;
+                }
+                if let Some(r) = d.incomplete {
+                    write!(f, " incomplete={}", r.as_str())?;
                 }
             }
             AmqpOperation::ChannelError {

@@ -761,7 +761,29 @@ fn close_finishes_what_is_open_and_drops_partial_content() {
         .collect();
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(
-        out[0].contains("tag=1") && out[0].ends_with("t=11..99 outcome=None"),
+        out[0].contains("tag=1")
+            && out[0].ends_with("t=11..99 outcome=None incomplete=connection_closed"),
+        "{}",
+        out[0]
+    );
+}
+
+#[test]
+fn an_end_without_a_close_leaves_the_times_alone_and_says_why() {
+    let mut p = AmqpParser::new();
+    let mut s = consumer_session();
+    s.truncate(handshake().len() + 4);
+    run_steps(&mut p, &s);
+    // Forgotten idle long after: the delivery ends when it was delivered, not then.
+    p.end(1_000_000, EndReason::Idle);
+    let out: Vec<String> = p
+        .take_operations()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].ends_with("t=11..11 outcome=None incomplete=idle"),
         "{}",
         out[0]
     );
