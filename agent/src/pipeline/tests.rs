@@ -429,7 +429,7 @@ mod amqp_frames {
 }
 
 #[test]
-fn a_delivery_to_a_consumer_that_predates_the_agent_is_a_consumer_span_at_once() {
+fn a_delivery_to_a_consumer_that_predates_the_agent_and_never_acks_is_a_consumer_span() {
     let (mut p, spans, _) = pipeline(PipelineOptions::default());
     // No connect seen: the connection (and its basic.consume) predates the agent.
     let first = amqp_frames::delivery("amq.ctag-old", 1, br#"{"order_id": 42}"#);
@@ -455,8 +455,10 @@ fn a_delivery_to_a_consumer_that_predates_the_agent_is_a_consumer_span_at_once()
         &more,
         2_000,
     );
-    // Without waiting for an ack, or for the connection to end: once the wait for the
-    // publish that carried the message (3 s) is over, long before the idle timeout.
+    // No ack comes: after the wait for one (5 s), and the wait for the publish that
+    // carried the message (3 s), long before the idle timeout and without the
+    // connection ending.
+    p.tick(6_000_000_000);
     p.tick(10_000_000_000);
     let got: Vec<(String, SpanKind, Option<String>)> = std::mem::take(&mut *spans.lock().unwrap())
         .iter()

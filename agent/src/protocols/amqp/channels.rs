@@ -317,18 +317,49 @@ impl AmqpParser {
             return;
         };
         let done = take_settled(&mut ch.unacked, tag, multiple, |d| d.delivery_tag);
-        if done.is_empty() && !ch.unknown_consumers.is_empty() {
-            // An ack for a delivery finished with an unknown ack mode: the consumers of
-            // the channel ack, and their next deliveries wait for theirs.
+        // An ack for a delivery of unknown ack mode, held or finished already: the
+        // consumers of the channel ack, and their next deliveries wait for theirs as
+        // any known consumer's do.
+        let acks_unknown = done.is_empty()
+            || done
+                .iter()
+                .any(|d| d.outcome == Some(Outcome::AckModeUnknown));
+        if acks_unknown {
             for tag in std::mem::take(&mut ch.unknown_consumers) {
                 self.add_consumer(channel_id, tag, None, false);
             }
-            return;
         }
         self.open_operations -= done.len();
         for mut d in done {
             d.outcome = Some(outcome);
             d.end_ns = ts_ns.max(d.end_ns);
+            self.push_finished(AmqpOperation::Delivery(d));
+        }
+    }
+
+    /// Finishes the deliveries of unknown ack mode that waited [`ACK_MODE_WAIT_NS`]
+    /// without an ack, with the outcome unknown and ending when they were delivered.
+    pub(super) fn release_unknown_ack_modes(&mut self, now_ns: u64) {
+        if self.open_operations == 0 {
+            return;
+        }
+        let mut done = Vec::new();
+        for ch in self.channels.values_mut() {
+            let waited_enough = |d: &Delivery| {
+                d.outcome == Some(Outcome::AckModeUnknown)
+                    && d.end_ns.saturating_add(ACK_MODE_WAIT_NS) <= now_ns
+            };
+            if ch.unacked.iter().any(waited_enough) {
+                let (gone, kept) = std::mem::take(&mut ch.unacked)
+                    .into_iter()
+                    .partition(waited_enough);
+                ch.unacked = kept;
+                done.extend(gone);
+            }
+        }
+        done.sort_by_key(|d: &Delivery| d.start_ns);
+        self.open_operations -= done.len();
+        for d in done {
             self.push_finished(AmqpOperation::Delivery(d));
         }
     }
@@ -551,7 +582,7 @@ impl AmqpParser {
                     user,
                     incomplete: None,
                 };
-                self.delivered(channel_id, delivery, no_ack != Some(false));
+                self.delivered(channel_id, delivery, no_ack == Some(true));
             }
             ContentOf::GetOk {
                 delivery_tag,
@@ -582,7 +613,7 @@ impl AmqpParser {
     }
 
     /// A delivery's content is complete; `settled` when no ack will be waited for (the
-    /// consumer or get asked for none, or whether it acks is unknown).
+    /// consumer or get asked for none).
     pub(super) fn delivered(&mut self, channel_id: u16, delivery: Delivery, settled: bool) {
         if self.role() == Some(Role::Server) {
             self.push_finished(AmqpOperation::Dispatch(delivery.clone()));

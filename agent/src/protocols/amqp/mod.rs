@@ -36,10 +36,12 @@
 //!   direction lost) are finished without an outcome, since theirs may be in the gap.
 //! - When an operation completes: see [`AmqpOperation`].
 //! - A delivery to a consumer whose basic.consume the parser never saw (it registered
-//!   before the agent started) has an unknown ack mode: it finishes when delivered,
-//!   with the outcome [`Outcome::AckModeUnknown`], rather than waiting for an ack that
-//!   may never come. An ack on that channel for a delivery the parser does not hold
-//!   shows the consumers there ack: their later deliveries wait for their acks.
+//!   before the agent started) has an unknown ack mode: it waits at most
+//!   [`ACK_MODE_WAIT_NS`] for an ack (settled by it as usual), and then finishes with
+//!   the outcome [`Outcome::AckModeUnknown`], ending when it was delivered, rather than
+//!   waiting for an ack that may never come. An ack on that channel for such a
+//!   delivery shows the consumers there ack: their later deliveries wait for their
+//!   acks as any known consumer's do.
 //! - Frame windows: [`AmqpParser::next_message_in`] tells how many bytes are left in
 //!   the current frame, so that the kernel can copy from the next frame header on.
 //! - Memory is bounded whatever the input: one frame buffer and one scan window per
@@ -100,6 +102,9 @@ pub const MAX_FINISHED: usize = 1024;
 const MAX_PENDING_REQUESTS: usize = 64;
 /// How long a mandatory publish without confirms waits for a possible basic.return.
 pub const RETURN_WAIT_NS: u64 = 1_000_000_000;
+/// How long a delivery to a consumer of unknown ack mode waits for an ack before it is
+/// finished with the outcome unknown.
+pub const ACK_MODE_WAIT_NS: u64 = 5_000_000_000;
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -280,9 +285,11 @@ impl AmqpParser {
     }
 
     /// Finishes mandatory publishes without confirms whose return did not come within
-    /// [`RETURN_WAIT_NS`]; call it now and then on an idle connection.
+    /// [`RETURN_WAIT_NS`], and deliveries of unknown ack mode that waited
+    /// [`ACK_MODE_WAIT_NS`] for an ack; call it now and then (once a second is plenty).
     pub fn tick(&mut self, now_ns: u64) {
         self.release_returns(now_ns);
+        self.release_unknown_ack_modes(now_ns);
     }
 
     /// The connection closed at `ts_ns`: see [`AmqpParser::end`].

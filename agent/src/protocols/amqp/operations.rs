@@ -89,8 +89,9 @@ pub enum Outcome {
     /// The consumer or the get asked for no acks: settled when delivered.
     AutoAck,
     /// The consumer registered before the agent saw its connection, so whether it
-    /// acks is unknown: finished when delivered, without waiting for an ack that may
-    /// never come.
+    /// acks is unknown, and no ack came within [`ACK_MODE_WAIT_NS`](super::ACK_MODE_WAIT_NS):
+    /// finished as delivered rather than waiting for an ack that may never come. (While
+    /// such a delivery waits, this is its outcome too.)
     AckModeUnknown,
 }
 

@@ -1221,43 +1221,80 @@ fn every_single_split_point_gives_the_same_operations() {
     }
 }
 
-#[test]
-fn a_delivery_to_a_consumer_registered_before_the_agent_is_not_held() {
-    // Picked up mid-stream: the basic.consume went by before the agent started.
+/// A connection picked up mid-stream: the basic.consume went by before the agent
+/// started. Deliveries to consumer `amq.ctag-old` on channel 1.
+fn unknown_consumer() -> (AmqpParser, impl Fn(u64) -> Vec<u8>) {
     let mut p = AmqpParser::new();
     p.resync(In);
     p.resync(Out);
-    let delivery = |tag: u64, id: &str| {
+    let delivery = |tag: u64| {
         [
             deliver(1, "amq.ctag-old", tag, false, "orders", "order.created"),
-            header(1, 3, props(id)),
+            header(1, 3, props(&format!("m{tag}"))),
             body(1, b"one"),
         ]
         .concat()
     };
-    p.feed(In, &delivery(1, "m1"), 10);
+    (p, delivery)
+}
+
+fn the_delivery(p: &mut AmqpParser) -> Delivery {
     let ops = p.take_operations();
-    let [AmqpOperation::Delivery(d)] = &ops[..] else {
-        panic!("one delivery, not waiting for an ack: {ops:?}");
-    };
+    match &ops[..] {
+        [AmqpOperation::Delivery(d)] => d.clone(),
+        _ => panic!("expected one delivery: {ops:?}"),
+    }
+}
+
+#[test]
+fn a_delivery_of_unknown_ack_mode_without_an_ack_finishes_with_outcome_unknown() {
+    let (mut p, delivery) = unknown_consumer();
+    p.feed(In, &delivery(1), 10);
+    p.tick(10 + ACK_MODE_WAIT_NS - 1);
+    assert!(p.take_operations().is_empty(), "waits a while for an ack");
+    p.tick(10 + ACK_MODE_WAIT_NS);
+    let d = the_delivery(&mut p);
     assert_eq!(d.outcome, Some(Outcome::AckModeUnknown));
     assert_eq!(d.queue, None);
-    assert_eq!((d.start_ns, d.end_ns), (10, 10));
+    assert_eq!(
+        (d.start_ns, d.end_ns),
+        (10, 10),
+        "ends when it was delivered"
+    );
     assert_eq!(d.consumer_tag.as_deref(), Some("amq.ctag-old"));
+    assert_eq!(p.open_operations, 0);
 
-    // An ack on the channel for a delivery it does not hold: this consumer acks, so its
-    // next delivery waits for its ack.
-    p.feed(Out, &[ack(1, 1, false), heartbeat()].concat(), 20);
+    // Its ack comes after all (a slow consumer): the consumers of the channel ack, and
+    // the next delivery waits for its ack however long it takes.
+    p.feed(
+        Out,
+        &[ack(1, 1, false), heartbeat()].concat(),
+        20 + ACK_MODE_WAIT_NS,
+    );
     assert!(p.take_operations().is_empty());
-    p.feed(In, &delivery(2, "m2"), 30);
+    p.feed(In, &delivery(2), 30 + ACK_MODE_WAIT_NS);
+    p.tick(30 + 3 * ACK_MODE_WAIT_NS);
     assert!(p.take_operations().is_empty(), "waits for the ack now");
-    p.feed(Out, &ack(1, 2, false), 40);
-    let ops = p.take_operations();
-    let [AmqpOperation::Delivery(d)] = &ops[..] else {
-        panic!("{ops:?}");
-    };
+    p.feed(Out, &ack(1, 2, false), 40 + 3 * ACK_MODE_WAIT_NS);
+    let d = the_delivery(&mut p);
     assert_eq!(d.outcome, Some(Outcome::Ack));
-    assert_eq!((d.start_ns, d.end_ns), (30, 40));
+    assert_eq!(d.end_ns, 40 + 3 * ACK_MODE_WAIT_NS);
+}
+
+#[test]
+fn a_delivery_of_unknown_ack_mode_acked_in_time_has_its_outcome() {
+    let (mut p, delivery) = unknown_consumer();
+    p.feed(In, &delivery(1), 10);
+    p.feed(Out, &[ack(1, 1, false), heartbeat()].concat(), 20);
+    let d = the_delivery(&mut p);
+    assert_eq!(d.outcome, Some(Outcome::Ack));
+    assert_eq!((d.start_ns, d.end_ns), (10, 20));
+    // Known to ack from now on.
+    p.feed(In, &delivery(2), 30);
+    p.tick(30 + 2 * ACK_MODE_WAIT_NS);
+    assert!(p.take_operations().is_empty());
+    p.feed(Out, &ack(1, 2, false), 40);
+    assert_eq!(the_delivery(&mut p).outcome, Some(Outcome::Ack));
 }
 
 #[test]
