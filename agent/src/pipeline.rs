@@ -35,9 +35,11 @@ use crate::{
 /// Limits and timings of the pipeline.
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
-    /// Most connections tracked at once; the least recently active go first.
+    /// Most connections tracked at once; the least recently active go first (what is
+    /// open on them becomes spans marked incomplete, `evicted`).
     pub max_connections: usize,
-    /// A connection with no traffic for this long is forgotten.
+    /// A connection with no traffic for this long is forgotten (what is open on it
+    /// becomes spans marked incomplete, `idle`).
     pub idle_timeout: Duration,
     /// How long a span waits for the other end of its connection.
     pub link_hold: Duration,
