@@ -156,6 +156,41 @@ def test_consumer_started_before_agent(rabbit, tmp_path):
     assert code == 0, f"agent exited with {code}\n{agent.stderr_tail()}"
 
 
+def test_auto_ack_consumer_started_before_agent(rabbit, tmp_path):
+    """A pika consumer with auto-ack registers before the agent starts, so the agent cannot
+    know it will never ack. Every delivery must still make a CONSUMER span linked to its
+    publish, with outcome `unknown`, while the consumer's connection stays open (after
+    the agent's wait for an ack, not at the connection's end). Its own agent."""
+    ex, rk, q = "sonde.pre.auto", "order.created", "sonde.pre.auto.q"
+    # It waits for a 4th message that never comes: its connection outlives the test.
+    con = consumer("python", rabbit, ex, "direct", [(q, rk)], 4, ack="auto")
+    agent = Agent(tmp_path / "agent")
+    try:
+        agent.start()
+        pub = publish("python", rabbit, ex, "direct", rk, 3, 120, CONFIRM, "preauto")
+        prod = exactly(agent, [pub.pid], 3, "from the publisher")
+        cons = agent.wait_spans([con.pid], 3, timeout=30, what="from the auto-ack consumer")
+        assert con.proc.poll() is None, "the consumer should still be running"
+        assert len(cons) == 3, fmt_spans(cons)
+        producers = by_message_id(prod)
+        try:
+            for i, d in enumerate(sorted(cons, key=lambda s: s.start), 1):
+                mid = f"preauto-{i}"
+                check_consumer(d, producers[mid][0], exchange=ex, routing_key=rk, queue=None,
+                               message_id=mid, correlation_id=f"order-{i}", body_size=120,
+                               port=rabbit.port, delivery_tag=i, redelivered=False,
+                               outcome="unknown")
+                assert "sonde.incomplete" not in d.attrs, d
+                # It ends when the message was delivered, not after the wait for an ack.
+                assert d.end - d.start < 1_000_000_000, d
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- spans ---\n{fmt_spans(prod + cons)}") from None
+    finally:
+        con.kill()
+        code = agent.stop()
+    assert code == 0, f"agent exited with {code}\n{agent.stderr_tail()}"
+
+
 # ---------------------------------------------------------------- one language end to end
 
 def test_python_direct_confirms_manual_ack(agent, rabbit):

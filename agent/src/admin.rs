@@ -180,6 +180,7 @@ fn render_metrics(metrics: &Metrics) -> String {
         connections_tracked,
         connections_evicted,
         bytes_skipped,
+        message_starts_missed,
         spans_waiting,
         discovery_requests_dropped,
         spans_identity_unconfirmed,
@@ -250,6 +251,11 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_spans_identity_unconfirmed_total",
         "Spans that left before /proc named their process (named from its exec event or pid).",
         spans_identity_unconfirmed,
+    );
+    counter(
+        "sonde_message_starts_missed_total",
+        "Messages that started in bytes the kernel did not copy, so the parser resynchronised.",
+        message_starts_missed,
     );
     let name = "sonde_spans_dropped_total";
     let _ = writeln!(

@@ -73,6 +73,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let pipeline_opts = PipelineOptions {
         max_connections: args.max_connections,
         identify_off_thread: true,
+        capture_cap: u64::from(args.payload_cap),
         ..Default::default()
     };
     let mut pipeline = Pipeline::new(

@@ -1,5 +1,8 @@
-//! Connection table: what is known about each (process, descriptor) socket.
-//! (Filled in by the pipeline; see `ConnInfo` for what the span builders get.)
+//! Connections: what is known about each (process, descriptor) socket. [`table`] keeps
+//! them; [`ConnInfo`] is what the span builders get, [`Role`] which end the traced
+//! process is, and [`EndReason`] why a connection left the table.
+
+pub mod table;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -38,5 +41,42 @@ impl ConnInfo {
             local: SocketAddr::new(addr(&t.saddr), t.sport),
             remote: SocketAddr::new(addr(&t.daddr), t.dport),
         }
+    }
+}
+
+/// Why a connection left the connection table. What was still open on it is finished
+/// then, and an exchange cut short says why (`sonde.incomplete.reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// A close we saw, or a new connection on the same descriptor.
+    ConnectionClosed,
+    /// The process exited.
+    ProcessExit,
+    /// The table was full and this connection was among the least recently active.
+    Evicted,
+    /// No traffic for the idle timeout.
+    Idle,
+    /// A replayed capture ended.
+    CaptureEnd,
+    /// The agent stopped.
+    AgentStop,
+}
+
+impl EndReason {
+    /// The value of `sonde.incomplete.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ConnectionClosed => "connection_closed",
+            EndReason::ProcessExit => "process_exit",
+            EndReason::Evicted => "evicted",
+            EndReason::Idle => "idle",
+            EndReason::CaptureEnd => "capture_end",
+            EndReason::AgentStop => "agent_stop",
+        }
+    }
+
+    /// Whether the socket really closed, so that a body delimited by the close ended.
+    pub fn socket_closed(self) -> bool {
+        matches!(self, EndReason::ConnectionClosed | EndReason::ProcessExit)
     }
 }

@@ -1,30 +1,32 @@
 //! The user-space pipeline: decoded events in, finished spans out.
 //!
-//! events -> process registry -> connection table -> stream cursors -> HTTP parser ->
-//! span builder -> context linker -> sink. The same pipeline serves the live kernel and
-//! tests that feed it recorded events.
+//! events -> process registry -> connection table ([`crate::conn::table`]) -> stream
+//! cursors -> protocol parser -> span builder -> context linker -> sink. This module
+//! only orchestrates: it routes each event to its connection, hands the bytes to the
+//! parser, and turns what the parser finished into spans, also when a connection ends
+//! with exchanges still open. The same pipeline serves the live kernel and replays of
+//! captures.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
-use agent_common::{Direction, SockTuple, SyscallId};
+use agent_common::{DataEvent, Direction, SockTuple, SyscallId};
 use tracing::debug;
 
 use crate::{
-    conn::ConnInfo,
+    conn::{
+        ConnInfo, EndReason,
+        table::{self, ConnTable, DataSource, Ended},
+    },
     context::{ConnKey, Linker, MessageKey, MessageLinker},
     events::{Event, direction},
     process::{Identified, ProcessQuery, ProcessRegistry},
     protocols::{
+        Parsed,
         amqp::AmqpOperation,
-        detect::{ConnParser, Parsed, Verdict},
+        detect::{ConnParser, Verdict},
         http::HttpExchange,
     },
-    reassembly::{Piece, StreamCursor},
+    reassembly::Piece,
     spans::{Resource, Span, amqp::amqp_span, http::http_span},
     telemetry::Metrics,
 };
@@ -32,9 +34,11 @@ use crate::{
 /// Limits and timings of the pipeline.
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
-    /// Most connections tracked at once; the least recently active go first.
+    /// Most connections tracked at once; the least recently active go first (what is
+    /// open on them becomes spans marked incomplete, `evicted`).
     pub max_connections: usize,
-    /// A connection with no traffic for this long is forgotten.
+    /// A connection with no traffic for this long is forgotten (what is open on it
+    /// becomes spans marked incomplete, `idle`).
     pub idle_timeout: Duration,
     /// How long a span waits for the other end of its connection.
     pub link_hold: Duration,
@@ -56,6 +60,9 @@ pub struct PipelineOptions {
     /// [`Pipeline::identified`]. Off: /proc is read on the pipeline's thread (replays,
     /// tests).
     pub identify_off_thread: bool,
+    /// Payload bytes the kernel copies per event: a message that starts further than
+    /// this beyond the bytes seen would be missed without a window there.
+    pub capture_cap: u64,
 }
 
 impl Default for PipelineOptions {
@@ -70,6 +77,7 @@ impl Default for PipelineOptions {
             exclude_own_sockets: true,
             link_remote_peers: false,
             identify_off_thread: false,
+            capture_cap: agent_common::MAX_PAYLOAD as u64,
         }
     }
 }
@@ -77,32 +85,29 @@ impl Default for PipelineOptions {
 /// Where finished spans go.
 pub type Sink = Box<dyn FnMut(Span) + Send>;
 
-struct Conn {
-    info: ConnInfo,
-    tuple: SockTuple,
+/// Told where the next message of a connection's direction starts, when that lies more
+/// than the capture cap beyond the bytes seen: (pid, fd, direction, whether the stream
+/// is a TLS library's plaintext, stream offset of the message's first byte). The kernel
+/// then copies a window from there too.
+pub type MessageStartHook = Box<dyn FnMut(u32, u32, Direction, bool, u64) + Send>;
+
+/// What the pipeline keeps per connection, beside what the connection table keeps.
+struct Tracked {
     resource: Arc<Resource>,
+    /// `None` once the connection is known to be none of ours or no parser's.
     parser: Option<ConnParser>,
-    ingress: StreamCursor,
-    egress: StreamCursor,
-    last_ns: u64,
-    /// Plaintext from a TLS library was seen: bytes on the wire are ciphertext and
-    /// ignored; the parser reads the plaintext stream.
-    tls: bool,
-    /// The connect or accept was seen, so the first bytes are the start of the stream;
-    /// otherwise the connection predates the agent (or was forgotten) and the parser
-    /// must look for a message boundary first.
-    from_start: bool,
-    /// Whether any bytes were given to the parser yet.
-    fed: bool,
     /// No parser understood the bytes (counted when the connection goes).
     unparsed: bool,
+    /// Per direction, the stream offset last given to the message-start hook.
+    announced: [Option<u64>; 2],
 }
+
+type Conn = table::Conn<Tracked>;
 
 pub struct Pipeline {
     opts: PipelineOptions,
     registry: ProcessRegistry,
-    /// By (pid, fd), ordered so that a process's connections are one range.
-    conns: BTreeMap<(u32, u32), Conn>,
+    conns: ConnTable<Tracked>,
     linker: Linker,
     messages: MessageLinker,
     own: OwnSockets,
@@ -113,6 +118,7 @@ pub struct Pipeline {
     sink: Sink,
     last_ns: u64,
     last_conn_tick_ns: u64,
+    on_message_start: Option<MessageStartHook>,
 }
 
 impl Pipeline {
@@ -129,9 +135,9 @@ impl Pipeline {
                 opts.message_memory,
                 opts.max_pending_spans,
             ),
+            conns: ConnTable::new(opts.max_connections),
             opts,
             registry,
-            conns: BTreeMap::new(),
             own: OwnSockets::default(),
             local_addrs: LocalAddrs::read(),
             metrics,
@@ -139,7 +145,14 @@ impl Pipeline {
             sink,
             last_ns: 0,
             last_conn_tick_ns: 0,
+            on_message_start: None,
         }
+    }
+
+    /// Calls `hook` whenever a connection's next message starts further than the capture
+    /// cap beyond the bytes seen (see [`MessageStartHook`]).
+    pub fn set_message_start_hook(&mut self, hook: MessageStartHook) {
+        self.on_message_start = Some(hook);
     }
 
     /// Handles one event.
@@ -149,55 +162,33 @@ impl Pipeline {
         self.last_ns = self.last_ns.max(h.ts_ns);
         match event {
             Event::Data { data, payload, .. } => {
-                let metrics = Arc::clone(&self.metrics);
-                Metrics::add(&metrics.bytes_seen, data.len);
-                let dir = direction(data.direction);
-                let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
-                let Some(conn) = conn else { return };
-                conn.last_ns = h.ts_ns;
+                Metrics::add(&self.metrics.bytes_seen, data.len);
                 let tls = SyscallId::is_tls(data.syscall);
-                if tls && !conn.tls {
-                    // The handshake went by as ciphertext; start over on the plaintext.
-                    conn.tls = true;
-                    conn.parser = Some(ConnParser::new());
-                    conn.ingress = StreamCursor::new();
-                    conn.egress = StreamCursor::new();
-                    conn.fed = false;
-                } else if !tls && conn.tls {
-                    return;
-                }
-                let Some(parser) = conn.parser.as_mut() else {
-                    return;
-                };
-                if !conn.fed {
-                    conn.fed = true;
-                    if !conn.from_start {
-                        parser.resync(Direction::Ingress);
-                        parser.resync(Direction::Egress);
+                let metrics = Arc::clone(&self.metrics);
+                let (hooked, cap) = (self.on_message_start.is_some(), self.opts.capture_cap);
+                let conn = self.conn(h.tgid, h.fd, &data.tuple, h.ts_ns);
+                match conn.data_event(tls, h.ts_ns) {
+                    DataSource::Ignore => return,
+                    DataSource::SwitchedToTls => {
+                        conn.state.parser = Some(ConnParser::new());
+                        conn.state.announced = [None; 2];
                     }
+                    DataSource::Parse => {}
                 }
-                let cursor = match dir {
-                    Direction::Ingress => &mut conn.ingress,
-                    Direction::Egress => &mut conn.egress,
-                };
-                for piece in cursor.advance(data.offset, data.len, payload).pieces() {
-                    match piece {
-                        Piece::Data(bytes) => parser.feed(dir, bytes, h.ts_ns),
-                        Piece::Gap(n) => {
-                            Metrics::add(&metrics.bytes_skipped, n);
-                            parser.skip(dir, n, h.ts_ns);
-                        }
-                        Piece::Resync => parser.resync(dir),
-                    }
+                let dir = direction(data.direction);
+                Self::feed(conn, dir, &data, payload, &metrics);
+                let start = hooked
+                    .then(|| Self::next_message_start(conn, dir, cap))
+                    .flatten();
+                if let (Some((tls, offset)), Some(hook)) = (start, self.on_message_start.as_mut()) {
+                    hook(h.tgid, h.fd, dir, tls, offset);
                 }
                 self.after_parse(h.tgid, h.fd, h.ts_ns);
             }
             Event::Connect { tuple, .. } | Event::Accept { tuple, .. } => {
                 // A new connection on this descriptor: whatever was there is over.
                 self.close(h.tgid, h.fd, h.ts_ns);
-                if let Some(conn) = self.conn(h.tgid, h.fd, &tuple, h.ts_ns) {
-                    conn.from_start = true;
-                }
+                self.conn(h.tgid, h.fd, &tuple, h.ts_ns).from_start = true;
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
             Event::Exec {
@@ -206,17 +197,76 @@ impl Pipeline {
                 self.registry.exec(h.tgid, &comm, &args, &env);
             }
             Event::Exit { .. } => {
-                let fds: Vec<u32> = self
-                    .conns
-                    .range((h.tgid, 0)..=(h.tgid, u32::MAX))
-                    .map(|((_, fd), _)| *fd)
-                    .collect();
-                for fd in fds {
-                    self.close(h.tgid, fd, h.ts_ns);
+                for ended in self.conns.remove_process(h.tgid) {
+                    self.end(ended, h.ts_ns);
                 }
                 self.registry.exit(h.tgid);
             }
         }
+    }
+
+    /// Hands one data event's bytes to the connection's parser, in stream order.
+    fn feed(conn: &mut Conn, dir: Direction, data: &DataEvent, payload: &[u8], metrics: &Metrics) {
+        let Some(parser) = conn.state.parser.as_mut() else {
+            return;
+        };
+        if !conn.fed {
+            conn.fed = true;
+            if !conn.from_start {
+                parser.resync(Direction::Ingress);
+                parser.resync(Direction::Egress);
+            }
+        }
+        let cursor = match dir {
+            Direction::Ingress => &mut conn.ingress,
+            Direction::Egress => &mut conn.egress,
+        };
+        // Stream offset of the next piece.
+        let mut at = cursor.next_offset();
+        for piece in cursor.advance(data.offset, data.len, payload).pieces() {
+            match piece {
+                Piece::Data(bytes) => {
+                    parser.feed(dir, bytes, data.header.ts_ns);
+                    at = at.saturating_add(bytes.len() as u64);
+                }
+                Piece::Gap(n) => {
+                    Metrics::add(&metrics.bytes_skipped, n);
+                    let expected = parser.next_message_in(dir).map(|m| at.saturating_add(m));
+                    let was_in_sync = parser.in_sync(dir);
+                    parser.skip(dir, n, data.header.ts_ns);
+                    if expected.is_some_and(|x| x >= at && x < at.saturating_add(n))
+                        && was_in_sync
+                        && !parser.in_sync(dir)
+                    {
+                        // A message started inside the bytes that were not captured.
+                        Metrics::inc(&metrics.message_starts_missed);
+                    }
+                    at = at.saturating_add(n);
+                }
+                Piece::Resync => {
+                    parser.resync(dir);
+                    at = data.offset;
+                }
+            }
+        }
+    }
+
+    /// Where the next message of `dir` starts (whether the stream is TLS plaintext, and
+    /// the stream offset), when the parser knows, it lies beyond what the kernel copies
+    /// anyway, and it was not told before.
+    fn next_message_start(
+        conn: &mut Conn,
+        dir: Direction,
+        capture_cap: u64,
+    ) -> Option<(bool, u64)> {
+        let ahead = conn.state.parser.as_ref()?.next_message_in(dir)?;
+        let offset = conn.cursor(dir).next_offset().saturating_add(ahead);
+        let announced = &mut conn.state.announced[dir.index()];
+        if ahead <= capture_cap || *announced == Some(offset) {
+            return None;
+        }
+        *announced = Some(offset);
+        Some((conn.tls, offset))
     }
 
     /// Sets the clock offset added to event times to get Unix times; replays of
@@ -243,10 +293,7 @@ impl Pipeline {
 
     /// Processes with connections now.
     pub fn active_processes(&self) -> Vec<u32> {
-        // Keys are ordered by pid: equal pids are adjacent.
-        let mut pids: Vec<u32> = self.conns.keys().map(|(pid, _)| *pid).collect();
-        pids.dedup();
-        pids
+        self.conns.pids()
     }
 
     /// Periodic work: release spans that waited long enough, forget idle connections.
@@ -259,42 +306,35 @@ impl Pipeline {
         for span in self.messages.expire(now_ns) {
             (self.sink)(span);
         }
-        // AMQP publishes waiting for a possible basic.return finish on idle
-        // connections; once a second is plenty.
+        // Parsers that wait for time (AMQP publishes waiting for a possible
+        // basic.return) finish on idle connections; once a second is plenty.
         if now_ns.saturating_sub(self.last_conn_tick_ns) >= 1_000_000_000 {
             self.last_conn_tick_ns = now_ns;
-            let amqp: Vec<(u32, u32)> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.parser, Some(ConnParser::Amqp(_))))
-                .map(|(k, _)| *k)
-                .collect();
-            for (tgid, fd) in amqp {
-                if let Some(p) = self
-                    .conns
-                    .get_mut(&(tgid, fd))
-                    .and_then(|c| c.parser.as_mut())
-                {
+            let mut finished = Vec::new();
+            for (key, conn) in self.conns.iter_mut() {
+                if let Some(p) = conn.state.parser.as_mut() {
                     p.tick(now_ns);
+                    let parsed = p.take();
+                    if !parsed.is_empty() {
+                        finished.push((key, parsed));
+                    }
                 }
-                self.after_parse(tgid, fd, now_ns);
+            }
+            for ((tgid, fd), parsed) in finished {
+                if let Some(conn) = self.conns.get_mut(tgid, fd) {
+                    let (info, resource, tls) = (conn.info, conn.state.resource.clone(), conn.tls);
+                    self.emit_parsed(parsed, &info, &resource, tls, now_ns);
+                }
             }
         }
-        let idle = self.opts.idle_timeout.as_nanos() as u64;
-        let before = self.conns.len();
-        let metrics = &self.metrics;
-        self.conns.retain(|_, c| {
-            let keep = now_ns.saturating_sub(c.last_ns) < idle;
-            if !keep && c.unparsed && !c.tls {
-                Metrics::inc(&metrics.parse_failures);
-            }
-            keep
-        });
-        if self.conns.len() != before {
-            debug!(
-                forgotten = before - self.conns.len(),
-                "idle connections forgotten"
-            );
+        let idle = self
+            .conns
+            .remove_idle(now_ns, self.opts.idle_timeout.as_nanos() as u64);
+        if !idle.is_empty() {
+            debug!(forgotten = idle.len(), "idle connections forgotten");
+        }
+        for ended in idle {
+            self.end(ended, now_ns);
         }
         self.metrics.connections_tracked.store(
             self.conns.len() as u64,
@@ -306,12 +346,21 @@ impl Pipeline {
         );
     }
 
-    /// Ends everything: open exchanges, waiting spans (at shutdown).
+    /// Ends everything at shutdown: open exchanges become spans marked incomplete
+    /// (`agent_stop`), waiting spans go out.
     pub fn finish(&mut self) {
-        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        self.finish_for(EndReason::AgentStop);
+    }
+
+    /// As [`Pipeline::finish`], at the end of a replayed capture (`capture_end`).
+    pub fn finish_capture(&mut self) {
+        self.finish_for(EndReason::CaptureEnd);
+    }
+
+    fn finish_for(&mut self, reason: EndReason) {
         let now = self.last_ns;
-        for (tgid, fd) in keys {
-            self.flush_conn(tgid, fd, now, false);
+        for ended in self.conns.remove_all(reason) {
+            self.end(ended, now);
         }
         for span in self.linker.drain() {
             (self.sink)(span);
@@ -322,87 +371,64 @@ impl Pipeline {
         self.registry.finish();
     }
 
-    fn conn(&mut self, tgid: u32, fd: u32, tuple: &SockTuple, ts_ns: u64) -> Option<&mut Conn> {
-        let key = (tgid, fd);
-        if let Some(c) = self.conns.get(&key)
-            && c.tuple != *tuple
-            && *tuple != SockTuple::default()
-        {
-            // The descriptor was reused without a close we saw.
-            self.close(tgid, fd, ts_ns);
-        }
-        if !self.conns.contains_key(&key) {
-            if self.conns.len() >= self.opts.max_connections {
-                self.evict_oldest();
-            }
-            let info = ConnInfo::from_tuple(tuple);
-            let ours = self.opts.exclude_own_sockets
-                && self.local_addrs.peer_is_local(&info)
-                && self.own.is_ours(&info);
+    /// The connection on (`tgid`, `fd`) for an event about `tuple`, made if new;
+    /// connections that had to go to make room or whose descriptor was reused end.
+    fn conn(&mut self, tgid: u32, fd: u32, tuple: &SockTuple, ts_ns: u64) -> &mut Conn {
+        let mut ended = Vec::new();
+        let before = self.conns.len();
+        let (own, local_addrs, registry) =
+            (&mut self.own, &mut self.local_addrs, &mut self.registry);
+        let exclude_own = self.opts.exclude_own_sockets;
+        self.conns.lookup(tgid, fd, tuple, ts_ns, &mut ended, |info| {
+            let ours = exclude_own && local_addrs.peer_is_local(info) && own.is_ours(info);
             if ours {
                 debug!(pid = tgid, fd, peer = %info.remote, "connection from the agent itself; not traced");
             }
-            let resource = self.registry.resource(tgid);
-            self.conns.insert(
-                key,
-                Conn {
-                    info,
-                    tuple: *tuple,
-                    resource,
-                    parser: (!ours).then(ConnParser::new),
-                    ingress: StreamCursor::new(),
-                    egress: StreamCursor::new(),
-                    last_ns: ts_ns,
-                    tls: false,
-                    from_start: false,
-                    fed: false,
-                    unparsed: false,
-                },
-            );
+            Tracked {
+                resource: registry.resource(tgid),
+                parser: (!ours).then(ConnParser::new),
+                unparsed: false,
+                announced: [None; 2],
+            }
+        });
+        let grew = self.conns.len() != before || !ended.is_empty();
+        for e in ended {
+            self.end(e, ts_ns);
+        }
+        if grew {
             self.metrics.connections_tracked.store(
                 self.conns.len() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
-        self.conns.get_mut(&key)
-    }
-
-    fn evict_oldest(&mut self) {
-        let n = (self.conns.len() / 8).max(1);
-        let mut by_age: Vec<((u32, u32), u64)> =
-            self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
-        by_age.sort_by_key(|(_, t)| *t);
-        for (k, _) in by_age.into_iter().take(n) {
-            if let Some(conn) = self.conns.remove(&k) {
-                self.count_unparsed(&conn);
-            }
-            Metrics::inc(&self.metrics.connections_evicted);
-        }
+        self.conns
+            .get_mut(tgid, fd)
+            .expect("the lookup above made it and ending others leaves it")
     }
 
     fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64) {
-        self.flush_conn(tgid, fd, ts_ns, true);
-    }
-
-    fn flush_conn(&mut self, tgid: u32, fd: u32, ts_ns: u64, closed: bool) {
-        if let Some(conn) = self.conns.get_mut(&(tgid, fd)) {
-            if let Some(p) = conn.parser.as_mut()
-                && closed
-            {
-                p.close(ts_ns);
-            }
-            self.after_parse(tgid, fd, ts_ns);
-        }
-        if let Some(conn) = self.conns.remove(&(tgid, fd)) {
-            self.count_unparsed(&conn);
+        if let Some(ended) = self.conns.remove(tgid, fd, EndReason::ConnectionClosed) {
+            self.end(ended, ts_ns);
         }
     }
 
-    /// A connection leaves the table: if no parser understood it and it was not TLS
-    /// (whose handshake goes by as ciphertext before the plaintext comes), it counts as
-    /// a parse failure. Counted at the end so that HTTPS does not count.
-    fn count_unparsed(&self, conn: &Conn) {
-        if conn.unparsed && !conn.tls {
+    /// A connection left the table at `ts_ns`: what its parser still holds becomes
+    /// spans. If no parser understood it and it was not TLS (whose handshake goes by as
+    /// ciphertext before the plaintext comes), it counts as a parse failure; counted at
+    /// the end so that HTTPS does not count.
+    fn end(&mut self, ended: Ended<Tracked>, ts_ns: u64) {
+        let table::Ended {
+            mut conn, reason, ..
+        } = ended;
+        if reason == EndReason::Evicted {
+            Metrics::inc(&self.metrics.connections_evicted);
+        }
+        if let Some(parser) = conn.state.parser.as_mut() {
+            parser.close(ts_ns, reason);
+            let parsed = parser.take();
+            self.emit(&conn, parsed, ts_ns);
+        }
+        if conn.state.unparsed && !conn.tls {
             Metrics::inc(&self.metrics.parse_failures);
         }
     }
@@ -410,28 +436,45 @@ impl Pipeline {
     /// Turns what the parser finished into spans; gives up on connections that no
     /// parser understands.
     fn after_parse(&mut self, tgid: u32, fd: u32, now_ns: u64) {
-        let Some(conn) = self.conns.get_mut(&(tgid, fd)) else {
+        let Some(conn) = self.conns.get_mut(tgid, fd) else {
             return;
         };
-        let Some(parser) = conn.parser.as_mut() else {
+        let Some(parser) = conn.state.parser.as_mut() else {
             return;
         };
         let parsed = parser.take();
         if parser.verdict() == Verdict::Unknown {
             debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is neither HTTP/1.x nor AMQP 0-9-1; ignored");
-            conn.unparsed = true;
-            conn.parser = None;
+            conn.state.unparsed = true;
+            conn.state.parser = None;
         }
         if parsed.is_empty() {
             return;
         }
         let info = conn.info;
-        let resource = conn.resource.clone();
+        let resource = conn.state.resource.clone();
         let tls = conn.tls;
+        self.emit_parsed(parsed, &info, &resource, tls, now_ns);
+    }
+
+    fn emit(&mut self, conn: &Conn, parsed: Vec<Parsed>, now_ns: u64) {
+        if !parsed.is_empty() {
+            self.emit_parsed(parsed, &conn.info, &conn.state.resource, conn.tls, now_ns);
+        }
+    }
+
+    fn emit_parsed(
+        &mut self,
+        parsed: Vec<Parsed>,
+        info: &ConnInfo,
+        resource: &Arc<Resource>,
+        tls: bool,
+        now_ns: u64,
+    ) {
         for item in parsed {
             match item {
-                Parsed::Http(ex) => self.emit_http(&ex, &info, resource.clone(), tls, now_ns),
-                Parsed::Amqp(op) => self.emit_amqp(&op, &info, resource.clone(), now_ns),
+                Parsed::Http(ex) => self.emit_http(&ex, info, resource.clone(), tls, now_ns),
+                Parsed::Amqp(op) => self.emit_amqp(&op, info, resource.clone(), now_ns),
             }
         }
     }
@@ -644,3 +687,6 @@ impl LocalAddrs {
         false
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub connections_evicted: AtomicU64,
     /// Stream gaps: bytes that passed without being captured, in total.
     pub bytes_skipped: AtomicU64,
+    /// Messages (or AMQP frames) that started inside bytes the kernel did not copy, so
+    /// that the parser lost the stream and had to look for the next one.
+    pub message_starts_missed: AtomicU64,
     /// Spans held by the linkers for their other end (a gauge).
     pub spans_waiting: AtomicU64,
     /// Requests to the discovery thread (name a process, look for TLS code) dropped

@@ -130,6 +130,9 @@ fn render(p: &HttpParser, exchanges: &[HttpExchange]) -> String {
             "  request body: {}",
             body(&ex.request_body, ex.request_body_size)
         );
+        if let Some(reason) = ex.incomplete {
+            let _ = writeln!(s, "  incomplete: {}", reason.as_str());
+        }
         match &ex.response {
             None => s.push_str("  response: none\n"),
             Some(resp) => {

@@ -741,15 +741,52 @@ fn a_reset_ends_the_connection_and_a_reused_port_is_a_new_one() {
     assert!(outcome.error.is_none());
     assert_eq!(outcome.summary.connections, 2);
     let rendered = render(&spans);
-    // The reset request has no response; the new connection's exchange is whole.
-    assert!(
-        rendered.contains("GET /orders/{id}\" - ERROR"),
-        "{rendered}"
-    );
+    // The reset request has no response: its client and server spans are marked
+    // incomplete, not errors; the new connection's exchange is whole.
     assert!(
         rendered.contains(&pair(3, "GET /orders/{id}", 200, (0, 10))),
         "{rendered}"
     );
+    assert_eq!(
+        incomplete(&spans),
+        ["connection_closed", "connection_closed", "-", "-"]
+    );
+}
+
+/// `sonde.incomplete.reason` of each span in start order (client first), `-` for a
+/// whole exchange; an incomplete span is never an error.
+fn incomplete(spans: &[Span]) -> Vec<String> {
+    let mut sorted: Vec<&Span> = spans.iter().collect();
+    sorted.sort_by_key(|s| (s.start_unix_nanos, s.kind != SpanKind::Client));
+    sorted
+        .iter()
+        .map(|s| {
+            let reason = string(s, sonde::spans::INCOMPLETE_REASON);
+            if reason != "-" {
+                assert_eq!(
+                    s.attribute(sonde::spans::INCOMPLETE),
+                    Some(&Value::Bool(true))
+                );
+                assert_eq!(s.status, Status::Unset, "{}", s.name);
+            }
+            reason
+        })
+        .collect()
+}
+
+#[test]
+fn a_request_still_unanswered_when_the_capture_ends_is_an_incomplete_span() {
+    let mut conv = default_conv();
+    conv.exchange(GET_ORDER, &ok_response(10), 1400);
+    // The server never answers the second request before the capture ends.
+    conv.send(true, GET_ORDER, 1400);
+    let (spans, outcome) = replay_packets(DataLink::ETHERNET, &packets(&conv, DataLink::ETHERNET));
+    assert!(outcome.error.is_none());
+    assert_eq!(spans.len(), 4, "{}", render(&spans));
+    assert_eq!(incomplete(&spans), ["-", "-", "capture_end", "capture_end"]);
+    // The unanswered client span is still the parent of the server span.
+    let rendered = render(&spans);
+    assert!(rendered.contains("parent=#3"), "{rendered}");
 }
 
 // ---- the binary ----

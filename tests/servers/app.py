@@ -8,6 +8,8 @@ Endpoints:
   GET  /stream/chunks      200, Transfer-Encoding: chunked, CHUNKS chunks of CHUNK_BODY
   GET  /missing            404 with a small body
   GET  /boom               500 with a small body
+  GET  /never              never answers: waits until the client gives up and closes its
+                           end, then closes the connection without a response
   POST /upload             reads the whole body (streamed, discarded), 200 with its size
 Keep-alive on (HTTP/1.1), one thread per connection.
 """
@@ -51,6 +53,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b'{"error":"not found"}')
         elif path == "/boom":
             self._send(500, b'{"error":"internal"}')
+        elif path == "/never":
+            # Blocks until the client closes its end (EOF), then closes without a word.
+            self.rfile.read(1)
+            self.close_connection = True
         else:
             self._send(404, b'{"error":"no such endpoint"}')
 

@@ -638,6 +638,7 @@ mod tests {
             error: None,
             vhost: None,
             user: None,
+            incomplete: None,
         }))
         .unwrap()
     }
@@ -658,6 +659,7 @@ mod tests {
             error: None,
             vhost: None,
             user: None,
+            incomplete: None,
         }))
         .unwrap()
     }

@@ -4,27 +4,15 @@
 
 use agent_common::Direction;
 
-use super::{
-    amqp::{AmqpOperation, AmqpParser},
-    http::{HttpExchange, HttpParser},
-};
+use super::{Parsed, ProtocolParser, amqp::AmqpParser, http::HttpParser};
+use crate::conn::EndReason;
 
-/// What a connection's parser produced. Short-lived (built and consumed in one call),
-/// so the size difference of the variants costs nothing worth a box.
-#[allow(clippy::large_enum_variant)]
-pub enum Parsed {
-    Http(HttpExchange),
-    Amqp(AmqpOperation),
-}
-
-pub enum ConnParser {
-    /// Not decided yet: both parsers read.
-    Detecting {
-        http: Box<HttpParser>,
-        amqp: Box<AmqpParser>,
-    },
-    Http(Box<HttpParser>),
-    Amqp(Box<AmqpParser>),
+/// The parser of one connection: every protocol's until one recognises the bytes, then
+/// that one alone.
+#[derive(Debug)]
+pub struct ConnParser {
+    candidates: Vec<Box<dyn ProtocolParser>>,
+    decided: bool,
 }
 
 /// Where detection stands.
@@ -43,99 +31,110 @@ impl Default for ConnParser {
 }
 
 impl ConnParser {
+    /// Every protocol sonde parses: HTTP/1.x and AMQP 0-9-1.
     pub fn new() -> Self {
-        ConnParser::Detecting {
-            http: Box::default(),
-            amqp: Box::default(),
+        Self::with(vec![
+            Box::new(HttpParser::new()),
+            Box::new(AmqpParser::new()),
+        ])
+    }
+
+    /// These parsers, in order of preference when two recognise the same bytes.
+    pub fn with(candidates: Vec<Box<dyn ProtocolParser>>) -> Self {
+        ConnParser {
+            candidates,
+            decided: false,
         }
     }
 
     pub fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
-        match self {
-            ConnParser::Detecting { http, amqp } => {
-                http.feed(dir, data, ts_ns);
-                amqp.feed(dir, data, ts_ns);
-            }
-            ConnParser::Http(p) => p.feed(dir, data, ts_ns),
-            ConnParser::Amqp(p) => p.feed(dir, data, ts_ns),
+        for p in &mut self.candidates {
+            p.feed(dir, data, ts_ns);
         }
         self.decide();
     }
 
     pub fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
-        match self {
-            ConnParser::Detecting { http, amqp } => {
-                http.skip(dir, len, ts_ns);
-                amqp.skip(dir, len, ts_ns);
-            }
-            ConnParser::Http(p) => p.skip(dir, len, ts_ns),
-            ConnParser::Amqp(p) => p.skip(dir, len, ts_ns),
+        for p in &mut self.candidates {
+            p.skip(dir, len, ts_ns);
         }
         self.decide();
     }
 
     pub fn resync(&mut self, dir: Direction) {
-        match self {
-            ConnParser::Detecting { http, amqp } => {
-                http.resync(dir);
-                amqp.resync(dir);
-            }
-            ConnParser::Http(p) => p.resync(dir),
-            ConnParser::Amqp(p) => p.resync(dir),
+        for p in &mut self.candidates {
+            p.resync(dir);
         }
     }
 
-    pub fn close(&mut self, ts_ns: u64) {
-        match self {
-            ConnParser::Detecting { http, amqp } => {
-                http.close(ts_ns);
-                amqp.close(ts_ns);
-            }
-            ConnParser::Http(p) => p.close(ts_ns),
-            ConnParser::Amqp(p) => p.close(ts_ns),
+    pub fn close(&mut self, ts_ns: u64, reason: EndReason) {
+        for p in &mut self.candidates {
+            p.close(ts_ns, reason);
         }
     }
 
-    /// Time passes on an idle connection (AMQP releases publishes that waited for a
-    /// possible basic.return).
+    /// Time passes on a connection that may be idle (AMQP releases publishes that
+    /// waited for a possible basic.return).
     pub fn tick(&mut self, now_ns: u64) {
-        if let ConnParser::Amqp(p) = self {
-            p.tick(now_ns);
+        if self.decided {
+            for p in &mut self.candidates {
+                p.tick(now_ns);
+            }
         }
     }
 
-    /// Finished exchanges and operations, oldest first.
+    /// Finished exchanges and operations, oldest first; nothing until decided.
     pub fn take(&mut self) -> Vec<Parsed> {
-        match self {
-            ConnParser::Detecting { .. } => Vec::new(),
-            ConnParser::Http(p) => p.take_exchanges().into_iter().map(Parsed::Http).collect(),
-            ConnParser::Amqp(p) => p.take_operations().into_iter().map(Parsed::Amqp).collect(),
+        let mut out = Vec::new();
+        if self.decided {
+            for p in &mut self.candidates {
+                p.take(&mut out);
+            }
+        }
+        out
+    }
+
+    /// See [`ProtocolParser::next_message_in`]; `None` until decided.
+    pub fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        match &self.candidates[..] {
+            [p] if self.decided => p.next_message_in(dir),
+            _ => None,
+        }
+    }
+
+    /// See [`ProtocolParser::in_sync`]; undecided connections count as in sync.
+    pub fn in_sync(&self, dir: Direction) -> bool {
+        match &self.candidates[..] {
+            [p] if self.decided => p.in_sync(dir),
+            _ => true,
         }
     }
 
     pub fn verdict(&self) -> Verdict {
-        match self {
-            ConnParser::Detecting { http, amqp } => {
-                if http.is_http() == Some(false) && amqp.is_amqp() == Some(false) {
-                    Verdict::Unknown
-                } else {
-                    Verdict::Undecided
-                }
-            }
-            ConnParser::Http(p) if p.is_http() == Some(false) => Verdict::Unknown,
-            ConnParser::Amqp(p) if p.is_amqp() == Some(false) => Verdict::Unknown,
-            _ => Verdict::Known,
+        if self.candidates.iter().all(|p| p.detect() == Some(false)) {
+            Verdict::Unknown
+        } else if self.decided {
+            Verdict::Known
+        } else {
+            Verdict::Undecided
         }
     }
 
+    /// Keeps the first parser that recognised the bytes; drops those that refused them.
     fn decide(&mut self) {
-        let ConnParser::Detecting { http, amqp } = self else {
+        if self.decided {
             return;
-        };
-        if http.is_http() == Some(true) {
-            *self = ConnParser::Http(std::mem::take(http));
-        } else if amqp.is_amqp() == Some(true) {
-            *self = ConnParser::Amqp(std::mem::take(amqp));
+        }
+        if let Some(i) = self
+            .candidates
+            .iter()
+            .position(|p| p.detect() == Some(true))
+        {
+            let chosen = self.candidates.swap_remove(i);
+            self.candidates = vec![chosen];
+            self.decided = true;
+        } else if self.candidates.len() > 1 {
+            self.candidates.retain(|p| p.detect() != Some(false));
         }
     }
 }
@@ -148,14 +147,14 @@ mod tests {
     fn http_and_amqp_and_neither_are_told_apart() {
         let mut p = ConnParser::new();
         p.feed(Direction::Egress, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1);
-        assert!(matches!(p, ConnParser::Http(_)));
+        assert_eq!(p.verdict(), Verdict::Known);
         p.feed(Direction::Ingress, b"HTTP/1.1 204 No Content\r\n\r\n", 2);
-        assert_eq!(p.take().len(), 1);
+        assert!(matches!(&p.take()[..], [Parsed::Http(_)]));
 
         let mut p = ConnParser::new();
         p.feed(Direction::Egress, b"AMQP\x00\x00\x09\x01", 1);
-        assert!(matches!(p, ConnParser::Amqp(_)));
         assert_eq!(p.verdict(), Verdict::Known);
+        assert_eq!(p.next_message_in(Direction::Egress), Some(0));
 
         let mut p = ConnParser::new();
         p.feed(
@@ -164,6 +163,16 @@ mod tests {
             1,
         );
         assert_eq!(p.verdict(), Verdict::Unknown);
+        assert!(p.take().is_empty());
+    }
+
+    #[test]
+    fn undecided_connections_yield_nothing_and_know_no_message_start() {
+        let mut p = ConnParser::new();
+        p.feed(Direction::Egress, b"GET / HT", 1);
+        assert_eq!(p.verdict(), Verdict::Undecided);
+        assert_eq!(p.next_message_in(Direction::Egress), None);
+        assert!(p.in_sync(Direction::Egress));
         assert!(p.take().is_empty());
     }
 }

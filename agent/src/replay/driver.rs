@@ -436,7 +436,7 @@ impl Replayer {
         for (_, key, closing) in open {
             self.end_conn(key, closing, self.last_ns);
         }
-        self.pipeline.finish();
+        self.pipeline.finish_capture();
     }
 
     /// The pid of the synthetic process named `service`, registered on first use.

@@ -39,15 +39,20 @@ use std::sync::Arc;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
-use super::{KeyValue, Resource, Span, SpanKind, Status, new_span_id, new_trace_id};
-use crate::conn::{ConnInfo, Role};
+use super::{
+    INCOMPLETE, INCOMPLETE_REASON, KeyValue, Resource, Span, SpanKind, Status, new_span_id,
+    new_trace_id,
+};
+use crate::conn::{ConnInfo, EndReason, Role};
 use crate::context::w3c::parse_traceparent;
 use crate::protocols::amqp::{
     AmqpOperation, CloseReason, Delivery, DeliveryKind, Message, Outcome, Publish,
 };
 
-/// How a consumer settled the message: `ack`, `auto_ack`, `nack`, `reject` or
-/// `requeue` (a nack or reject that put it back in the queue). For a publish with
+/// How a consumer settled the message: `ack`, `auto_ack`, `nack`, `reject`,
+/// `requeue` (a nack or reject that put it back in the queue), or `unknown` when the
+/// consumer registered before the agent saw its connection, so that whether it acks is
+/// unknown (the span then ends when the message was delivered). For a publish with
 /// confirms: `ack` or `nack` from the broker, or `returned`.
 pub const OUTCOME: &str = "messaging.rabbitmq.outcome";
 /// The broker flagged the delivery as redelivered (an earlier delivery was not acked).
@@ -322,6 +327,7 @@ fn publish_span_of(
     if let Some(reason) = &p.error {
         status = close_status(reason, &mut attrs);
     }
+    incomplete(p.incomplete, &mut attrs);
     let (trace_id, parent_span_id) = trace_of(m);
     let name = if is_anonymous(&m.routing_key) && m.exchange.is_empty() {
         operation.to_owned()
@@ -385,9 +391,11 @@ fn delivery_span(
             Outcome::Nack { requeue: true } | Outcome::Reject { requeue: true } => "requeue",
             Outcome::Nack { requeue: false } => "nack",
             Outcome::Reject { requeue: false } => "reject",
+            Outcome::AckModeUnknown => "unknown",
         };
         attrs.push(KeyValue::new(OUTCOME, text));
     }
+    incomplete(d.incomplete, &mut attrs);
     let status = match &d.error {
         Some(reason) => close_status(reason, &mut attrs),
         None => Status::Unset,
@@ -410,6 +418,14 @@ fn delivery_span(
         attributes: attrs,
         status,
         resource,
+    }
+}
+
+/// Marks a publish or delivery the connection's end cut short.
+fn incomplete(reason: Option<EndReason>, attrs: &mut Vec<KeyValue>) {
+    if let Some(reason) = reason {
+        attrs.push(KeyValue::new(INCOMPLETE, true));
+        attrs.push(KeyValue::new(INCOMPLETE_REASON, reason.as_str()));
     }
 }
 
@@ -494,6 +510,7 @@ mod tests {
             error: None,
             vhost: Some("/".into()),
             user: Some("guest".into()),
+            incomplete: None,
         }
     }
 
@@ -513,6 +530,7 @@ mod tests {
             error: None,
             vhost: None,
             user: None,
+            incomplete: None,
         }
     }
 
@@ -612,6 +630,41 @@ mod tests {
             Status::Unset,
             "a nack is an outcome, not an error"
         );
+    }
+
+    #[test]
+    fn a_delivery_of_unknown_ack_mode_is_a_consumer_span_with_outcome_unknown() {
+        let mut d = delivery(message("orders", "order.created"), None);
+        d.outcome = Some(Outcome::AckModeUnknown);
+        let s = amqp_span(&AmqpOperation::Delivery(d), &conn(), resource(), 0).unwrap();
+        assert_eq!(s.kind, SpanKind::Consumer);
+        assert_eq!(s.name, "deliver orders:order.created");
+        assert_eq!(attr(&s, OUTCOME), Some(&Value::from("unknown")));
+        assert_eq!(s.status, Status::Unset);
+    }
+
+    #[test]
+    fn operations_the_connection_end_cut_short_are_marked_incomplete() {
+        let mut d = delivery(message("orders", "order.created"), Some("mes"));
+        d.outcome = None;
+        d.incomplete = Some(EndReason::AgentStop);
+        let s = amqp_span(&AmqpOperation::Delivery(d), &conn(), resource(), 0).unwrap();
+        assert_eq!(attr(&s, INCOMPLETE), Some(&Value::Bool(true)));
+        assert_eq!(
+            attr(&s, INCOMPLETE_REASON),
+            Some(&Value::from("agent_stop"))
+        );
+        assert_eq!(attr(&s, OUTCOME), None);
+        assert_eq!(s.status, Status::Unset);
+        let mut p = publish(message("orders", "order.created"));
+        p.confirmed = None;
+        p.incomplete = Some(EndReason::ProcessExit);
+        let s = amqp_span(&AmqpOperation::Publish(p), &conn(), resource(), 0).unwrap();
+        assert_eq!(
+            attr(&s, INCOMPLETE_REASON),
+            Some(&Value::from("process_exit"))
+        );
+        assert_eq!(s.status, Status::Unset);
     }
 
     #[test]

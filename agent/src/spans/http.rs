@@ -12,7 +12,10 @@ use std::sync::Arc;
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::route::template_route;
-use super::{KeyValue, Resource, Span, SpanKind, Status, new_span_id, new_trace_id};
+use super::{
+    INCOMPLETE, INCOMPLETE_REASON, KeyValue, Resource, Span, SpanKind, Status, new_span_id,
+    new_trace_id,
+};
 use crate::conn::{ConnInfo, Role};
 use crate::context::w3c::parse_traceparent;
 use crate::protocols::http::HttpExchange;
@@ -110,7 +113,8 @@ pub fn http_span(
     ));
 
     let status = match &ex.response {
-        None => Status::Error("no response: connection closed".to_owned()),
+        // The exchange was cut short (see below), which is not an error in itself.
+        None => Status::Unset,
         Some(resp) => {
             attrs.push(KeyValue::new(
                 semconv::HTTP_RESPONSE_STATUS_CODE,
@@ -129,6 +133,11 @@ pub fn http_span(
             }
         }
     };
+
+    if let Some(reason) = ex.incomplete {
+        attrs.push(KeyValue::new(INCOMPLETE, true));
+        attrs.push(KeyValue::new(INCOMPLETE_REASON, reason.as_str()));
+    }
 
     let name_method = if known { req.method.as_str() } else { "HTTP" };
     let name = match &route {
@@ -258,6 +267,7 @@ fn authority_of(addr: SocketAddr, scheme: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::EndReason;
     use crate::protocols::http::{RequestHead, ResponseHead};
     use crate::spans::Value;
 
@@ -310,6 +320,7 @@ mod tests {
             response_body_size: 34,
             request_body: vec![],
             response_body: vec![],
+            incomplete: None,
         }
     }
 
@@ -478,10 +489,18 @@ mod tests {
             Status::Error("HTTP 404".into())
         );
         assert_eq!(span(Role::Client, Some(302)).status, Status::Unset);
-        let closed = span(Role::Client, None);
+        let mut ex = exchange(Role::Client, "GET", "/", &[], None);
+        ex.incomplete = Some(EndReason::ConnectionClosed);
+        let closed = http_span(&ex, &conn(), resource(), 0, false);
         assert_eq!(
             closed.status,
-            Status::Error("no response: connection closed".into())
+            Status::Unset,
+            "a cut-short exchange is no error"
+        );
+        assert_eq!(closed.attribute(INCOMPLETE), Some(&Value::Bool(true)));
+        assert_eq!(
+            str_attr(&closed, INCOMPLETE_REASON),
+            Some("connection_closed")
         );
         assert_eq!(closed.end_unix_nanos, 2_000);
         assert_eq!(closed.attribute(semconv::HTTP_RESPONSE_STATUS_CODE), None);

@@ -10,6 +10,13 @@ pub mod route;
 
 use std::sync::Arc;
 
+/// sonde's attribute on a span whose exchange never finished (no response, a response
+/// cut short): `true`. The span ends at the last byte seen.
+pub const INCOMPLETE: &str = "sonde.incomplete";
+/// Why the exchange never finished: `connection_closed`, `process_exit`, `evicted`
+/// (the connection table was full), `idle`, `capture_end` or `agent_stop`.
+pub const INCOMPLETE_REASON: &str = "sonde.incomplete.reason";
+
 /// 16-byte W3C trace id.
 pub type TraceId = [u8; 16];
 /// 8-byte W3C span id.

@@ -761,7 +761,29 @@ fn close_finishes_what_is_open_and_drops_partial_content() {
         .collect();
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(
-        out[0].contains("tag=1") && out[0].ends_with("t=11..99 outcome=None"),
+        out[0].contains("tag=1")
+            && out[0].ends_with("t=11..99 outcome=None incomplete=connection_closed"),
+        "{}",
+        out[0]
+    );
+}
+
+#[test]
+fn an_end_without_a_close_leaves_the_times_alone_and_says_why() {
+    let mut p = AmqpParser::new();
+    let mut s = consumer_session();
+    s.truncate(handshake().len() + 4);
+    run_steps(&mut p, &s);
+    // Forgotten idle long after: the delivery ends when it was delivered, not then.
+    p.end(1_000_000, EndReason::Idle);
+    let out: Vec<String> = p
+        .take_operations()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(
+        out[0].ends_with("t=11..11 outcome=None incomplete=idle"),
         "{}",
         out[0]
     );
@@ -1197,4 +1219,114 @@ fn every_single_split_point_gives_the_same_operations() {
             assert_eq!(got, expected, "cut {cut}");
         }
     }
+}
+
+/// A connection picked up mid-stream: the basic.consume went by before the agent
+/// started. Deliveries to consumer `amq.ctag-old` on channel 1.
+fn unknown_consumer() -> (AmqpParser, impl Fn(u64) -> Vec<u8>) {
+    let mut p = AmqpParser::new();
+    p.resync(In);
+    p.resync(Out);
+    let delivery = |tag: u64| {
+        [
+            deliver(1, "amq.ctag-old", tag, false, "orders", "order.created"),
+            header(1, 3, props(&format!("m{tag}"))),
+            body(1, b"one"),
+        ]
+        .concat()
+    };
+    (p, delivery)
+}
+
+fn the_delivery(p: &mut AmqpParser) -> Delivery {
+    let ops = p.take_operations();
+    match &ops[..] {
+        [AmqpOperation::Delivery(d)] => d.clone(),
+        _ => panic!("expected one delivery: {ops:?}"),
+    }
+}
+
+#[test]
+fn a_delivery_of_unknown_ack_mode_without_an_ack_finishes_with_outcome_unknown() {
+    let (mut p, delivery) = unknown_consumer();
+    p.feed(In, &delivery(1), 10);
+    p.tick(10 + ACK_MODE_WAIT_NS - 1);
+    assert!(p.take_operations().is_empty(), "waits a while for an ack");
+    p.tick(10 + ACK_MODE_WAIT_NS);
+    let d = the_delivery(&mut p);
+    assert_eq!(d.outcome, Some(Outcome::AckModeUnknown));
+    assert_eq!(d.queue, None);
+    assert_eq!(
+        (d.start_ns, d.end_ns),
+        (10, 10),
+        "ends when it was delivered"
+    );
+    assert_eq!(d.consumer_tag.as_deref(), Some("amq.ctag-old"));
+    assert_eq!(p.open_operations, 0);
+
+    // Its ack comes after all (a slow consumer): the consumers of the channel ack, and
+    // the next delivery waits for its ack however long it takes.
+    p.feed(
+        Out,
+        &[ack(1, 1, false), heartbeat()].concat(),
+        20 + ACK_MODE_WAIT_NS,
+    );
+    assert!(p.take_operations().is_empty());
+    p.feed(In, &delivery(2), 30 + ACK_MODE_WAIT_NS);
+    p.tick(30 + 3 * ACK_MODE_WAIT_NS);
+    assert!(p.take_operations().is_empty(), "waits for the ack now");
+    p.feed(Out, &ack(1, 2, false), 40 + 3 * ACK_MODE_WAIT_NS);
+    let d = the_delivery(&mut p);
+    assert_eq!(d.outcome, Some(Outcome::Ack));
+    assert_eq!(d.end_ns, 40 + 3 * ACK_MODE_WAIT_NS);
+}
+
+#[test]
+fn a_delivery_of_unknown_ack_mode_acked_in_time_has_its_outcome() {
+    let (mut p, delivery) = unknown_consumer();
+    p.feed(In, &delivery(1), 10);
+    p.feed(Out, &[ack(1, 1, false), heartbeat()].concat(), 20);
+    let d = the_delivery(&mut p);
+    assert_eq!(d.outcome, Some(Outcome::Ack));
+    assert_eq!((d.start_ns, d.end_ns), (10, 20));
+    // Known to ack from now on.
+    p.feed(In, &delivery(2), 30);
+    p.tick(30 + 2 * ACK_MODE_WAIT_NS);
+    assert!(p.take_operations().is_empty());
+    p.feed(Out, &ack(1, 2, false), 40);
+    assert_eq!(the_delivery(&mut p).outcome, Some(Outcome::Ack));
+}
+
+#[test]
+fn next_message_in_counts_what_is_left_of_the_frame() {
+    let mut p = AmqpParser::new();
+    for (dir, d) in handshake() {
+        p.feed(dir, &d, 1);
+    }
+    assert_eq!(p.next_message_in(Out), Some(0));
+    p.feed(Out, &channel_open(1), 2);
+    let data = vec![7u8; 1000];
+    let frames = [
+        publish(1, "", "models", false),
+        header(1, data.len() as u64, props("m")),
+        body(1, &data),
+    ]
+    .concat();
+    let body_start = frames.len() - (7 + 1000 + 1);
+    // Into the body frame: 100 payload octets read, 900 and the end octet to come.
+    p.feed(Out, &frames[..body_start + 7 + 100], 3);
+    assert_eq!(p.next_message_in(Out), Some(901));
+    p.skip(Out, 900, 4);
+    assert_eq!(p.next_message_in(Out), Some(1));
+    p.feed(Out, &frames[frames.len() - 1..], 5);
+    assert_eq!(p.next_message_in(Out), Some(0));
+    assert_eq!(p.take_operations().len(), 1);
+    // Part of a frame header: the frame's size is not known yet.
+    p.feed(Out, &heartbeat()[..3], 6);
+    assert_eq!(p.next_message_in(Out), None);
+    // Lost sync: unknown.
+    p.resync(In);
+    assert_eq!(p.next_message_in(In), None);
+    assert!(!ProtocolParser::in_sync(&p, In));
+    assert!(ProtocolParser::in_sync(&p, Out));
 }

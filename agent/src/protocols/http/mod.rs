@@ -26,19 +26,38 @@
 //!   pairs with the newest request that started before it and the older unanswered
 //!   ones are dropped: right for clients that wait for each response, a guess when
 //!   requests were pipelined into the gap.
+//! - Ends: when the connection ends ([`HttpParser::end`], with the reason the connection
+//!   table gives), every exchange still open is emitted as it stands and marked
+//!   incomplete with that reason: a request without a response, a response cut short,
+//!   a request whose body was still arriving. A body delimited by the close ends
+//!   normally when the socket really closed.
+//! - Message windows: [`HttpParser::next_message_in`] tells, inside a body whose length
+//!   is known, how many bytes are left before the next head (or chunk line), so that
+//!   the kernel can copy bytes from there even when one read holds the end of a large
+//!   body and the start of the next message.
 //! - Memory is bounded whatever the input: one head or line buffer per direction, at
 //!   most [`MAX_IN_FLIGHT`] unanswered exchanges and [`MAX_FINISHED`] untaken ones, a
 //!   body prefix of [`MAX_BODY_CAPTURE`] bytes each.
+//!
+//! Where things are: `head` recognises start lines and parses heads (httparse), `body`
+//! reads bodies, `exchanges` pairs requests with responses and emits them; this module
+//! holds the state, the entry points, head reading and the scan after a loss of sync.
 
+mod body;
+mod exchanges;
 mod head;
 
 use std::collections::VecDeque;
 
 use agent_common::Direction;
 
-use self::head::{Fit, Framing, FramingHeaders, Kind};
 pub use self::head::{MAX_HEADER_VALUE, MAX_KEPT_HEADERS, RequestHead, ResponseHead};
-use crate::conn::Role;
+use self::{
+    exchanges::InFlight,
+    head::{Fit, Framing, FramingHeaders, Kind},
+};
+use super::{Parsed, ProtocolParser};
+use crate::conn::{EndReason, Role};
 
 /// Longest head (start line and headers) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -78,6 +97,10 @@ pub struct HttpExchange {
     /// when bytes were not captured.
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
+    /// The connection ended, for this reason, before the exchange did: no response, a
+    /// response cut short, or a request still arriving. Its end times are those of the
+    /// last byte seen.
+    pub incomplete: Option<EndReason>,
 }
 
 /// Where in a chunked body a direction is.
@@ -168,17 +191,6 @@ impl Half {
         self.line_ok = false;
         self.eoh = 0;
     }
-}
-
-/// An exchange whose request or response is still arriving.
-#[derive(Debug)]
-struct InFlight {
-    seq: u64,
-    exchange: HttpExchange,
-    request_done: bool,
-    response_done: bool,
-    /// Lost to a gap: never emitted, kept only so that its response pairs with it.
-    dropped: bool,
 }
 
 /// Parser state of one connection. See the module documentation.
@@ -342,16 +354,22 @@ impl HttpParser {
         }
     }
 
-    /// The connection closed at `ts_ns`: a body delimited by the close ends, and every
-    /// request still waiting is finished, without a response if none came.
-    pub fn close(&mut self, _ts_ns: u64) {
+    /// The connection closed at `ts_ns`: see [`HttpParser::end`].
+    pub fn close(&mut self, ts_ns: u64) {
+        self.end(ts_ns, EndReason::ConnectionClosed);
+    }
+
+    /// The connection ended for `reason`: a body delimited by the close ends when the
+    /// socket really closed, and every exchange still open is finished as it stands,
+    /// marked incomplete with `reason` (without a response if none came).
+    pub fn end(&mut self, _ts_ns: u64, reason: EndReason) {
         if self.closed {
             return;
         }
         if self.decided == Some(true) {
             for dir in [Direction::Ingress, Direction::Egress] {
                 let h = &self.halves[dir.index()];
-                if h.phase == Phase::Body(Body::UntilClose) {
+                if h.phase == Phase::Body(Body::UntilClose) && reason.socket_closed() {
                     let last = h.last_ns;
                     self.finish_message(dir, last);
                 }
@@ -365,6 +383,10 @@ impl HttpParser {
             while let Some(mut f) = self.in_flight.pop_front() {
                 if f.dropped {
                     continue;
+                }
+                let complete = f.request_done && f.response_done && f.exchange.response.is_some();
+                if !complete {
+                    f.exchange.incomplete = Some(reason);
                 }
                 if !f.request_done {
                     f.exchange.request_end_ns = request_last.max(f.exchange.request_start_ns);
@@ -380,6 +402,19 @@ impl HttpParser {
         for h in &mut self.halves {
             h.buf = Vec::new();
             h.phase = Phase::Stopped;
+        }
+    }
+
+    /// See [`ProtocolParser::next_message_in`].
+    pub fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        let h = &self.halves[dir.index()];
+        match h.phase {
+            Phase::Body(Body::Length(left) | Body::Chunked(Chunk::Data(left))) => Some(left),
+            Phase::Head | Phase::Body(Body::Chunked(_)) if h.buf.is_empty() => Some(0),
+            _ => None,
         }
     }
 
@@ -404,92 +439,6 @@ impl HttpParser {
                 self.not_http();
             }
         }
-    }
-
-    fn in_flight_mut(&mut self, seq: u64) -> Option<&mut InFlight> {
-        let front = self.in_flight.front()?.seq;
-        let i = usize::try_from(seq.checked_sub(front)?).ok()?;
-        self.in_flight.get_mut(i)
-    }
-
-    fn push_finished(&mut self, exchange: HttpExchange) {
-        if self.finished.len() >= MAX_FINISHED {
-            self.finished.pop_front();
-        }
-        self.finished.push_back(exchange);
-    }
-
-    /// Emits the exchanges at the front of the queue that are complete.
-    fn flush(&mut self) {
-        while let Some(f) = self.in_flight.front() {
-            if !(f.response_done && (f.request_done || f.dropped)) {
-                break;
-            }
-            let f = self.in_flight.pop_front().expect("front exists");
-            if !f.dropped {
-                self.push_finished(f.exchange);
-            }
-        }
-    }
-
-    /// The direction lost sync: drop the message in flight and scan for the next start
-    /// line. `placeholder`: a request was (at least partly) lost, so its response must
-    /// be dropped when it comes, unless it already came and paired with nothing.
-    fn lose_sync(&mut self, dir: Direction, at_line_start: bool, placeholder: bool) {
-        let is_request = self.is_request_dir(dir);
-        let decided = self.decided == Some(true);
-        let h = &mut self.halves[dir.index()];
-        let before_loss_ns = h.last_ns;
-        h.reset_buffer();
-        h.gapped = true;
-        h.phase = Phase::Lost { at_line_start };
-        if !is_request && decided {
-            h.resynced = true;
-        }
-        match h.target.take() {
-            Some(seq) => {
-                if let Some(f) = self.in_flight_mut(seq) {
-                    f.dropped = true;
-                    if is_request {
-                        f.request_done = true;
-                    } else {
-                        f.response_done = true;
-                    }
-                }
-            }
-            None if placeholder && is_request && decided => {
-                if self
-                    .last_orphan_response_ns
-                    .take()
-                    .is_some_and(|t| t > before_loss_ns)
-                {
-                    return;
-                }
-                let role = self.role().expect("decided");
-                self.push_in_flight(InFlight {
-                    seq: 0,
-                    exchange: HttpExchange::new(role, placeholder_head(), before_loss_ns),
-                    request_done: true,
-                    response_done: false,
-                    dropped: true,
-                });
-            }
-            None => {}
-        }
-        self.flush();
-    }
-
-    fn push_in_flight(&mut self, mut f: InFlight) -> u64 {
-        if self.in_flight.len() >= MAX_IN_FLIGHT
-            && let Some(old) = self.in_flight.pop_front()
-            && old.seq >= self.next_response_seq
-        {
-            self.responses_to_drop += 1;
-        }
-        f.seq = self.next_seq;
-        self.next_seq += 1;
-        self.in_flight.push_back(f);
-        self.next_seq - 1
     }
 
     /// A head could not be parsed: not HTTP if these were the connection's first bytes.
@@ -585,250 +534,6 @@ impl HttpParser {
         used
     }
 
-    fn on_request_head(
-        &mut self,
-        dir: Direction,
-        head: RequestHead,
-        framing: &FramingHeaders,
-        ts_ns: u64,
-    ) {
-        let Some(framing) = head::request_framing(framing) else {
-            return self.head_failed(dir);
-        };
-        self.decide(dir);
-        let role = self.role().expect("decided");
-        let start = self.halves[dir.index()].start_ns;
-        let seq = self.push_in_flight(InFlight {
-            seq: 0,
-            exchange: HttpExchange::new(role, head, start),
-            request_done: false,
-            response_done: false,
-            dropped: false,
-        });
-        let h = &mut self.halves[dir.index()];
-        h.target = Some(seq);
-        h.capturing = true;
-        match framing {
-            Framing::Length(n) => h.phase = Phase::Body(Body::Length(n)),
-            Framing::Chunked => self.start_chunked(dir),
-            _ => self.finish_message(dir, ts_ns),
-        }
-    }
-
-    fn on_response_head(
-        &mut self,
-        dir: Direction,
-        head: ResponseHead,
-        framing: &FramingHeaders,
-        ts_ns: u64,
-    ) {
-        self.decide(dir.opposite());
-        let start = self.halves[dir.index()].start_ns;
-        if (100..200).contains(&head.status) && head.status != 101 {
-            return;
-        }
-        let seq = self.pair_response(dir, start);
-        if seq.is_none() {
-            self.last_orphan_response_ns = Some(start);
-        }
-        let method = seq
-            .and_then(|s| self.in_flight.iter().find(|f| f.seq == s))
-            .map(|f| f.exchange.request.method.clone());
-        let framing = head::response_framing(head.status, method.as_deref(), framing);
-        if let Some(f) = seq.and_then(|s| self.in_flight_mut(s))
-            && !f.dropped
-        {
-            f.exchange.response = Some(head);
-            f.exchange.response_start_ns = start;
-        }
-        let h = &mut self.halves[dir.index()];
-        h.target = seq;
-        h.capturing = true;
-        match framing {
-            None => self.lose_sync(dir, true, false),
-            Some(Framing::Length(n)) => h.phase = Phase::Body(Body::Length(n)),
-            Some(Framing::Chunked) => self.start_chunked(dir),
-            Some(Framing::UntilClose) => h.phase = Phase::Body(Body::UntilClose),
-            Some(Framing::Empty | Framing::Interim) => self.finish_message(dir, ts_ns),
-            Some(Framing::Tunnel) => {
-                self.finish_message(dir, ts_ns);
-                if let Some(req) = self.request_dir {
-                    let h = &self.halves[req.index()];
-                    if h.target.is_some() {
-                        let last = h.last_ns;
-                        self.finish_message(req, last);
-                    }
-                }
-                for h in &mut self.halves {
-                    h.buf = Vec::new();
-                    h.phase = Phase::Stopped;
-                }
-            }
-        }
-    }
-
-    /// The exchange a response starting at `start_ns` answers, if any.
-    fn pair_response(&mut self, dir: Direction, start_ns: u64) -> Option<u64> {
-        if self.responses_to_drop > 0 {
-            self.responses_to_drop -= 1;
-            return None;
-        }
-        let resynced = std::mem::take(&mut self.halves[dir.index()].resynced);
-        let front = self.in_flight.front()?.seq;
-        self.next_response_seq = self.next_response_seq.max(front);
-        let mut chosen = None;
-        for f in self
-            .in_flight
-            .iter()
-            .filter(|f| f.seq >= self.next_response_seq)
-        {
-            if f.exchange.request_start_ns > start_ns {
-                break;
-            }
-            chosen = Some(f.seq);
-            if !resynced {
-                break;
-            }
-        }
-        let seq = chosen?;
-        for f in self
-            .in_flight
-            .iter_mut()
-            .filter(|f| f.seq >= self.next_response_seq && f.seq < seq)
-        {
-            f.dropped = true;
-            f.response_done = true;
-        }
-        self.next_response_seq = seq + 1;
-        Some(seq)
-    }
-
-    fn start_chunked(&mut self, dir: Direction) {
-        let h = &mut self.halves[dir.index()];
-        h.reset_buffer();
-        h.trailer_bytes = 0;
-        h.phase = Phase::Body(Body::Chunked(Chunk::Size));
-    }
-
-    /// The current message of `dir` ended with a byte at `ts_ns`.
-    fn finish_message(&mut self, dir: Direction, ts_ns: u64) {
-        let is_request = self.is_request_dir(dir);
-        let h = &mut self.halves[dir.index()];
-        h.phase = Phase::Head;
-        h.reset_buffer();
-        if let Some(f) = h.target.take().and_then(|seq| self.in_flight_mut(seq)) {
-            if is_request {
-                f.request_done = true;
-                f.exchange.request_end_ns = ts_ns;
-            } else {
-                f.response_done = true;
-                f.exchange.response_end_ns = ts_ns;
-            }
-        }
-        self.flush();
-    }
-
-    /// `len` body bytes of `dir`'s current message; `bytes` when they were captured.
-    fn body_bytes(&mut self, dir: Direction, bytes: Option<&[u8]>, len: u64, ts_ns: u64) {
-        let is_request = self.is_request_dir(dir);
-        let h = &mut self.halves[dir.index()];
-        h.last_ns = ts_ns;
-        let capturing = h.capturing && bytes.is_some();
-        h.capturing = capturing;
-        let Some(f) = h.target.and_then(|seq| self.in_flight_mut(seq)) else {
-            return;
-        };
-        if f.dropped {
-            return;
-        }
-        let ex = &mut f.exchange;
-        let (size, body) = if is_request {
-            (&mut ex.request_body_size, &mut ex.request_body)
-        } else {
-            (&mut ex.response_body_size, &mut ex.response_body)
-        };
-        *size = size.saturating_add(len);
-        if let (true, Some(bytes)) = (capturing, bytes) {
-            let room = MAX_BODY_CAPTURE.saturating_sub(body.len());
-            body.extend_from_slice(&bytes[..room.min(bytes.len())]);
-        }
-    }
-
-    fn feed_body(&mut self, dir: Direction, body: Body, data: &[u8], ts_ns: u64) -> usize {
-        let d = dir.index();
-        match body {
-            Body::UntilClose => {
-                self.body_bytes(dir, Some(data), data.len() as u64, ts_ns);
-                data.len()
-            }
-            Body::Length(left) | Body::Chunked(Chunk::Data(left)) => {
-                let n = usize::try_from(left).map_or(data.len(), |l| l.min(data.len()));
-                self.body_bytes(dir, Some(&data[..n]), n as u64, ts_ns);
-                let left = left - n as u64;
-                match (body, left) {
-                    (Body::Length(_), 0) => self.finish_message(dir, ts_ns),
-                    (Body::Length(_), _) => self.halves[d].phase = Phase::Body(Body::Length(left)),
-                    (_, 0) => self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::DataEnd)),
-                    (_, _) => self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::Data(left))),
-                }
-                n
-            }
-            Body::Chunked(Chunk::DataEnd) => {
-                self.halves[d].last_ns = ts_ns;
-                match data[0] {
-                    b'\r' if self.halves[d].buf.is_empty() => {
-                        self.halves[d].buf.push(b'\r');
-                        1
-                    }
-                    b'\n' => {
-                        self.halves[d].reset_buffer();
-                        self.halves[d].phase = Phase::Body(Body::Chunked(Chunk::Size));
-                        1
-                    }
-                    _ => {
-                        self.lose_sync(dir, false, false);
-                        0
-                    }
-                }
-            }
-            Body::Chunked(chunk @ (Chunk::Size | Chunk::Trailer)) => {
-                let h = &mut self.halves[d];
-                h.last_ns = ts_ns;
-                let (n, line_end) = match data.iter().position(|&c| c == b'\n') {
-                    Some(p) => (p + 1, true),
-                    None => (data.len(), false),
-                };
-                if h.buf.len() + n > MAX_LINE {
-                    self.lose_sync(dir, false, false);
-                    return n;
-                }
-                h.buf.extend_from_slice(&data[..n]);
-                if !line_end {
-                    return n;
-                }
-                let line_len = h.buf.len();
-                let empty_line = h.buf == b"\n" || h.buf == b"\r\n";
-                let size = chunk_size(&h.buf);
-                h.buf.clear();
-                if chunk == Chunk::Size {
-                    match size {
-                        Some(0) => h.phase = Phase::Body(Body::Chunked(Chunk::Trailer)),
-                        Some(size) => h.phase = Phase::Body(Body::Chunked(Chunk::Data(size))),
-                        None => self.lose_sync(dir, true, false),
-                    }
-                } else if empty_line {
-                    self.finish_message(dir, ts_ns);
-                } else {
-                    h.trailer_bytes += line_len;
-                    if h.trailer_bytes > MAX_TRAILERS {
-                        self.lose_sync(dir, true, false);
-                    }
-                }
-                n
-            }
-        }
-    }
-
     fn feed_lost(
         &mut self,
         dir: Direction,
@@ -889,49 +594,48 @@ impl HttpParser {
     }
 }
 
+impl ProtocolParser for HttpParser {
+    fn detect(&self) -> Option<bool> {
+        self.is_http()
+    }
+
+    fn feed(&mut self, dir: Direction, data: &[u8], ts_ns: u64) {
+        HttpParser::feed(self, dir, data, ts_ns);
+    }
+
+    fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
+        HttpParser::skip(self, dir, len, ts_ns);
+    }
+
+    fn resync(&mut self, dir: Direction) {
+        HttpParser::resync(self, dir);
+    }
+
+    fn close(&mut self, ts_ns: u64, reason: EndReason) {
+        self.end(ts_ns, reason);
+    }
+
+    /// HTTP/1.x waits for nothing but bytes.
+    fn tick(&mut self, _now_ns: u64) {}
+
+    fn take(&mut self, out: &mut Vec<Parsed>) {
+        out.extend(self.finished.drain(..).map(Parsed::Http));
+    }
+
+    fn next_message_in(&self, dir: Direction) -> Option<u64> {
+        HttpParser::next_message_in(self, dir)
+    }
+
+    fn in_sync(&self, dir: Direction) -> bool {
+        !matches!(self.halves[dir.index()].phase, Phase::Lost { .. })
+    }
+}
+
 /// Keeps a buffer's allocation for the next message unless it grew large.
 fn reuse(mut buf: Vec<u8>) -> Vec<u8> {
     buf.clear();
     buf.shrink_to(MAX_LINE);
     buf
-}
-
-/// The size in a chunk-size line (`1a;ext=x\r\n`), or `None` when it is not one.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let line = line.strip_suffix(b"\n")?;
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let digits = line.split(|&c| c == b';').next()?.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
-}
-
-fn placeholder_head() -> RequestHead {
-    RequestHead {
-        method: String::new(),
-        target: String::new(),
-        version: 1,
-        headers: Vec::new(),
-    }
-}
-
-impl HttpExchange {
-    fn new(role: Role, request: RequestHead, request_start_ns: u64) -> Self {
-        HttpExchange {
-            role,
-            request,
-            response: None,
-            request_start_ns,
-            request_end_ns: request_start_ns,
-            response_start_ns: 0,
-            response_end_ns: 0,
-            request_body_size: 0,
-            response_body_size: 0,
-            request_body: Vec::new(),
-            response_body: Vec::new(),
-        }
-    }
 }
 
 #[cfg(test)]

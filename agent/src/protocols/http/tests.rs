@@ -1,3 +1,4 @@
+use super::body::chunk_size;
 use super::*;
 use agent_common::Direction::{Egress as Out, Ingress as In};
 
@@ -163,8 +164,139 @@ fn request_without_response_is_emitted_at_close() {
     assert_eq!(ex.len(), 1);
     assert_eq!(ex[0].response, None);
     assert_eq!(ex[0].request_end_ns, 5);
+    assert_eq!(ex[0].incomplete, Some(EndReason::ConnectionClosed));
     p.feed(In, b"GET /after HTTP/1.1\r\n\r\n", 60);
     assert!(p.take_exchanges().is_empty());
+}
+
+#[test]
+fn every_end_reason_finishes_open_exchanges_as_incomplete() {
+    for reason in [
+        EndReason::ConnectionClosed,
+        EndReason::ProcessExit,
+        EndReason::Evicted,
+        EndReason::Idle,
+        EndReason::CaptureEnd,
+        EndReason::AgentStop,
+    ] {
+        let mut p = HttpParser::new();
+        p.feed(Out, b"GET /done HTTP/1.1\r\n\r\n", 1);
+        p.feed(In, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 2);
+        p.feed(Out, b"GET /cut HTTP/1.1\r\n\r\n", 3);
+        p.feed(In, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 4);
+        p.feed(In, b"de", 5);
+        p.feed(Out, b"GET /unanswered HTTP/1.1\r\n\r\n", 6);
+        let done = p.take_exchanges();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].incomplete, None, "{reason:?}");
+        p.end(100, reason);
+        let ex = p.take_exchanges();
+        let got: Vec<_> = ex
+            .iter()
+            .map(|e| (e.request.target.as_str(), e.incomplete))
+            .collect();
+        assert_eq!(
+            got,
+            [("/cut", Some(reason)), ("/unanswered", Some(reason))],
+            "{reason:?}"
+        );
+        // A response cut short ends at its last byte seen, with what was read of it.
+        assert_eq!((ex[0].response_end_ns, ex[0].response_body_size), (5, 5));
+        assert_eq!(ex[1].response, None);
+        assert_eq!(ex[1].request_end_ns, 6);
+    }
+}
+
+#[test]
+fn a_body_until_close_is_complete_only_when_the_socket_closed() {
+    for (reason, incomplete) in [
+        (EndReason::ConnectionClosed, None),
+        (EndReason::ProcessExit, None),
+        (EndReason::Idle, Some(EndReason::Idle)),
+        (EndReason::AgentStop, Some(EndReason::AgentStop)),
+    ] {
+        let mut p = HttpParser::new();
+        p.feed(Out, b"GET / HTTP/1.0\r\n\r\n", 1);
+        p.feed(In, b"HTTP/1.0 200 OK\r\n\r\nsome", 2);
+        p.end(9, reason);
+        let ex = p.take_exchanges();
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].incomplete, incomplete, "{reason:?}");
+        assert_eq!(ex[0].response_end_ns, 2);
+    }
+}
+
+#[test]
+fn a_request_cut_short_is_incomplete() {
+    let mut p = HttpParser::new();
+    p.feed(
+        In,
+        b"POST /upload HTTP/1.1\r\nContent-Length: 100\r\n\r\nab",
+        1,
+    );
+    p.feed(In, b"cd", 2);
+    p.end(9, EndReason::ProcessExit);
+    let ex = p.take_exchanges();
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].incomplete, Some(EndReason::ProcessExit));
+    assert_eq!((ex[0].request_end_ns, ex[0].request_body_size), (2, 4));
+}
+
+#[test]
+fn next_message_in_counts_what_is_left_of_a_known_body() {
+    let mut p = HttpParser::new();
+    assert_eq!(p.next_message_in(Out), Some(0));
+    p.feed(
+        Out,
+        b"POST /a HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+        1,
+    );
+    assert_eq!(p.next_message_in(Out), Some(100_000));
+    p.feed(Out, &[b'x'; 1000], 2);
+    assert_eq!(p.next_message_in(Out), Some(99_000));
+    p.skip(Out, 98_000, 3);
+    assert_eq!(p.next_message_in(Out), Some(1000));
+    p.skip(Out, 1000, 4);
+    assert_eq!(p.next_message_in(Out), Some(0), "the next head starts here");
+    // A head in part: where it ends is not known.
+    p.feed(Out, b"GET /b HT", 5);
+    assert_eq!(p.next_message_in(Out), None);
+
+    // Chunked: the data of a known chunk, then the line after it.
+    p.feed(
+        In,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        6,
+    );
+    assert_eq!(p.next_message_in(In), Some(0));
+    p.feed(In, b"10000\r\nabc", 7);
+    assert_eq!(p.next_message_in(In), Some(0x10000 - 3));
+    p.skip(In, 0x10000 - 3, 8);
+    assert_eq!(p.next_message_in(In), Some(0));
+    p.feed(In, b"\r\n0\r\n\r\n", 9);
+    assert_eq!(p.take_exchanges().len(), 1);
+
+    // Until close: unknown.
+    let mut p = HttpParser::new();
+    p.feed(Out, b"GET / HTTP/1.0\r\n\r\n", 1);
+    p.feed(In, b"HTTP/1.0 200 OK\r\n\r\nsome", 2);
+    assert_eq!(p.next_message_in(In), None);
+}
+
+#[test]
+fn next_message_in_is_unknown_when_sync_is_lost_or_the_connection_is_not_http() {
+    let mut p = HttpParser::new();
+    p.feed(In, b"GET /a HTTP/1.1\r\n\r\n", 1);
+    p.resync(In);
+    assert_eq!(p.next_message_in(In), None);
+    assert!(!ProtocolParser::in_sync(&p, In));
+    p.feed(In, b"GET /b HTTP/1.1\r\n", 2);
+    assert!(ProtocolParser::in_sync(&p, In), "a start line was found");
+
+    let mut p = HttpParser::new();
+    p.feed(Out, b"\x16\x03\x01\x02\x00", 1);
+    assert_eq!(p.is_http(), Some(false));
+    assert_eq!(p.next_message_in(Out), None);
 }
 
 #[test]
