@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -45,16 +45,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let (exporter, export_task) = export::spawn(output, metrics.clone())?;
 
-    if !args.ring_buffer_mb.is_power_of_two() {
-        bail!(
-            "--ring-buffer-mb must be a power of two, not {}",
-            args.ring_buffer_mb
-        );
-    }
     let opts = ProbeOptions {
         backend: args.probe_backend,
         payload_cap: args.payload_cap,
-        ring_buffer_bytes: args.ring_buffer_mb * 1024 * 1024,
+        ring_buffer_bytes: args.ring_buffer_bytes(),
         wakeup_bytes: WAKEUP_BYTES,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
@@ -112,7 +106,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     targets.extend(pipeline.active_processes().into_iter().flat_map(|pid| tls.scan_process(pid)));
                 }
                 attach_tls(&mut probes, targets);
-                metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+                probes.publish(&metrics);
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -122,9 +116,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     metrics
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    metrics
-        .events_lost
-        .store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+    probes.publish(&metrics);
     let mut ring = ring.into_inner();
     probes.detach();
     while drain(&mut ring, &mut pipeline, &metrics) {

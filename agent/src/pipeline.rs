@@ -5,7 +5,7 @@
 //! tests that feed it recorded events.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
     time::Duration,
@@ -193,6 +193,8 @@ impl Pipeline {
                 }
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
+            Event::OwnConnect { tuple, .. } => self.own_connect(&tuple),
+            Event::OwnClose { tuple, .. } => self.own.closed(tuple.sport),
             Event::Exec {
                 comm, args, env, ..
             } => {
@@ -211,6 +213,22 @@ impl Pipeline {
                     self.close(h.tgid, fd, h.ts_ns);
                 }
                 self.registry.exit(h.tgid);
+            }
+        }
+    }
+
+    /// The agent connected a socket of its own: a connection on this node whose peer
+    /// it is, accepted before this event arrived, stops being traced.
+    fn own_connect(&mut self, tuple: &SockTuple) {
+        self.own.opened(tuple.sport);
+        if !self.opts.exclude_own_sockets {
+            return;
+        }
+        let own = ConnInfo::from_tuple(tuple);
+        for conn in self.conns.values_mut() {
+            if conn.info.remote == own.local && conn.info.local == own.remote {
+                debug!(peer = %conn.info.remote, "connection from the agent itself; no longer traced");
+                conn.parser = None;
             }
         }
     }
@@ -503,65 +521,32 @@ pub fn monotonic_ns() -> u64 {
 
 /// The agent's own TCP sockets, so that a process on this node that the agent talks to
 /// (a local collector or Jaeger receiving the agent's exports) is not traced for it:
-/// tracing those exchanges would make spans about exporting spans, without end.
+/// tracing those exchanges would make spans about exporting spans, without end. The
+/// programs report the agent's own connects and closes; their local ports are kept
+/// here (a port counted twice while two of the agent's sockets share it).
 #[derive(Default)]
 struct OwnSockets {
-    local_ports: HashSet<u16>,
-    refreshed_ns: u64,
+    local_ports: HashMap<u16, u32>,
 }
 
 impl OwnSockets {
-    /// Whether the peer of `info`, already known to be on this node, is one of this
-    /// process's own sockets.
-    fn is_ours(&mut self, info: &ConnInfo) -> bool {
-        if self.local_ports.contains(&info.remote.port()) {
-            return true;
-        }
-        let now = monotonic_ns();
-        if now.saturating_sub(self.refreshed_ns) > 50_000_000 {
-            self.refresh();
-            self.refreshed_ns = now;
-            return self.local_ports.contains(&info.remote.port());
-        }
-        false
+    fn opened(&mut self, port: u16) {
+        *self.local_ports.entry(port).or_default() += 1;
     }
 
-    fn refresh(&mut self) {
-        let inodes: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_link(e.path()).ok())
-            .filter_map(|l| {
-                let l = l.to_string_lossy().into_owned();
-                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-            })
-            .collect();
-        self.local_ports.clear();
-        for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else {
-                    continue;
-                };
-                let Ok(inode) = inode.parse::<u64>() else {
-                    continue;
-                };
-                if !inodes.contains(&inode) {
-                    continue;
-                }
-                if let Some(port) = local
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-                {
-                    self.local_ports.insert(port);
-                }
+    fn closed(&mut self, port: u16) {
+        if let Some(n) = self.local_ports.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_ports.remove(&port);
             }
         }
+    }
+
+    /// Whether the peer of `info`, already known to be on this node, is one of the
+    /// agent's own sockets.
+    fn is_ours(&self, info: &ConnInfo) -> bool {
+        self.local_ports.contains_key(&info.remote.port())
     }
 }
 
