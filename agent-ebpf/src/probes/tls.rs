@@ -60,7 +60,8 @@ pub struct TlsCall {
     /// Probed library calls made from inside this one (SSL_do_handshake from within
     /// SSL_read, say): their returns are not this call's.
     pub nested: u32,
-    pub _pad: u32,
+    /// 1 when the write's plaintext was sent up at entry (Go, see `go_enter`).
+    pub emitted: u32,
 }
 
 /// Calls in flight, by thread (pid_tgid).
@@ -287,7 +288,7 @@ fn enter(ctx: &ProbeContext, kind: u32) {
         fd: NO_FD,
         start_ns: unsafe { bpf_ktime_get_ns() },
         nested: 0,
-        _pad: 0,
+        emitted: 0,
     };
     if TLS_CALLS.insert(pid_tgid, call, 0).is_err() {
         count_lost(lost::MAP_FULL);
@@ -582,7 +583,7 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         fd: go_conn_fd(regs.rax),
         start_ns: unsafe { bpf_ktime_get_ns() },
         nested: 0,
-        _pad: 0,
+        emitted: 0,
     };
     if call.fd == NO_FD
         && let Some(s) = unsafe {
@@ -593,6 +594,20 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         }
     {
         call.fd = s.fd;
+    }
+    // Write writes all of `b` or fails, and the reply is read on another goroutine,
+    // often on another thread, maybe before this call returns: the request goes up
+    // now, ahead of it.
+    if kind == KIND_WRITE && call.fd != NO_FD && regs.rcx > 0 && (regs.rcx >> 62) == 0 {
+        emit_on(
+            pid_tgid,
+            call.fd,
+            Direction::Egress,
+            call.buf,
+            regs.rcx,
+            call.start_ns,
+        );
+        call.emitted = 1;
     }
     if GO_TLS_CALLS.insert(&key, &call, 0).is_err() {
         count_lost(lost::MAP_FULL);
@@ -626,6 +641,9 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
     let _ = GO_TLS_CALLS.remove(&key);
     // Write returns how much it wrote (all of `b` unless it failed), Read how much it read.
     let n = regs.rax as i64;
+    if call.emitted == 1 {
+        return 0;
+    }
     if n > 0 && call.fd != NO_FD {
         let _ = SSL_FDS.insert(
             &SslKey {
