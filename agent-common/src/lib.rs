@@ -19,6 +19,8 @@ pub mod maps {
     pub const EXCLUDED_TGIDS: &str = "EXCLUDED_TGIDS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const PENDING: &str = "PENDING";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const NEXT_MESSAGE: &str = "NEXT_MESSAGE";
 }
 
 /// Global variables the loader sets before the programs are loaded.
@@ -42,6 +44,11 @@ pub enum EventKind {
     Exec = 5,
     /// A process (thread group) exited ([`ProcEvent`]).
     Exit = 6,
+    /// The agent itself connected a TCP socket (its exports): the local port is
+    /// excluded from tracing on the receiving end ([`ConnEvent`]).
+    OwnConnect = 7,
+    /// The agent closed one of its own TCP sockets ([`ConnEvent`]).
+    OwnClose = 8,
 }
 
 impl EventKind {
@@ -53,6 +60,8 @@ impl EventKind {
             4 => Self::Close,
             5 => Self::Exec,
             6 => Self::Exit,
+            7 => Self::OwnConnect,
+            8 => Self::OwnClose,
             _ => return None,
         })
     }
@@ -298,6 +307,7 @@ pub struct ProbeConfig {
 }
 
 /// Counters of events the programs had to drop, one slot each (per-CPU array).
+/// Every path that gives up on an event counts here.
 pub mod lost {
     /// The ring buffer was full.
     pub const RINGBUF_FULL: u32 = 0;
@@ -305,7 +315,83 @@ pub mod lost {
     pub const KERNEL_READ: u32 = 1;
     /// A user-space buffer could not be read.
     pub const USER_READ: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// The per-CPU scratch buffer could not be had.
+    pub const NO_SCRATCH: u32 = 3;
+    /// An event came out larger than the scratch buffer (cannot happen with a valid
+    /// payload cap; counted so that a bug shows).
+    pub const OVERSIZE: u32 = 4;
+    /// A map that carries a call from its entry to its exit was full: the call's
+    /// bytes are lost (the stream offsets stay right only for what was counted).
+    pub const MAP_FULL: u32 = 5;
+    /// TLS plaintext whose socket could not be told at all.
+    pub const TLS_NO_SOCKET: u32 = 6;
+    pub const COUNT: u32 = 7;
+
+    /// Metric label of each cause, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_full",
+        "kernel_read",
+        "user_read",
+        "no_scratch",
+        "oversize",
+        "map_full",
+        "tls_no_socket",
+    ];
+}
+
+/// Counters of things the programs did that are not losses (per-CPU array `COUNTERS`).
+pub mod counter {
+    /// TLS plaintext sent up on a socket guessed from the thread's last socket read,
+    /// because the library uses memory BIOs and the association was not confirmed yet.
+    pub const TLS_GUESSED: u32 = 0;
+    /// A memory-BIO TLS session's socket confirmed by the TLS record written right
+    /// after the library call.
+    pub const TLS_CONFIRMED: u32 = 1;
+    /// A guessed association replaced by a confirmed one (the guess was wrong).
+    pub const TLS_CORRECTED: u32 = 2;
+    /// A syscall's bytes split at the start of the next message that user space
+    /// announced, with a window copied from there.
+    pub const MESSAGE_WINDOWS: u32 = 3;
+    pub const COUNT: u32 = 4;
+
+    /// Metric name of each counter, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "sonde_tls_sockets_guessed_total",
+        "sonde_tls_sockets_confirmed_total",
+        "sonde_tls_sockets_corrected_total",
+        "sonde_message_windows_total",
+    ];
+}
+
+/// Where the next message (or frame) starts in each stream of one descriptor, as user
+/// space announced it (map `NEXT_MESSAGE`, keyed like `SOCKETS`). A syscall whose
+/// bytes cross that offset beyond the copied prefix is split there, and a prefix is
+/// copied from the new message's first byte as well.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextMessage {
+    /// Stream offset per stream, by [`NextMessage::slot`]; 0 when unknown.
+    pub offset: [u64; 4],
+    /// A [`framing`] value per stream: whether the programs may follow the frames
+    /// from that offset on by themselves.
+    pub framing: [u32; 4],
+}
+
+impl NextMessage {
+    /// The slot of a stream: wire bytes or TLS plaintext, each way.
+    pub const fn slot(direction: Direction, tls: bool) -> usize {
+        direction.index() + if tls { 2 } else { 0 }
+    }
+}
+
+/// How the programs may follow messages past the announced offset.
+pub mod framing {
+    /// Only the announced offset is known.
+    pub const NONE: u32 = 0;
+    /// AMQP 0-9-1 frames: type (1), channel (2), size (4, big endian), payload,
+    /// end octet. The programs read each frame header they copy and move the offset
+    /// to the next frame.
+    pub const AMQP: u32 = 1;
 }
 
 /// The sock_common / socket type values the programs test for.
@@ -324,12 +410,17 @@ const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 56 + MAX_ARGS + MAX_ENV);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
 const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 112);
+const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: each type is #[repr(C)], Copy, made of integers and arrays of integers
+    // with explicit padding (checked by the size assertions above), so every bit
+    // pattern is a valid value and none has uninitialised bytes.
     unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for SockInfo {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for ProbeConfig {}
+    unsafe impl aya::Pod for NextMessage {}
 }

@@ -5,7 +5,8 @@
 //! saves a wake-up per event under load.
 
 use agent_common::{
-    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, ProcEvent, SockInfo, lost,
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, NextMessage, ProcEvent,
+    SockInfo, counter, framing, lost,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -17,7 +18,8 @@ use aya_ebpf::{
 
 use crate::{
     config::setting,
-    maps::{EVENTS, SCRATCH, count_lost},
+    maps::{EVENTS, NEXT_MESSAGE, SCRATCH, count, count_lost},
+    socket,
 };
 
 #[inline(always)]
@@ -55,6 +57,30 @@ pub fn conn_event(kind: EventKind, pid_tgid: u64, fd: u32, info: &SockInfo, ret:
         role: info.role,
         ret,
     });
+}
+
+/// Adds `value` to `*counter` atomically and returns the value before. Written as the
+/// instruction itself (BPF_ATOMIC | BPF_FETCH, Linux 5.12): core leaves the atomic
+/// read-modify-write methods out for BPF (the target has no compare-and-swap), and
+/// the compiler accepts a fetching add only for `-mcpu=v3`, which the build cannot
+/// ask for, while every kernel that runs sonde accepts the instruction.
+///
+/// # Safety
+/// `counter` must point to a naturally aligned u64 in map memory.
+#[inline(always)]
+unsafe fn fetch_add(counter: *mut u64, value: u64) -> u64 {
+    let mut v = value;
+    // SAFETY: the caller passes a valid, aligned map value address; the instruction
+    // reads and writes only those 8 bytes.
+    unsafe {
+        core::arch::asm!(
+            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
+            p = in(reg) counter,
+            v = inout(reg) v,
+            options(nostack),
+        );
+    }
+    v
 }
 
 /// Copies the user memory range `start..end` (at most N bytes) into `dst`; returns the
@@ -112,11 +138,13 @@ pub fn proc_event(
 /// One data event: `len` bytes moved at user address `src` (0 when the bytes cannot be
 /// read, as for sendfile), of which the first `payload_cap` are copied. `ts_ns` is when
 /// the bytes moved, or 0 for now.
+///
+/// When user space announced that the next message of this stream starts inside these
+/// bytes but past the copied prefix, the bytes go up as two events split there, the
+/// second with a prefix copied from the new message's first byte: a read that holds the
+/// end of a large body and the start of the next message loses neither.
 #[inline(always)]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "inlined into each probe: a struct of these values would only add a copy on the 512-byte BPF stack"
-)]
+#[allow(clippy::too_many_arguments)]
 pub fn data_event(
     pid_tgid: u64,
     fd: u32,
@@ -128,9 +156,9 @@ pub fn data_event(
     tls: bool,
     ts_ns: u64,
 ) {
-    // The stream offset advances whether or not the event gets through, so that user
-    // space sees a lost event as a gap of the right size. Plaintext from a TLS library
-    // and bytes on the wire are two streams, each with its own count.
+    // SAFETY: `info` points into a SOCKETS map value, valid for the whole program run;
+    // the counters are naturally aligned u64s, and the stream offset must be taken
+    // with an atomic add because threads on other CPUs write the same socket.
     let offset = unsafe {
         let counter = match (direction, tls) {
             (Direction::Ingress, false) => &raw mut (*info).ingress_bytes,
@@ -138,60 +166,177 @@ pub fn data_event(
             (Direction::Ingress, true) => &raw mut (*info).tls_ingress_bytes,
             (Direction::Egress, true) => &raw mut (*info).tls_egress_bytes,
         };
-        let o = *counter;
-        *counter = o + len;
-        o
+        // The offset advances whether or not the event gets through, so that user
+        // space sees a lost event as a gap of the right size. Plaintext from a TLS
+        // library and bytes on the wire are two streams, each with its own count.
+        fetch_add(counter, len)
     };
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    let mut captured = setting!(payload_cap) as u64;
-    if captured > len {
-        captured = len;
+    let mut cap = setting!(payload_cap) as u64;
+    if cap > MAX_PAYLOAD as u64 {
+        cap = MAX_PAYLOAD as u64;
     }
-    if src == 0 {
-        captured = 0;
-    }
-    if captured > MAX_PAYLOAD as u64 {
-        captured = MAX_PAYLOAD as u64;
-    }
-    unsafe {
-        if captured > 0 {
-            let dst = (&raw mut (*buf).payload).cast::<core::ffi::c_void>();
-            if bpf_probe_read_user(dst, captured as u32, src as *const core::ffi::c_void) != 0 {
-                count_lost(lost::USER_READ);
-                captured = 0;
-            }
+    let slot = NextMessage::slot(direction, tls);
+    let next = NEXT_MESSAGE.get_ptr_mut(socket::key((pid_tgid >> 32) as u32, fd));
+    let mut split = 0u64;
+    let mut wake = false;
+    if let Some(next) = next {
+        // SAFETY: a map value pointer, valid for the run; `slot` is below 4.
+        let start = unsafe { (*next).offset[slot & 3] };
+        if src != 0 && start > offset + cap && start < offset + len {
+            split = start - offset;
+        } else if start <= offset && len > cap {
+            // Bytes go past the copied prefix and user space knows of no message
+            // start ahead: let it read the head it needs at once, before the process
+            // reads on.
+            wake = true;
         }
-        (*buf).event = DataEvent {
-            header: {
-                let mut h = header(EventKind::Data, pid_tgid, fd);
-                if ts_ns != 0 {
-                    h.ts_ns = ts_ns;
-                }
-                h
-            },
-            tuple: (*info).tuple,
-            offset,
-            len,
-            captured: captured as u32,
-            direction: direction as u32,
-            syscall,
-            role: (*info).role,
-        };
-        let size =
-            core::mem::size_of::<DataEvent>() as u64 + (captured & (MAX_PAYLOAD as u64 * 2 - 1));
-        if size > core::mem::size_of::<crate::maps::DataBuf>() as u64 {
+    }
+    let record = Record {
+        pid_tgid,
+        fd,
+        info,
+        direction,
+        syscall,
+        ts_ns,
+        cap,
+        wake,
+    };
+    if split == 0 {
+        record.emit(src, offset, len);
+    } else {
+        record.emit(src, offset, split);
+        record.emit(src + split, offset + split, len - split);
+        count(counter::MESSAGE_WINDOWS);
+    }
+    if let Some(next) = next {
+        follow_frames(next, slot, offset, len);
+    }
+}
+
+/// For a stream whose frames the programs follow (AMQP), moves the announced offset
+/// past every frame whose header lies in the bytes just copied, so that the next large
+/// read is split at its frame boundary too, without waiting for user space.
+#[inline(always)]
+fn follow_frames(next: *mut NextMessage, slot: usize, offset: u64, len: u64) {
+    // SAFETY: a map value pointer, valid for the run; `slot` is below 4.
+    unsafe {
+        if (*next).framing[slot & 3] != framing::AMQP {
             return;
         }
-        let ret = bpf_ringbuf_output(
-            (&raw const EVENTS).cast_mut().cast(),
-            buf.cast(),
-            size,
-            wakeup_flags(),
-        );
-        if ret != 0 {
-            count_lost(lost::RINGBUF_FULL);
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
+        // The last record written to the scratch buffer holds the bytes from
+        // `copied_from` on (the window, or the prefix when there was no split).
+        let copied_from = (*buf).event.offset;
+        let copied = (*buf).event.captured as u64;
+        let end = offset + len;
+        let mut frame = (*next).offset[slot & 3];
+        for _ in 0..8 {
+            if frame < copied_from || frame >= end {
+                break;
+            }
+            let at = frame - copied_from;
+            if at + 7 > copied {
+                break;
+            }
+            let at = (at & (MAX_PAYLOAD as u64 - 1)) as usize;
+            if at + 7 > MAX_PAYLOAD {
+                break;
+            }
+            let p = &raw const (*buf).payload;
+            let size = u32::from_be_bytes([(*p)[at + 3], (*p)[at + 4], (*p)[at + 5], (*p)[at + 6]]);
+            // type, channel and size (7 bytes), the payload, the frame-end octet.
+            frame += 8 + size as u64;
+        }
+        (*next).offset[slot & 3] = frame;
+    }
+}
+
+/// Copies a socket tuple word by word: a plain struct copy between map values can
+/// come out as a call to a byte-by-byte memcpy, which costs the verifier dearly.
+///
+/// # Safety
+/// Both pointers must be to `SockTuple`s in map memory (8-byte aligned, 40 bytes).
+#[inline(always)]
+unsafe fn copy_tuple(dst: *mut agent_common::SockTuple, src: *const agent_common::SockTuple) {
+    const WORDS: usize = core::mem::size_of::<agent_common::SockTuple>() / 8;
+    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..WORDS {
+        // SAFETY: in bounds of both 40-byte tuples, 8-byte aligned (see above).
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    }
+}
+
+/// What one record of a data event shares with the other half of a split.
+struct Record {
+    pid_tgid: u64,
+    fd: u32,
+    info: *mut SockInfo,
+    direction: Direction,
+    syscall: u32,
+    ts_ns: u64,
+    cap: u64,
+    wake: bool,
+}
+
+impl Record {
+    /// Writes one data event for `len` bytes at stream `offset` from user address `src`
+    /// into the ring buffer, through the per-CPU scratch buffer (too big for the stack).
+    #[inline(always)]
+    fn emit(&self, src: u64, offset: u64, len: u64) {
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            count_lost(lost::NO_SCRATCH);
+            return;
+        };
+        let mut captured = if src == 0 { 0 } else { self.cap };
+        if captured > len {
+            captured = len;
+        }
+        // SAFETY: `buf` is this CPU's scratch slot and `self.info` a SOCKETS map value,
+        // both valid for the run; the copy length is bounded by MAX_PAYLOAD, the size
+        // of the payload array, and the helper checks the user address itself.
+        unsafe {
+            if captured > 0 {
+                let dst = (&raw mut (*buf).payload).cast::<core::ffi::c_void>();
+                if bpf_probe_read_user(dst, captured as u32, src as *const core::ffi::c_void) != 0 {
+                    count_lost(lost::USER_READ);
+                    captured = 0;
+                }
+            }
+            let ev = &raw mut (*buf).event;
+            let mut h = header(EventKind::Data, self.pid_tgid, self.fd);
+            if self.ts_ns != 0 {
+                h.ts_ns = self.ts_ns;
+            }
+            (*ev).header = h;
+            copy_tuple(&raw mut (*ev).tuple, &raw const (*self.info).tuple);
+            (*ev).offset = offset;
+            (*ev).len = len;
+            (*ev).captured = captured as u32;
+            (*ev).direction = self.direction as u32;
+            (*ev).syscall = self.syscall;
+            (*ev).role = (*self.info).role;
+            let size = core::mem::size_of::<DataEvent>() as u64
+                + (captured & (MAX_PAYLOAD as u64 * 2 - 1));
+            if size > core::mem::size_of::<crate::maps::DataBuf>() as u64 {
+                count_lost(lost::OVERSIZE);
+                return;
+            }
+            let flags = if self.wake {
+                BPF_RB_FORCE_WAKEUP as u64
+            } else {
+                wakeup_flags()
+            };
+            let ret = bpf_ringbuf_output(
+                (&raw const EVENTS).cast_mut().cast(),
+                buf.cast(),
+                size,
+                flags,
+            );
+            if ret != 0 {
+                count_lost(lost::RINGBUF_FULL);
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 //! process lifecycle. See `probes/` for the hooks and `maps.rs` for the state.
 #![no_std]
 #![no_main]
+// For the fetching atomic add in emit.rs, written as inline assembly.
+#![feature(asm_experimental_arch)]
 
 mod config;
 mod emit;

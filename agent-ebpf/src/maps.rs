@@ -1,7 +1,7 @@
 //! Every map the programs use. Names are shared with user space through
 //! `agent_common::maps`.
 
-use agent_common::{DataEvent, MAX_PAYLOAD, SockInfo, lost};
+use agent_common::{DataEvent, MAX_PAYLOAD, NextMessage, SockInfo, counter, lost};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -14,6 +14,16 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Events the programs had to drop, by cause (`agent_common::lost`).
 #[map(name = "LOST")]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::COUNT, 0);
+
+/// Things the programs did that are not losses, by kind (`agent_common::counter`).
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// (tgid << 32 | fd) -> where the next message starts in each of its streams, written
+/// by user space (and, for AMQP framing, moved on by the programs). Entries go with
+/// the descriptor's `SOCKETS` entry and by LRU eviction.
+#[map(name = "NEXT_MESSAGE")]
+pub static NEXT_MESSAGE: LruHashMap<u64, NextMessage> = LruHashMap::with_max_entries(65536, 0);
 
 /// (tgid << 32 | fd) -> what the descriptor is. A negative entry (is_tcp = 0) spares a
 /// walk of the kernel's structures on every read of a file or pipe. Entries go on
@@ -49,7 +59,18 @@ pub struct PendingCall {
 }
 
 pub fn count_lost(cause: u32) {
-    if let Some(p) = LOST.get_ptr_mut(cause) {
+    bump(&LOST, cause);
+}
+
+pub fn count(what: u32) {
+    bump(&COUNTERS, what);
+}
+
+#[inline(always)]
+fn bump(array: &PerCpuArray<u64>, index: u32) {
+    if let Some(p) = array.get_ptr_mut(index) {
+        // SAFETY: the pointer is to this CPU's slot of a per-CPU array, which nothing
+        // else writes while this program runs (programs do not migrate mid-run).
         unsafe { *p += 1 };
     }
 }

@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
 use crate::{
     config::setting,
-    maps::{SOCKETS, count_lost},
+    maps::{NEXT_MESSAGE, SOCKETS, count_lost},
 };
 
 #[inline(always)]
@@ -135,4 +135,5 @@ pub fn lookup(tgid: u32, fd: u32) -> Option<*mut SockInfo> {
 #[inline(always)]
 pub fn forget(tgid: u32, fd: u32) {
     let _ = SOCKETS.remove(key(tgid, fd));
+    let _ = NEXT_MESSAGE.remove(key(tgid, fd));
 }

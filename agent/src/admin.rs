@@ -171,6 +171,8 @@ fn render_metrics(metrics: &Metrics) -> String {
         events_seen,
         bytes_seen,
         events_lost,
+        events_lost_by_cause,
+        kernel_counters,
         events_malformed,
         spans_built,
         spans_exported,
@@ -211,6 +213,40 @@ fn render_metrics(metrics: &Metrics) -> String {
         "Events the kernel side could not deliver.",
         events_lost,
     );
+    for (name, value) in agent_common::counter::NAMES.iter().zip(kernel_counters) {
+        let help = match *name {
+            "sonde_tls_sockets_guessed_total" => {
+                "TLS plaintext events put on a socket guessed from the thread's last read (memory BIOs, not confirmed yet)."
+            }
+            "sonde_tls_sockets_confirmed_total" => {
+                "Memory-BIO TLS sessions whose socket a TLS record write confirmed."
+            }
+            "sonde_tls_sockets_corrected_total" => {
+                "Guessed TLS sockets that a confirmation proved wrong."
+            }
+            _ => "Syscalls split at an announced message start, with a prefix copied from there.",
+        };
+        counter(name, help, value);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sonde_events_lost_by_cause_total Events the kernel side could not deliver, by cause.\n\
+         # TYPE sonde_events_lost_by_cause_total counter"
+    );
+    for (cause, value) in agent_common::lost::NAMES.iter().zip(events_lost_by_cause) {
+        let _ = writeln!(
+            out,
+            "sonde_events_lost_by_cause_total{{cause=\"{cause}\"}} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let mut counter = |name: &str, help: &str, value: &AtomicU64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    };
     counter(
         "sonde_events_malformed_total",
         "Events that arrived malformed and were dropped.",
@@ -359,6 +395,10 @@ mod tests {
             "sonde_events_total 0",
             "sonde_bytes_total 0",
             "sonde_events_lost_total 0",
+            "sonde_events_lost_by_cause_total{cause=\"ringbuf_full\"} 0",
+            "sonde_events_lost_by_cause_total{cause=\"tls_no_socket\"} 0",
+            "sonde_tls_sockets_guessed_total 0",
+            "sonde_message_windows_total 0",
             "sonde_spans_built_total 0",
             "sonde_spans_dropped_total{reason=\"queue_full\"} 0",
             "sonde_spans_dropped_total{reason=\"expired\"} 3",

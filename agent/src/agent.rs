@@ -10,7 +10,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use agent_common::{NextMessage, framing};
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -20,8 +21,8 @@ use crate::{
     discovery::{Discovery, Found, Request, Roots},
     events::decode,
     export,
-    pipeline::{Pipeline, PipelineOptions, monotonic_ns},
-    probes::{ProbeOptions, Probes, tls::TlsTarget},
+    pipeline::{MessageStart, MessageStartHook, Pipeline, PipelineOptions, monotonic_ns},
+    probes::{NextMessageMap, ProbeOptions, Probes, tls::TlsTarget},
     telemetry::Metrics,
 };
 
@@ -52,16 +53,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let (exporter, export_task) = export::spawn(output, metrics.clone())?;
 
-    if !args.ring_buffer_mb.is_power_of_two() {
-        bail!(
-            "--ring-buffer-mb must be a power of two, not {}",
-            args.ring_buffer_mb
-        );
-    }
     let opts = ProbeOptions {
         backend: args.probe_backend,
         payload_cap: args.payload_cap,
-        ring_buffer_bytes: args.ring_buffer_mb * 1024 * 1024,
+        ring_buffer_bytes: args.ring_buffer_bytes(),
         wakeup_bytes: WAKEUP_BYTES,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
@@ -81,6 +76,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         Box::new(move |span| sink_exporter.export(span)),
     );
+    match probes.take_next_message_map() {
+        Ok(map) => pipeline.set_message_start_hook(announce_message_starts(map)),
+        Err(e) => {
+            warn!(error = %e, "message starts cannot be told to the kernel: a message that starts past the copied bytes of a read is missed (counted in sonde_message_starts_missed_total)")
+        }
+    }
 
     // SAFETY: the descriptor is the ring buffer map's, owned by `ring` itself, so it
     // stays open and the same for as long as the AsyncFd holds it.
@@ -128,7 +129,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     last_rescan = std::time::Instant::now();
                     discovery.send(Request::Rescan(pipeline.active_processes()));
                 }
-                metrics.events_lost.store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+                probes.publish(&metrics);
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -138,9 +139,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     metrics
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    metrics
-        .events_lost
-        .store(probes.lost_events(), std::sync::atomic::Ordering::Relaxed);
+    probes.publish(&metrics);
     let mut ring = ring.into_inner();
     probes.detach();
     while drain(&mut ring, &mut pipeline, &metrics) {
@@ -165,6 +164,25 @@ fn ask_about_new_processes(pipeline: &mut Pipeline, discovery: &Discovery) {
     for query in pipeline.take_process_queries() {
         discovery.send(Request::Process(query));
     }
+}
+
+/// Writes each message start the pipeline finds into the kernel's NEXT_MESSAGE map, so
+/// that the programs split the read that holds it there and copy a window from it.
+fn announce_message_starts(mut map: NextMessageMap) -> MessageStartHook {
+    Box::new(move |m: MessageStart| {
+        let key = (u64::from(m.pid) << 32) | u64::from(m.fd);
+        let mut next = map.get(&key, 0).unwrap_or_default();
+        let slot = NextMessage::slot(m.direction, m.tls);
+        next.offset[slot] = m.offset;
+        next.framing[slot] = if m.amqp_frames {
+            framing::AMQP
+        } else {
+            framing::NONE
+        };
+        if let Err(e) = map.insert(key, next, 0) {
+            tracing::debug!(pid = m.pid, fd = m.fd, error = %e, "message start not told to the kernel");
+        }
+    })
 }
 
 fn attach_tls(probes: &mut Probes, target: TlsTarget) {

@@ -138,13 +138,36 @@ pub struct RunArgs {
     #[arg(long, env = "SONDE_PAYLOAD_CAP", default_value_t = agent_common::DEFAULT_PAYLOAD_CAP)]
     pub payload_cap: u32,
 
-    /// Size of the kernel-to-agent ring buffer in MiB (a power of two).
-    #[arg(long, env = "SONDE_RING_BUFFER_MB", default_value_t = 8)]
+    /// Size of the kernel-to-agent ring buffer in MiB (a power of two, 1 to 1024).
+    #[arg(long, env = "SONDE_RING_BUFFER_MB", default_value_t = 8, value_parser = parse_ring_buffer_mb)]
     pub ring_buffer_mb: u32,
 
     /// Most connections tracked at once.
     #[arg(long, env = "SONDE_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: usize,
+}
+
+/// Largest ring buffer: the kernel sizes it in a u32 of bytes and limits one ring to
+/// a quarter of that.
+pub const MAX_RING_BUFFER_MB: u32 = 1024;
+
+fn parse_ring_buffer_mb(s: &str) -> Result<u32, String> {
+    let mb: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of MiB"))?;
+    if !mb.is_power_of_two() || mb > MAX_RING_BUFFER_MB {
+        return Err(format!(
+            "{mb} MiB: the ring buffer must be a power of two from 1 to {MAX_RING_BUFFER_MB} MiB"
+        ));
+    }
+    Ok(mb)
+}
+
+impl RunArgs {
+    /// The ring buffer's size in bytes (the MiB were checked when parsed).
+    pub fn ring_buffer_bytes(&self) -> u32 {
+        self.ring_buffer_mb * 1024 * 1024
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -155,4 +178,40 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["sonde", "run"].iter().chain(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(args),
+            Command::Replay(_) => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn ring_buffer_sizes_up_to_the_kernel_limit_are_taken_in_bytes() {
+        assert_eq!(run_args(&[]).unwrap().ring_buffer_bytes(), 8 << 20);
+        let big = run_args(&["--ring-buffer-mb", "1024"]).unwrap();
+        assert_eq!(big.ring_buffer_bytes(), 1 << 30);
+    }
+
+    #[test]
+    fn ring_buffer_sizes_that_would_overflow_or_are_not_powers_of_two_are_refused() {
+        for bad in ["4096", "2048", "8192", "3", "0", "many"] {
+            let err = run_args(&["--ring-buffer-mb", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--ring-buffer-mb"), "{bad}: {err}");
+            if bad.parse::<u32>().is_ok() {
+                assert!(
+                    err.contains("power of two from 1 to 1024 MiB"),
+                    "{bad}: {err}"
+                );
+            }
+        }
+    }
 }

@@ -45,6 +45,16 @@ pub enum Event<'a> {
         header: EventHeader,
         tuple: SockTuple,
     },
+    /// The agent connected one of its own sockets (exports); `tuple` as the agent sees it.
+    OwnConnect {
+        header: EventHeader,
+        tuple: SockTuple,
+    },
+    /// The agent closed one of its own sockets.
+    OwnClose {
+        header: EventHeader,
+        tuple: SockTuple,
+    },
     /// `comm` is the program's name; `args` its command line (a prefix); `env` the
     /// OTEL_* variables of its environment (from a prefix of it).
     Exec {
@@ -66,6 +76,8 @@ impl Event<'_> {
             | Event::Connect { header, .. }
             | Event::Accept { header, .. }
             | Event::Close { header, .. }
+            | Event::OwnConnect { header, .. }
+            | Event::OwnClose { header, .. }
             | Event::Exec { header, .. }
             | Event::Exit { header, .. } => header,
         }
@@ -109,7 +121,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 payload: &bytes[start..end],
             })
         }
-        EventKind::Connect | EventKind::Accept | EventKind::Close => {
+        EventKind::Connect
+        | EventKind::Accept
+        | EventKind::Close
+        | EventKind::OwnConnect
+        | EventKind::OwnClose => {
             let c: ConnEvent = read(bytes, kind)?;
             Ok(match kind {
                 EventKind::Connect => Event::Connect {
@@ -118,6 +134,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     ret: c.ret,
                 },
                 EventKind::Accept => Event::Accept {
+                    header: c.header,
+                    tuple: c.tuple,
+                },
+                EventKind::OwnConnect => Event::OwnConnect {
+                    header: c.header,
+                    tuple: c.tuple,
+                },
+                EventKind::OwnClose => Event::OwnClose {
                     header: c.header,
                     tuple: c.tuple,
                 },
@@ -249,5 +273,38 @@ mod tests {
             decode(&c).unwrap_err(),
             DecodeError::Truncated { .. }
         ));
+    }
+
+    #[test]
+    fn the_agents_own_connects_and_closes_are_told_apart() {
+        let mut tuple = SockTuple {
+            family: 2,
+            sport: 40000,
+            dport: 4317,
+            ..SockTuple::default()
+        };
+        tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        for kind in [
+            EventKind::OwnConnect,
+            EventKind::OwnClose,
+            EventKind::Connect,
+        ] {
+            let ev = ConnEvent {
+                header: header(kind),
+                tuple,
+                role: role::CLIENT,
+                ret: 0,
+            };
+            let bytes = bytes_of(&ev);
+            let decoded = decode(&bytes).unwrap();
+            match (kind, decoded) {
+                (EventKind::OwnConnect, Event::OwnConnect { tuple: t, .. })
+                | (EventKind::OwnClose, Event::OwnClose { tuple: t, .. })
+                | (EventKind::Connect, Event::Connect { tuple: t, .. }) => {
+                    assert_eq!(t.sport, 40000, "{kind:?}")
+                }
+                (kind, other) => panic!("{kind:?} decoded as {other:?}"),
+            }
+        }
     }
 }

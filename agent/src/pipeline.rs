@@ -7,7 +7,12 @@
 //! with exchanges still open. The same pipeline serves the live kernel and replays of
 //! captures.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use agent_common::{DataEvent, Direction, SockTuple, SyscallId};
 use tracing::debug;
@@ -85,11 +90,23 @@ impl Default for PipelineOptions {
 /// Where finished spans go.
 pub type Sink = Box<dyn FnMut(Span) + Send>;
 
-/// Told where the next message of a connection's direction starts, when that lies more
-/// than the capture cap beyond the bytes seen: (pid, fd, direction, whether the stream
-/// is a TLS library's plaintext, stream offset of the message's first byte). The kernel
-/// then copies a window from there too.
-pub type MessageStartHook = Box<dyn FnMut(u32, u32, Direction, bool, u64) + Send>;
+/// Where the next message of a connection's direction starts, when that lies more than
+/// the capture cap beyond the bytes seen. The kernel then copies a window from there too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageStart {
+    pub pid: u32,
+    pub fd: u32,
+    pub direction: Direction,
+    /// The stream is a TLS library's plaintext.
+    pub tls: bool,
+    /// Stream offset of the message's (or frame's) first byte.
+    pub offset: u64,
+    /// The stream is AMQP 0-9-1 frames, which the kernel can follow on its own.
+    pub amqp_frames: bool,
+}
+
+/// Told each new [`MessageStart`].
+pub type MessageStartHook = Box<dyn FnMut(MessageStart) + Send>;
 
 /// What the pipeline keeps per connection, beside what the connection table keeps.
 struct Tracked {
@@ -180,8 +197,17 @@ impl Pipeline {
                 let start = hooked
                     .then(|| Self::next_message_start(conn, dir, cap))
                     .flatten();
-                if let (Some((tls, offset)), Some(hook)) = (start, self.on_message_start.as_mut()) {
-                    hook(h.tgid, h.fd, dir, tls, offset);
+                if let (Some((tls, offset, amqp_frames)), Some(hook)) =
+                    (start, self.on_message_start.as_mut())
+                {
+                    hook(MessageStart {
+                        pid: h.tgid,
+                        fd: h.fd,
+                        direction: dir,
+                        tls,
+                        offset,
+                        amqp_frames,
+                    });
                 }
                 self.after_parse(h.tgid, h.fd, h.ts_ns);
             }
@@ -191,6 +217,8 @@ impl Pipeline {
                 self.conn(h.tgid, h.fd, &tuple, h.ts_ns).from_start = true;
             }
             Event::Close { .. } => self.close(h.tgid, h.fd, h.ts_ns),
+            Event::OwnConnect { tuple, .. } => self.own_connect(&tuple),
+            Event::OwnClose { tuple, .. } => self.own.closed(tuple.sport),
             Event::Exec {
                 comm, args, env, ..
             } => {
@@ -258,15 +286,33 @@ impl Pipeline {
         conn: &mut Conn,
         dir: Direction,
         capture_cap: u64,
-    ) -> Option<(bool, u64)> {
-        let ahead = conn.state.parser.as_ref()?.next_message_in(dir)?;
+    ) -> Option<(bool, u64, bool)> {
+        let parser = conn.state.parser.as_ref()?;
+        let ahead = parser.next_message_in(dir)?;
+        let amqp_frames = parser.kernel_follows_frames();
         let offset = conn.cursor(dir).next_offset().saturating_add(ahead);
         let announced = &mut conn.state.announced[dir.index()];
         if ahead <= capture_cap || *announced == Some(offset) {
             return None;
         }
         *announced = Some(offset);
-        Some((conn.tls, offset))
+        Some((conn.tls, offset, amqp_frames))
+    }
+
+    /// The agent connected a socket of its own: a connection on this node whose peer
+    /// it is, accepted before this event arrived, stops being traced.
+    fn own_connect(&mut self, tuple: &SockTuple) {
+        self.own.opened(tuple.sport);
+        if !self.opts.exclude_own_sockets {
+            return;
+        }
+        let own = ConnInfo::from_tuple(tuple);
+        for (_, conn) in self.conns.iter_mut() {
+            if conn.info.remote == own.local && conn.info.local == own.remote {
+                debug!(peer = %conn.info.remote, "connection from the agent itself; no longer traced");
+                conn.state.parser = None;
+            }
+        }
     }
 
     /// Sets the clock offset added to event times to get Unix times; replays of
@@ -562,65 +608,32 @@ pub fn monotonic_ns() -> u64 {
 
 /// The agent's own TCP sockets, so that a process on this node that the agent talks to
 /// (a local collector or Jaeger receiving the agent's exports) is not traced for it:
-/// tracing those exchanges would make spans about exporting spans, without end.
+/// tracing those exchanges would make spans about exporting spans, without end. The
+/// programs report the agent's own connects and closes; their local ports are kept
+/// here (a port counted twice while two of the agent's sockets share it).
 #[derive(Default)]
 struct OwnSockets {
-    local_ports: HashSet<u16>,
-    refreshed_ns: u64,
+    local_ports: HashMap<u16, u32>,
 }
 
 impl OwnSockets {
-    /// Whether the peer of `info`, already known to be on this node, is one of this
-    /// process's own sockets.
-    fn is_ours(&mut self, info: &ConnInfo) -> bool {
-        if self.local_ports.contains(&info.remote.port()) {
-            return true;
-        }
-        let now = monotonic_ns();
-        if now.saturating_sub(self.refreshed_ns) > 50_000_000 {
-            self.refresh();
-            self.refreshed_ns = now;
-            return self.local_ports.contains(&info.remote.port());
-        }
-        false
+    fn opened(&mut self, port: u16) {
+        *self.local_ports.entry(port).or_default() += 1;
     }
 
-    fn refresh(&mut self) {
-        let inodes: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_link(e.path()).ok())
-            .filter_map(|l| {
-                let l = l.to_string_lossy().into_owned();
-                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-            })
-            .collect();
-        self.local_ports.clear();
-        for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else {
-                    continue;
-                };
-                let Ok(inode) = inode.parse::<u64>() else {
-                    continue;
-                };
-                if !inodes.contains(&inode) {
-                    continue;
-                }
-                if let Some(port) = local
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-                {
-                    self.local_ports.insert(port);
-                }
+    fn closed(&mut self, port: u16) {
+        if let Some(n) = self.local_ports.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_ports.remove(&port);
             }
         }
+    }
+
+    /// Whether the peer of `info`, already known to be on this node, is one of the
+    /// agent's own sockets.
+    fn is_ours(&self, info: &ConnInfo) -> bool {
+        self.local_ports.contains_key(&info.remote.port())
     }
 }
 

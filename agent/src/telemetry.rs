@@ -13,6 +13,10 @@ pub struct Metrics {
     /// Events the kernel side could not deliver (ring buffer full, failed reads),
     /// as last read from the programs' counters.
     pub events_lost: AtomicU64,
+    /// The same, by cause (`agent_common::lost`).
+    pub events_lost_by_cause: [AtomicU64; agent_common::lost::COUNT as usize],
+    /// The programs' other counters (`agent_common::counter`), as last read.
+    pub kernel_counters: [AtomicU64; agent_common::counter::COUNT as usize],
     /// Events that arrived malformed and were dropped.
     pub events_malformed: AtomicU64,
     /// Spans built by the span builders.

@@ -8,7 +8,7 @@
 //! Enter hooks keep the arguments per thread in `PENDING`; exit hooks read the bytes the
 //! syscall moved (for reads they are only there after the call) and emit events.
 
-use agent_common::{Direction, EventKind, MAX_IOVECS, SyscallId, role};
+use agent_common::{Direction, EventKind, MAX_IOVECS, SyscallId, lost, role};
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
@@ -19,11 +19,12 @@ use aya_ebpf::{
 use crate::{
     config::setting,
     emit::{conn_event, data_event},
-    maps::{PENDING, PendingCall, SOCKETS},
+    maps::{PENDING, PendingCall, SOCKETS, count_lost},
     socket::{classify, forget, key, lookup},
 };
 
 const CALL_CONNECT: u32 = 100;
+const CALL_OWN_CONNECT: u32 = 101;
 const EINPROGRESS: i64 = 115;
 
 #[inline(always)]
@@ -47,8 +48,12 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
         _ => return,
     };
     // Inside SSL_read/SSL_write this is the library moving ciphertext: it tells which
-    // socket the TLS session uses, and its bytes are not sent up.
-    if crate::probes::tls::note_socket_io(pid_tgid, fd) || unsafe { (*info).is_tls } == 1 {
+    // socket the TLS session uses, and its bytes are not sent up. Outside, a TLS record
+    // written may tell the socket of a memory-BIO session.
+    let (direction, head) = io_head(call, ptr, count);
+    if crate::probes::tls::note_socket_io(pid_tgid, fd, direction, head)
+        || unsafe { (*info).is_tls } == 1
+    {
         return;
     }
     let pending = PendingCall {
@@ -57,7 +62,37 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
         ptr,
         count,
     };
-    let _ = PENDING.insert(pid_tgid, pending, 0);
+    if PENDING.insert(pid_tgid, pending, 0).is_err() {
+        count_lost(lost::MAP_FULL);
+    }
+}
+
+/// Which way a call moves bytes and, for a write, the user address of its first bytes.
+#[inline(always)]
+fn io_head(call: SyscallId, ptr: u64, count: u64) -> (Direction, u64) {
+    let first_iov_base = |iov: u64| -> u64 {
+        // struct iovec { void *iov_base; size_t iov_len; }
+        unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0)
+    };
+    match call {
+        SyscallId::Write | SyscallId::Sendto => (Direction::Egress, ptr),
+        SyscallId::Writev if count > 0 => (Direction::Egress, first_iov_base(ptr)),
+        SyscallId::Sendmsg => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            let iov: u64 = unsafe { bpf_probe_read_user((ptr + 16) as *const u64) }.unwrap_or(0);
+            let n: u64 = unsafe { bpf_probe_read_user((ptr + 24) as *const u64) }.unwrap_or(0);
+            (
+                Direction::Egress,
+                if iov != 0 && n > 0 {
+                    first_iov_base(iov)
+                } else {
+                    0
+                },
+            )
+        }
+        SyscallId::Writev | SyscallId::Sendfile => (Direction::Egress, 0),
+        _ => (Direction::Ingress, 0),
+    }
 }
 
 #[inline(always)]
@@ -187,20 +222,25 @@ fn iov_events(
     }
 }
 
-/// connect(fd, addr, addrlen)
+/// connect(fd, addr, addrlen). The agent's own connects (its exports) are reported
+/// too, as such, so that user space can leave their other end alone when the
+/// receiver runs on this node.
 #[inline(always)]
 fn enter_connect(fd: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced(pid_tgid) {
-        return;
-    }
     let pending = PendingCall {
-        call: CALL_CONNECT,
+        call: if traced(pid_tgid) {
+            CALL_CONNECT
+        } else {
+            CALL_OWN_CONNECT
+        },
         fd: fd as u32,
         ptr: 0,
         count: 0,
     };
-    let _ = PENDING.insert(pid_tgid, pending, 0);
+    if PENDING.insert(pid_tgid, pending, 0).is_err() {
+        count_lost(lost::MAP_FULL);
+    }
 }
 
 #[inline(always)]
@@ -210,7 +250,12 @@ fn exit_connect(ret: i64) {
         return;
     };
     let _ = PENDING.remove(pid_tgid);
-    if pending.call != CALL_CONNECT || (ret != 0 && ret != -EINPROGRESS) {
+    let kind = match pending.call {
+        CALL_CONNECT => EventKind::Connect,
+        CALL_OWN_CONNECT => EventKind::OwnConnect,
+        _ => return,
+    };
+    if ret != 0 && ret != -EINPROGRESS {
         return;
     }
     let tgid = (pid_tgid >> 32) as u32;
@@ -218,7 +263,7 @@ fn exit_connect(ret: i64) {
     if let Some(info) = classify(tgid, pending.fd, role::CLIENT)
         && info.is_tcp == 1
     {
-        conn_event(EventKind::Connect, pid_tgid, pending.fd, &info, ret as i32);
+        conn_event(kind, pid_tgid, pending.fd, &info, ret as i32);
     }
 }
 
@@ -233,10 +278,10 @@ fn exit_accept(ret: i64) {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = ret as u32;
     forget(tgid, fd);
-    if let Some(info) = classify(tgid, fd, role::SERVER)
-        && info.is_tcp == 1
-    {
-        conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
+    if let Some(info) = classify(tgid, fd, role::SERVER) {
+        if info.is_tcp == 1 {
+            conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
+        }
     }
 }
 
@@ -244,16 +289,18 @@ fn exit_accept(ret: i64) {
 #[inline(always)]
 fn enter_close(fd: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced(pid_tgid) {
-        return;
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let fd = fd as u32;
     let Some(info) = (unsafe { SOCKETS.get(key(tgid, fd)) }).copied() else {
         return;
     };
     if info.is_tcp == 1 {
-        conn_event(EventKind::Close, pid_tgid, fd, &info, 0);
+        let kind = if traced(pid_tgid) {
+            EventKind::Close
+        } else {
+            EventKind::OwnClose
+        };
+        conn_event(kind, pid_tgid, fd, &info, 0);
     }
     forget(tgid, fd);
 }

@@ -4,28 +4,44 @@
 //!   int SSL_read(SSL *ssl, void *buf, int num);
 //!   int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written);
 //!   int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes);
+//!   int SSL_do_handshake(SSL *s);   (SSL_accept and SSL_connect call it)
 //! The plain forms return the byte count; the _ex forms return 1 and store the count
-//! through the last argument.
+//! through the last argument. Plaintext goes up when the call returns, with what the
+//! call really read or wrote (a write retried after WANT_WRITE counts once); a write
+//! is stamped with the time its call began.
 //!
-//! Which socket an SSL object uses is learnt from the socket syscall the library makes
-//! on the same thread inside the call (a socket BIO), else from the last socket the
-//! thread used just before (a memory BIO, as in Node.js, whose event loop moves the
-//! ciphertext itself), and is then remembered per SSL object.
+//! Which socket an SSL object uses:
+//! - with a socket BIO, the library reads or writes the socket itself inside the call,
+//!   on the same thread: that socket, confirmed;
+//! - with memory BIOs (Node.js: its event loop moves the ciphertext), the socket write
+//!   that follows the call on the same thread, before any socket read, confirms it when
+//!   it carries what the call produced: a handshake record after a handshake step or a
+//!   read that returned nothing, an application-data record of the right length after
+//!   a write. A write's plaintext waits for that write (in Node.js it follows at once,
+//!   inside the same JavaScript write); a read's plaintext before any confirmation goes
+//!   on the socket the thread read last, counted as guessed, and a later confirmation
+//!   replaces the guess (counted as corrected when it differed).
 
-use agent_common::{Direction, SyscallId};
+use agent_common::{Direction, SyscallId, counter, lost};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::{config::setting, emit::data_event, socket::lookup};
+use crate::{
+    config::setting,
+    emit::data_event,
+    maps::{count, count_lost},
+    socket::lookup,
+};
 
 const KIND_READ: u32 = 0;
 const KIND_WRITE: u32 = 1;
 const KIND_READ_EX: u32 = 2;
 const KIND_WRITE_EX: u32 = 3;
+const KIND_HANDSHAKE: u32 = 4;
 const NO_FD: u32 = u32::MAX;
 
 /// A TLS library call in flight on a thread.
@@ -41,9 +57,11 @@ pub struct TlsCall {
     pub fd: u32,
     /// When the call began: a write's bytes leave then.
     pub start_ns: u64,
-    /// 1 when the write's plaintext was already sent up at entry.
+    /// Probed library calls made from inside this one (SSL_do_handshake from within
+    /// SSL_read, say): their returns are not this call's.
+    pub nested: u32,
+    /// 1 when the write's plaintext was sent up at entry (Go, see `go_enter`).
     pub emitted: u32,
-    pub _pad: u32,
 }
 
 /// Calls in flight, by thread (pid_tgid).
@@ -57,26 +75,190 @@ pub struct SslKey {
     pub ssl: u64,
 }
 
-/// (process, SSL object) -> socket descriptor.
+/// The socket of one TLS session.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslSocket {
+    pub fd: u32,
+    /// 1 when seen (the library used the socket, or a TLS record followed the call);
+    /// 0 when guessed from the thread's last read.
+    pub confirmed: u32,
+}
+
+/// (process, SSL object) -> its socket.
 #[map(name = "SSL_FDS")]
-static SSL_FDS: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(65536, 0);
+static SSL_FDS: LruHashMap<SslKey, SslSocket> = LruHashMap::with_max_entries(65536, 0);
 
-/// The TCP socket each thread used last (for libraries with memory BIOs).
-#[map(name = "LAST_FD")]
-static LAST_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+/// The TCP socket each thread read last, outside TLS calls (a memory BIO's ciphertext
+/// comes from there).
+#[map(name = "LAST_READ_FD")]
+static LAST_READ_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 
-/// Called from the socket syscall hooks for TCP sockets. Returns true when the thread
-/// is inside a TLS library call: the bytes are ciphertext.
+/// Writes whose plaintext waits for the TLS record that tells their socket.
+const MAX_PARKED: usize = 4;
+
+/// A memory-BIO session, by thread, that the thread's next TLS record write confirms:
+/// the last unconfirmed call, with the plaintext of its writes not yet sent up.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AwaitRecord {
+    pub ssl: u64,
+    pub parked: u32,
+    pub _pad: u32,
+    pub buf: [u64; MAX_PARKED],
+    pub len: [u64; MAX_PARKED],
+    pub start_ns: [u64; MAX_PARKED],
+}
+
+#[map(name = "TLS_AWAIT")]
+static TLS_AWAIT: HashMap<u64, AwaitRecord> = HashMap::with_max_entries(16384, 0);
+
+/// Where a new [`AwaitRecord`] is put together before it goes into `TLS_AWAIT`.
+#[map(name = "AWAIT_SCRATCH")]
+static AWAIT_SCRATCH: PerCpuArray<AwaitRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Called from the socket syscall hooks, at entry, for TCP sockets. Returns true when
+/// the thread is inside a TLS library call: the bytes are ciphertext. `egress_head` is
+/// the user address of the first bytes a write sends (0 for reads).
 #[inline(always)]
-pub fn note_socket_io(pid_tgid: u64, fd: u32) -> bool {
-    let _ = LAST_FD.insert(pid_tgid, fd, 0);
-    match TLS_CALLS.get_ptr_mut(pid_tgid) {
-        Some(call) => {
-            unsafe { (*call).fd = fd };
-            true
-        }
-        None => false,
+pub fn note_socket_io(pid_tgid: u64, fd: u32, direction: Direction, egress_head: u64) -> bool {
+    if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { (*call).fd = fd };
+        return true;
     }
+    match direction {
+        Direction::Ingress => {
+            let _ = LAST_READ_FD.insert(pid_tgid, fd, 0);
+            // A read ends the window in which a record write can confirm a session.
+            flush_await(pid_tgid);
+        }
+        Direction::Egress => {
+            if egress_head != 0 {
+                confirm(pid_tgid, fd, egress_head);
+            }
+        }
+    }
+    false
+}
+
+/// TLS record content types.
+const RECORD_HANDSHAKE: u8 = 22;
+const RECORD_APPLICATION_DATA: u8 = 23;
+/// Largest plaintext of one record, and the most a record's protection adds to it (an
+/// AEAD tag and nonce, or a CBC IV, MAC and padding).
+const MAX_RECORD_PLAINTEXT: u64 = 16384;
+const MAX_RECORD_OVERHEAD: u64 = 320;
+
+/// A socket write goes out on `fd` right after an unconfirmed memory-BIO call on this
+/// thread: when its first bytes are the record that call produced, `fd` is that
+/// session's socket, and its parked plaintext goes up on it. `head` is the user
+/// address of the write's first bytes.
+#[inline(always)]
+fn confirm(pid_tgid: u64, fd: u32, head: u64) {
+    let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid) else {
+        return;
+    };
+    // type (1), version (2), length (2, big endian)
+    let Ok(h) = (unsafe { bpf_probe_read_user(head as *const [u8; 5]) }) else {
+        return;
+    };
+    if h[1] != 3 || !(1..=4).contains(&h[2]) {
+        return;
+    }
+    let record_len = u16::from_be_bytes([h[3], h[4]]) as u64;
+    // SAFETY: a map value pointer, valid until the entry is removed at the end.
+    let (ssl, parked, first_len) = unsafe { ((*wait).ssl, (*wait).parked, (*wait).len[0]) };
+    let produced = if parked == 0 {
+        // A handshake step (or a read that returned nothing): its flight starts with
+        // a handshake record.
+        h[0] == RECORD_HANDSHAKE
+    } else {
+        // A write: an application-data record sealing the first write's bytes.
+        let plain = if first_len < MAX_RECORD_PLAINTEXT {
+            first_len
+        } else {
+            MAX_RECORD_PLAINTEXT
+        };
+        h[0] == RECORD_APPLICATION_DATA
+            && record_len > plain
+            && record_len - plain <= MAX_RECORD_OVERHEAD
+    };
+    if !produced {
+        return;
+    }
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    };
+    if let Some(old) = unsafe { SSL_FDS.get(&key) }
+        && old.confirmed == 0
+        && old.fd != fd
+    {
+        count(counter::TLS_CORRECTED);
+    }
+    let _ = SSL_FDS.insert(&key, &SslSocket { fd, confirmed: 1 }, 0);
+    count(counter::TLS_CONFIRMED);
+    emit_parked(pid_tgid, wait, fd);
+    let _ = TLS_AWAIT.remove(pid_tgid);
+}
+
+/// The parked writes of `wait` go up on `fd`.
+#[inline(always)]
+fn emit_parked(pid_tgid: u64, wait: *const AwaitRecord, fd: u32) {
+    for i in 0..MAX_PARKED {
+        // SAFETY: a map value pointer, valid for this program run; `i` is in bounds.
+        let (parked, buf, len, start_ns) = unsafe {
+            (
+                (*wait).parked,
+                (*wait).buf[i],
+                (*wait).len[i],
+                (*wait).start_ns[i],
+            )
+        };
+        if i as u32 >= parked {
+            break;
+        }
+        emit_on(pid_tgid, fd, Direction::Egress, buf, len, start_ns);
+    }
+}
+
+/// No record write confirmed the awaited session: its parked writes go up on the
+/// session's guessed socket (or the thread's last read), counted as guessed.
+#[inline(always)]
+fn flush_await(pid_tgid: u64) {
+    let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid) else {
+        return;
+    };
+    // SAFETY: a map value pointer, valid until the entry is removed at the end.
+    let (ssl, parked) = unsafe { ((*wait).ssl, (*wait).parked) };
+    if parked > 0 {
+        match guess_socket(pid_tgid, ssl) {
+            Some(fd) => emit_parked(pid_tgid, wait, fd),
+            None => count_lost(lost::TLS_NO_SOCKET),
+        }
+    }
+    let _ = TLS_AWAIT.remove(pid_tgid);
+}
+
+/// The socket of an unconfirmed session: its earlier guess, else the thread's last
+/// read, remembered as a guess.
+#[inline(always)]
+fn guess_socket(pid_tgid: u64, ssl: u64) -> Option<u32> {
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    };
+    if let Some(s) = unsafe { SSL_FDS.get(&key) } {
+        if s.confirmed == 0 {
+            count(counter::TLS_GUESSED);
+        }
+        return Some(s.fd);
+    }
+    let fd = unsafe { LAST_READ_FD.get(pid_tgid) }.copied()?;
+    let _ = SSL_FDS.insert(&key, &SslSocket { fd, confirmed: 0 }, 0);
+    count(counter::TLS_GUESSED);
+    Some(fd)
 }
 
 #[inline(always)]
@@ -85,9 +267,18 @@ fn enter(ctx: &ProbeContext, kind: u32) {
     if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
         return;
     }
-    let mut call = TlsCall {
+    if let Some(outer) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { (*outer).nested += 1 };
+        return;
+    }
+    let call = TlsCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
-        buf: ctx.arg::<u64>(1).unwrap_or(0),
+        buf: if kind == KIND_HANDSHAKE {
+            0
+        } else {
+            ctx.arg::<u64>(1).unwrap_or(0)
+        },
         count_ptr: if kind == KIND_READ_EX || kind == KIND_WRITE_EX {
             ctx.arg::<u64>(3).unwrap_or(0)
         } else {
@@ -96,116 +287,188 @@ fn enter(ctx: &ProbeContext, kind: u32) {
         kind,
         fd: NO_FD,
         start_ns: unsafe { bpf_ktime_get_ns() },
+        nested: 0,
         emitted: 0,
-        _pad: 0,
     };
-    // A write's plaintext is in its buffer already: send it up now, in order with
-    // what other threads read on the same connection, when the socket is known.
-    if kind == KIND_WRITE || kind == KIND_WRITE_EX {
-        let num = if kind == KIND_WRITE {
-            ctx.arg::<i32>(2).unwrap_or(0) as i64 as u64
-        } else {
-            ctx.arg::<u64>(2).unwrap_or(0)
-        };
-        let key = SslKey {
-            tgid: pid_tgid >> 32,
-            ssl: call.ssl,
-        };
-        if let Some(fd) = unsafe { SSL_FDS.get(key) }.copied()
-            && num > 0
-            && (num >> 62) == 0
-            && emit_on(pid_tgid, fd, &call, num, call.start_ns)
-        {
-            call.emitted = 1;
-        }
+    if TLS_CALLS.insert(pid_tgid, call, 0).is_err() {
+        count_lost(lost::MAP_FULL);
     }
-    let _ = TLS_CALLS.insert(pid_tgid, call, 0);
 }
 
 #[inline(always)]
 fn exit(ctx: &RetProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else {
+    let Some(entry) = TLS_CALLS.get_ptr_mut(pid_tgid) else {
         return;
+    };
+    // SAFETY: a map value pointer, valid for this program run (copied before removal).
+    let call = unsafe {
+        if (*entry).nested > 0 {
+            (*entry).nested -= 1;
+            return;
+        }
+        *entry
     };
     let _ = TLS_CALLS.remove(pid_tgid);
-    let ret = ctx.ret::<i64>() as i32;
-    if call.emitted == 1 {
-        return;
-    }
-    if let Some(len) = plaintext_len(&call, ret) {
-        emit_plaintext(pid_tgid, &call, len);
-    }
+    let len = plaintext_len(&call, ctx.ret::<i64>() as i32);
+    finish_call(pid_tgid, &call, len);
 }
 
+/// What a finished library call sent or received: `len` plaintext bytes (0 for none).
 #[inline(always)]
-fn plaintext_len(call: &TlsCall, ret: i32) -> Option<u64> {
-    let len: u64 = if call.kind == KIND_READ_EX || call.kind == KIND_WRITE_EX {
-        if ret != 1 {
-            return None;
-        }
-        unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
-    } else {
-        if ret <= 0 {
-            return None;
-        }
-        ret as u64
-    };
-    (len > 0).then_some(len)
-}
-
-/// Sends `len` plaintext bytes of `call` up, on the socket the session uses: the one
-/// the library used during the call, else the one remembered for the session, else the
-/// one the thread used last.
-#[inline(always)]
-fn emit_plaintext(pid_tgid: u64, call: &TlsCall, len: u64) {
-    let tgid = pid_tgid >> 32;
-    let ssl_key = SslKey {
-        tgid,
+fn finish_call(pid_tgid: u64, call: &TlsCall, len: u64) {
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
         ssl: call.ssl,
     };
-    let mut fd = call.fd;
-    if fd == NO_FD {
-        fd = match unsafe { SSL_FDS.get(ssl_key) } {
-            Some(fd) => *fd,
-            None => match unsafe { LAST_FD.get(pid_tgid) } {
-                Some(fd) => *fd,
-                None => return,
-            },
-        };
-    }
-    let _ = SSL_FDS.insert(ssl_key, fd, 0);
-    // Writes are stamped with their start, reads with their return (when the bytes
-    // are there).
-    let ts = if is_write(call.kind) {
+    let dir = direction(call.kind);
+    let ts = if dir == Direction::Egress {
         call.start_ns
     } else {
         0
     };
-    emit_on(pid_tgid, fd, call, len, ts);
+    if call.fd != NO_FD {
+        // A socket BIO: the library used this socket during the call.
+        let _ = SSL_FDS.insert(
+            &key,
+            &SslSocket {
+                fd: call.fd,
+                confirmed: 1,
+            },
+            0,
+        );
+        if len > 0 {
+            emit_on(pid_tgid, call.fd, dir, call.buf, len, ts);
+        }
+        return;
+    }
+    if let Some(s) = unsafe { SSL_FDS.get(&key) }
+        && s.confirmed == 1
+    {
+        if len > 0 {
+            emit_on(pid_tgid, s.fd, dir, call.buf, len, ts);
+        }
+        return;
+    }
+    // A memory BIO not confirmed yet: the thread's next TLS record write will tell.
+    park(pid_tgid, call, dir, len);
+    if dir == Direction::Ingress && len > 0 {
+        match guess_socket(pid_tgid, call.ssl) {
+            Some(fd) => {
+                emit_on(pid_tgid, fd, dir, call.buf, len, 0);
+            }
+            None => count_lost(lost::TLS_NO_SOCKET),
+        }
+    }
 }
 
+/// Makes `call`'s session the one the thread's next record write confirms, with the
+/// plaintext of a write kept back until then.
 #[inline(always)]
-fn is_write(kind: u32) -> bool {
-    kind == KIND_WRITE || kind == KIND_WRITE_EX
-}
-
-/// One plaintext event on socket `fd`; false when `fd` is not a TCP socket.
-#[inline(always)]
-fn emit_on(pid_tgid: u64, fd: u32, call: &TlsCall, len: u64, ts_ns: u64) -> bool {
-    let Some(info) = lookup((pid_tgid >> 32) as u32, fd) else {
-        return false;
+fn park(pid_tgid: u64, call: &TlsCall, dir: Direction, len: u64) {
+    let parks = dir == Direction::Egress && len > 0;
+    if let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid) {
+        // SAFETY: a map value pointer, valid for this program run; `n` is checked
+        // against the array length before it indexes.
+        unsafe {
+            if (*wait).ssl == call.ssl {
+                if !parks {
+                    return;
+                }
+                let n = (*wait).parked as usize;
+                if n < MAX_PARKED {
+                    (*wait).buf[n] = call.buf;
+                    (*wait).len[n] = len;
+                    (*wait).start_ns[n] = call.start_ns;
+                    (*wait).parked += 1;
+                    return;
+                }
+            }
+        }
+        // Another session, or no room: what waited goes up on its guess.
+        flush_await(pid_tgid);
+    }
+    // Built in per-CPU scratch space: the record is too big for the BPF stack here.
+    let Some(wait) = AWAIT_SCRATCH.get_ptr_mut(0) else {
+        if parks {
+            count_lost(lost::NO_SCRATCH);
+        }
+        return;
     };
+    // SAFETY: this CPU's scratch slot, valid for this program run.
+    unsafe {
+        (*wait).ssl = call.ssl;
+        (*wait).parked = 0;
+        if parks {
+            (*wait).parked = 1;
+            (*wait).buf[0] = call.buf;
+            (*wait).len[0] = len;
+            (*wait).start_ns[0] = call.start_ns;
+        }
+        if TLS_AWAIT.insert(pid_tgid, &*wait, 0).is_err() && parks {
+            count_lost(lost::MAP_FULL);
+        }
+    }
+}
+
+#[inline(always)]
+fn plaintext_len(call: &TlsCall, ret: i32) -> u64 {
+    if call.kind == KIND_HANDSHAKE {
+        return 0;
+    }
+    let len: u64 = if call.kind == KIND_READ_EX || call.kind == KIND_WRITE_EX {
+        if ret != 1 {
+            return 0;
+        }
+        unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
+    } else {
+        if ret <= 0 {
+            return 0;
+        }
+        ret as u64
+    };
+    if len >> 62 != 0 { 0 } else { len }
+}
+
+#[inline(always)]
+fn direction(kind: u32) -> Direction {
+    if kind == KIND_WRITE || kind == KIND_WRITE_EX {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    }
+}
+
+/// One plaintext event on socket `fd`.
+#[inline(always)]
+fn emit_on(pid_tgid: u64, fd: u32, dir: Direction, buf: u64, len: u64, ts_ns: u64) {
+    plaintext_event(pid_tgid, ((dir as u64) << 32) | fd as u64, buf, len, ts_ns);
+}
+
+/// The body of [`emit_on`], kept out of line (a BPF-to-BPF call) so that the many
+/// callers do not each carry its stack: `fd_dir` is the descriptor in the low half
+/// and the direction in the high half (a BPF call takes at most five arguments).
+#[inline(never)]
+fn plaintext_event(pid_tgid: u64, fd_dir: u64, buf: u64, len: u64, ts_ns: u64) -> u32 {
+    let fd = fd_dir as u32;
+    let dir = if (fd_dir >> 32) as u32 == Direction::Egress as u32 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let Some(info) = lookup((pid_tgid >> 32) as u32, fd) else {
+        return 0;
+    };
+    // SAFETY: a SOCKETS map value pointer, valid for this program run.
     unsafe {
         if (*info).is_tcp != 1 {
-            return false;
+            return 0;
         }
         (*info).is_tls = 1;
     }
-    let (dir, syscall) = if is_write(call.kind) {
-        (Direction::Egress, SyscallId::TlsWrite)
-    } else {
-        (Direction::Ingress, SyscallId::TlsRead)
+    let syscall = match dir {
+        Direction::Egress => SyscallId::TlsWrite,
+        Direction::Ingress => SyscallId::TlsRead,
     };
     data_event(
         pid_tgid,
@@ -213,12 +476,12 @@ fn emit_on(pid_tgid: u64, fd: u32, call: &TlsCall, len: u64, ts_ns: u64) -> bool
         info,
         dir,
         syscall as u32,
-        call.buf,
+        buf,
         len,
         true,
         ts_ns,
     );
-    true
+    1
 }
 
 #[uprobe]
@@ -242,6 +505,12 @@ pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, KIND_WRITE_EX);
+    0
+}
+
+#[uprobe]
+pub fn ssl_do_handshake_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_HANDSHAKE);
     0
 }
 
@@ -313,34 +582,36 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         kind,
         fd: go_conn_fd(regs.rax),
         start_ns: unsafe { bpf_ktime_get_ns() },
+        nested: 0,
         emitted: 0,
-        _pad: 0,
     };
     if call.fd == NO_FD
-        && let Some(fd) = unsafe {
-            SSL_FDS.get(SslKey {
+        && let Some(s) = unsafe {
+            SSL_FDS.get(&SslKey {
                 tgid: pid_tgid >> 32,
                 ssl: call.ssl,
             })
         }
     {
-        call.fd = *fd;
+        call.fd = s.fd;
     }
-    // A write's bytes are all in `b` at entry (Write writes all of them or fails).
+    // Write writes all of `b` or fails, and the reply is read on another goroutine,
+    // often on another thread, maybe before this call returns: the request goes up
+    // now, ahead of it.
     if kind == KIND_WRITE && call.fd != NO_FD && regs.rcx > 0 && (regs.rcx >> 62) == 0 {
-        let _ = SSL_FDS.insert(
-            SslKey {
-                tgid: pid_tgid >> 32,
-                ssl: call.ssl,
-            },
+        emit_on(
+            pid_tgid,
             call.fd,
-            0,
+            Direction::Egress,
+            call.buf,
+            regs.rcx,
+            call.start_ns,
         );
-        if emit_on(pid_tgid, call.fd, &call, regs.rcx, call.start_ns) {
-            call.emitted = 1;
-        }
+        call.emitted = 1;
     }
-    let _ = GO_TLS_CALLS.insert(key, call, 0);
+    if GO_TLS_CALLS.insert(&key, &call, 0).is_err() {
+        count_lost(lost::MAP_FULL);
+    }
 }
 
 #[uprobe]
@@ -364,13 +635,36 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
         tgid: pid_tgid >> 32,
         goroutine: regs.r14,
     };
-    let Some(call) = (unsafe { GO_TLS_CALLS.get(key) }).copied() else {
+    let Some(call) = (unsafe { GO_TLS_CALLS.get(&key) }).copied() else {
         return 0;
     };
-    let _ = GO_TLS_CALLS.remove(key);
+    let _ = GO_TLS_CALLS.remove(&key);
+    // Write returns how much it wrote (all of `b` unless it failed), Read how much it read.
     let n = regs.rax as i64;
-    if n > 0 && call.emitted == 0 {
-        emit_plaintext(pid_tgid, &call, n as u64);
+    if call.emitted == 1 {
+        return 0;
+    }
+    if n > 0 && call.fd != NO_FD {
+        let _ = SSL_FDS.insert(
+            &SslKey {
+                tgid: pid_tgid >> 32,
+                ssl: call.ssl,
+            },
+            &SslSocket {
+                fd: call.fd,
+                confirmed: 1,
+            },
+            0,
+        );
+        let dir = direction(call.kind);
+        let ts = if dir == Direction::Egress {
+            call.start_ns
+        } else {
+            0
+        };
+        emit_on(pid_tgid, call.fd, dir, call.buf, n as u64, ts);
+    } else if n > 0 {
+        count_lost(lost::TLS_NO_SOCKET);
     }
     0
 }

@@ -292,8 +292,11 @@ fn the_hook_is_told_where_a_message_after_a_large_body_starts() {
     let (mut p, spans, metrics) = pipeline(PipelineOptions::default());
     let calls = Arc::new(Mutex::new(Vec::new()));
     let into = calls.clone();
-    p.set_message_start_hook(Box::new(move |pid, fd, dir, tls, offset| {
-        into.lock().unwrap().push((pid, fd, dir, tls, offset));
+    p.set_message_start_hook(Box::new(move |m| {
+        assert!(!m.amqp_frames);
+        into.lock()
+            .unwrap()
+            .push((m.pid, m.fd, m.direction, m.tls, m.offset));
     }));
     connect(&mut p, 3, 40000, 500);
     let head = post_head(100_000);

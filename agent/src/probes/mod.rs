@@ -10,10 +10,10 @@ pub mod tls;
 
 use std::{ffi::CString, fmt, path::Path};
 
-use agent_common::{KernelOffsets, MAX_PAYLOAD, ProbeConfig, lost, maps};
+use agent_common::{KernelOffsets, MAX_PAYLOAD, NextMessage, ProbeConfig, counter, lost, maps};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{KProbe, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeScope},
 };
 use thiserror::Error;
@@ -193,7 +193,12 @@ pub struct Probes {
     ebpf: Ebpf,
     pub backend: Backend,
     lost: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
 }
+
+/// Where user space announces the start of the next message of each stream (the
+/// programs split a syscall's bytes there and copy a prefix from it).
+pub type NextMessageMap = BpfHashMap<MapData, u64, NextMessage>;
 
 impl Probes {
     /// Checks privileges and kernel features, loads the programs with this kernel's
@@ -259,29 +264,52 @@ impl Probes {
             name: maps::EVENTS,
             source,
         })?;
-        let lost = ebpf
-            .take_map(maps::LOST)
-            .ok_or(ProbeError::MissingMap(maps::LOST))?;
-        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
-            name: maps::LOST,
-            source,
-        })?;
+        let lost = per_cpu_counters(&mut ebpf, maps::LOST)?;
+        let counters = per_cpu_counters(&mut ebpf, maps::COUNTERS)?;
         Ok((
             Probes {
                 ebpf,
                 backend,
                 lost,
+                counters,
             },
             events,
         ))
     }
 
-    /// Events the programs dropped so far, over all causes and CPUs.
-    pub fn lost_events(&self) -> u64 {
-        (0..lost::COUNT)
-            .filter_map(|i| self.lost.get(&i, 0).ok())
-            .map(|per_cpu| per_cpu.iter().sum::<u64>())
-            .sum()
+    /// Events the programs dropped so far, by cause (`agent_common::lost`), summed over CPUs.
+    pub fn lost_by_cause(&self) -> [u64; lost::COUNT as usize] {
+        sum_per_cpu(&self.lost)
+    }
+
+    /// The programs' other counters (`agent_common::counter`), summed over CPUs.
+    pub fn counters(&self) -> [u64; counter::COUNT as usize] {
+        sum_per_cpu(&self.counters)
+    }
+
+    /// Copies the programs' counters into the agent's metrics.
+    pub fn publish(&self, metrics: &crate::telemetry::Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let lost = self.lost_by_cause();
+        for (slot, value) in metrics.events_lost_by_cause.iter().zip(lost) {
+            slot.store(value, Relaxed);
+        }
+        metrics.events_lost.store(lost.iter().sum(), Relaxed);
+        for (slot, value) in metrics.kernel_counters.iter().zip(self.counters()) {
+            slot.store(value, Relaxed);
+        }
+    }
+
+    /// The map of announced message starts, for the pipeline to write (taken once).
+    pub fn take_next_message_map(&mut self) -> Result<NextMessageMap, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(maps::NEXT_MESSAGE)
+            .ok_or(ProbeError::MissingMap(maps::NEXT_MESSAGE))?;
+        BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: maps::NEXT_MESSAGE,
+            source,
+        })
     }
 
     /// Puts the TLS uprobes on one library or executable (all processes that map it).
@@ -292,6 +320,7 @@ impl Probes {
             ("ssl_write_enter", s.ssl_write),
             ("ssl_read_ex_enter", s.ssl_read_ex),
             ("ssl_write_ex_enter", s.ssl_write_ex),
+            ("ssl_do_handshake_enter", s.ssl_do_handshake),
         ];
         let mut hooks: Vec<(&'static str, u64)> = Vec::new();
         for (program, offset) in points {
@@ -326,6 +355,24 @@ impl Probes {
     pub fn detach(self) {
         drop(self.ebpf);
     }
+}
+
+fn per_cpu_counters(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
+    PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn sum_per_cpu<const N: usize>(array: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    let mut sums = [0; N];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        if let Ok(per_cpu) = array.get(&(i as u32), 0) {
+            *sum = per_cpu.iter().sum();
+        }
+    }
+    sums
 }
 
 fn check_privileges() -> Result<(), ProbeError> {
@@ -432,11 +479,12 @@ where
     })
 }
 
-const TLS_PROGRAMS: [&str; 8] = [
+const TLS_PROGRAMS: [&str; 9] = [
     "ssl_read_enter",
     "ssl_write_enter",
     "ssl_read_ex_enter",
     "ssl_write_ex_enter",
+    "ssl_do_handshake_enter",
     "ssl_ret",
     "go_tls_read_enter",
     "go_tls_write_enter",

@@ -26,6 +26,9 @@ pub struct TlsSymbols {
     pub ssl_write: Option<u64>,
     pub ssl_read_ex: Option<u64>,
     pub ssl_write_ex: Option<u64>,
+    /// SSL_do_handshake: with memory BIOs, the handshake tells which socket a session
+    /// uses before any data moves (the handshake records written right after it).
+    pub ssl_do_handshake: Option<u64>,
     /// Go crypto/tls: entries of (*Conn).Read and (*Conn).Write, and every RET
     /// instruction of both.
     pub go: Option<GoTls>,
@@ -84,6 +87,7 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             "SSL_write" => &mut found.ssl_write,
             "SSL_read_ex" => &mut found.ssl_read_ex,
             "SSL_write_ex" => &mut found.ssl_write_ex,
+            "SSL_do_handshake" => &mut found.ssl_do_handshake,
             _ => continue,
         };
         if slot.is_none() {
@@ -281,6 +285,7 @@ mod tests {
             .find(|t| fs::canonicalize(&t.path).is_ok_and(|p| p.ends_with("libssl.so.3")))
             .expect("libssl.so.3 is installed on the build machine (Debian's libssl3)");
         assert!(libssl3.symbols.ssl_read_ex.is_some() && libssl3.symbols.ssl_write_ex.is_some());
+        assert!(libssl3.symbols.ssl_do_handshake.is_some());
         assert_ne!(libssl3.symbols.ssl_read, libssl3.symbols.ssl_write);
         // curl links libssl dynamically: it imports SSL_write but does not define it.
         assert_eq!(find_tls_symbols(Path::new("/usr/bin/curl")).unwrap(), None);

@@ -102,6 +102,14 @@ impl ConnParser {
         }
     }
 
+    /// See [`ProtocolParser::kernel_follows_frames`]; false until decided.
+    pub fn kernel_follows_frames(&self) -> bool {
+        match &self.candidates[..] {
+            [p] if self.decided => p.kernel_follows_frames(),
+            _ => false,
+        }
+    }
+
     /// See [`ProtocolParser::in_sync`]; undecided connections count as in sync.
     pub fn in_sync(&self, dir: Direction) -> bool {
         match &self.candidates[..] {

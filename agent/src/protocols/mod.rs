@@ -52,4 +52,9 @@ pub trait ProtocolParser: Send + std::fmt::Debug {
     /// Whether direction `dir` is in sync (not scanning for a message boundary after a
     /// loss).
     fn in_sync(&self, dir: Direction) -> bool;
+    /// Whether the stream is made of frames the kernel can follow by itself from one
+    /// frame start on (each frame's header says where the next one starts): AMQP.
+    fn kernel_follows_frames(&self) -> bool {
+        false
+    }
 }

@@ -347,6 +347,10 @@ impl AmqpParser {
 }
 
 impl ProtocolParser for AmqpParser {
+    fn kernel_follows_frames(&self) -> bool {
+        true
+    }
+
     fn detect(&self) -> Option<bool> {
         self.is_amqp()
     }
