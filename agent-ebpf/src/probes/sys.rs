@@ -278,10 +278,10 @@ fn exit_accept(ret: i64) {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = ret as u32;
     forget(tgid, fd);
-    if let Some(info) = classify(tgid, fd, role::SERVER) {
-        if info.is_tcp == 1 {
-            conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
-        }
+    if let Some(info) = classify(tgid, fd, role::SERVER)
+        && info.is_tcp == 1
+    {
+        conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
     }
 }
 

@@ -191,13 +191,13 @@ fn confirm(pid_tgid: u64, fd: u32, head: u64) {
         tgid: pid_tgid >> 32,
         ssl,
     };
-    if let Some(old) = unsafe { SSL_FDS.get(&key) }
+    if let Some(old) = unsafe { SSL_FDS.get(key) }
         && old.confirmed == 0
         && old.fd != fd
     {
         count(counter::TLS_CORRECTED);
     }
-    let _ = SSL_FDS.insert(&key, &SslSocket { fd, confirmed: 1 }, 0);
+    let _ = SSL_FDS.insert(key, SslSocket { fd, confirmed: 1 }, 0);
     count(counter::TLS_CONFIRMED);
     emit_parked(pid_tgid, wait, fd);
     let _ = TLS_AWAIT.remove(pid_tgid);
@@ -249,14 +249,14 @@ fn guess_socket(pid_tgid: u64, ssl: u64) -> Option<u32> {
         tgid: pid_tgid >> 32,
         ssl,
     };
-    if let Some(s) = unsafe { SSL_FDS.get(&key) } {
+    if let Some(s) = unsafe { SSL_FDS.get(key) } {
         if s.confirmed == 0 {
             count(counter::TLS_GUESSED);
         }
         return Some(s.fd);
     }
     let fd = unsafe { LAST_READ_FD.get(pid_tgid) }.copied()?;
-    let _ = SSL_FDS.insert(&key, &SslSocket { fd, confirmed: 0 }, 0);
+    let _ = SSL_FDS.insert(key, SslSocket { fd, confirmed: 0 }, 0);
     count(counter::TLS_GUESSED);
     Some(fd)
 }
@@ -330,8 +330,8 @@ fn finish_call(pid_tgid: u64, call: &TlsCall, len: u64) {
     if call.fd != NO_FD {
         // A socket BIO: the library used this socket during the call.
         let _ = SSL_FDS.insert(
-            &key,
-            &SslSocket {
+            key,
+            SslSocket {
                 fd: call.fd,
                 confirmed: 1,
             },
@@ -342,7 +342,7 @@ fn finish_call(pid_tgid: u64, call: &TlsCall, len: u64) {
         }
         return;
     }
-    if let Some(s) = unsafe { SSL_FDS.get(&key) }
+    if let Some(s) = unsafe { SSL_FDS.get(key) }
         && s.confirmed == 1
     {
         if len > 0 {
@@ -405,7 +405,7 @@ fn park(pid_tgid: u64, call: &TlsCall, dir: Direction, len: u64) {
             (*wait).len[0] = len;
             (*wait).start_ns[0] = call.start_ns;
         }
-        if TLS_AWAIT.insert(pid_tgid, &*wait, 0).is_err() && parks {
+        if TLS_AWAIT.insert(pid_tgid, *wait, 0).is_err() && parks {
             count_lost(lost::MAP_FULL);
         }
     }
@@ -587,7 +587,7 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
     };
     if call.fd == NO_FD
         && let Some(s) = unsafe {
-            SSL_FDS.get(&SslKey {
+            SSL_FDS.get(SslKey {
                 tgid: pid_tgid >> 32,
                 ssl: call.ssl,
             })
@@ -609,7 +609,7 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         );
         call.emitted = 1;
     }
-    if GO_TLS_CALLS.insert(&key, &call, 0).is_err() {
+    if GO_TLS_CALLS.insert(key, call, 0).is_err() {
         count_lost(lost::MAP_FULL);
     }
 }
@@ -635,10 +635,10 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
         tgid: pid_tgid >> 32,
         goroutine: regs.r14,
     };
-    let Some(call) = (unsafe { GO_TLS_CALLS.get(&key) }).copied() else {
+    let Some(call) = (unsafe { GO_TLS_CALLS.get(key) }).copied() else {
         return 0;
     };
-    let _ = GO_TLS_CALLS.remove(&key);
+    let _ = GO_TLS_CALLS.remove(key);
     // Write returns how much it wrote (all of `b` unless it failed), Read how much it read.
     let n = regs.rax as i64;
     if call.emitted == 1 {
@@ -646,11 +646,11 @@ pub fn go_tls_ret(ctx: ProbeContext) -> u32 {
     }
     if n > 0 && call.fd != NO_FD {
         let _ = SSL_FDS.insert(
-            &SslKey {
+            SslKey {
                 tgid: pid_tgid >> 32,
                 ssl: call.ssl,
             },
-            &SslSocket {
+            SslSocket {
                 fd: call.fd,
                 confirmed: 1,
             },
