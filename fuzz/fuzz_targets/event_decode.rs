@@ -57,6 +57,8 @@ fn decoded(record: &[u8]) -> Option<Event<'_>> {
         Event::Connect { .. } => EventKind::Connect,
         Event::Accept { .. } => EventKind::Accept,
         Event::Close { .. } => EventKind::Close,
+        Event::OwnConnect { .. } => EventKind::OwnConnect,
+        Event::OwnClose { .. } => EventKind::OwnClose,
         Event::Exec { env, .. } => {
             assert!(env.iter().all(|v| v.starts_with("OTEL_")));
             EventKind::Exec
@@ -78,6 +80,8 @@ fn narrowed(mut event: Event<'_>) -> Event<'_> {
         Event::Connect { header, .. }
         | Event::Accept { header, .. }
         | Event::Close { header, .. }
+        | Event::OwnConnect { header, .. }
+        | Event::OwnClose { header, .. }
         | Event::Exec { header, .. }
         | Event::Exit { header, .. } => header,
     };
