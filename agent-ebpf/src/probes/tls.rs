@@ -57,16 +57,50 @@ pub struct TlsCall {
     pub fd: u32,
     /// When the call began: a write's bytes leave then.
     pub start_ns: u64,
-    /// Probed library calls made from inside this one (SSL_do_handshake from within
-    /// SSL_read, say): their returns are not this call's.
-    pub nested: u32,
+    pub _pad: u32,
     /// 1 when the write's plaintext was sent up at entry (Go, see `go_enter`).
     pub emitted: u32,
 }
 
-/// Calls in flight, by thread (pid_tgid).
+/// A call in flight: the thread, and how many probed calls it was inside of.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallKey {
+    pub pid_tgid: u64,
+    pub depth: u64,
+}
+
+/// Calls in flight, by thread and depth. Library calls nest: Node.js runs JavaScript
+/// from inside SSL_read (the handshake callbacks), and that JavaScript writes on other
+/// sessions, each write one more SSL_write inside.
 #[map(name = "TLS_CALLS")]
-static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
+static TLS_CALLS: HashMap<CallKey, TlsCall> = HashMap::with_max_entries(16384, 0);
+
+/// Probed calls in flight on each thread (pid_tgid); the innermost is at depth - 1.
+#[map(name = "TLS_DEPTH")]
+static TLS_DEPTH: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Calls deeper than this are not followed (their bytes are counted as lost).
+const MAX_DEPTH: u64 = 4;
+
+/// Threads seen moving plaintext through a call that touched no socket: their TLS
+/// sessions use memory BIOs, so a socket read or write inside one of their calls is
+/// someone else's (JavaScript run from a callback), not the session's.
+#[map(name = "MEMORY_BIO_THREADS")]
+static MEMORY_BIO_THREADS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// The innermost call in flight on the thread, if any.
+#[inline(always)]
+fn innermost(pid_tgid: u64) -> Option<*mut TlsCall> {
+    let depth = unsafe { TLS_DEPTH.get(pid_tgid) }.copied()?;
+    if depth == 0 || depth > MAX_DEPTH {
+        return None;
+    }
+    TLS_CALLS.get_ptr_mut(CallKey {
+        pid_tgid,
+        depth: depth - 1,
+    })
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -122,7 +156,9 @@ static AWAIT_SCRATCH: PerCpuArray<AwaitRecord> = PerCpuArray::with_max_entries(1
 /// the user address of the first bytes a write sends (0 for reads).
 #[inline(always)]
 pub fn note_socket_io(pid_tgid: u64, fd: u32, direction: Direction, egress_head: u64) -> bool {
-    if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+    if let Some(call) = innermost(pid_tgid)
+        && unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_none()
+    {
         // SAFETY: a map value pointer, valid for this program run.
         unsafe { (*call).fd = fd };
         return true;
@@ -267,9 +303,13 @@ fn enter(ctx: &ProbeContext, kind: u32) {
     if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
         return;
     }
-    if let Some(outer) = TLS_CALLS.get_ptr_mut(pid_tgid) {
-        // SAFETY: a map value pointer, valid for this program run.
-        unsafe { (*outer).nested += 1 };
+    let depth = unsafe { TLS_DEPTH.get(pid_tgid) }.copied().unwrap_or(0);
+    if TLS_DEPTH.insert(pid_tgid, depth + 1, 0).is_err() {
+        count_lost(lost::MAP_FULL);
+        return;
+    }
+    if depth >= MAX_DEPTH {
+        count_lost(lost::MAP_FULL);
         return;
     }
     let call = TlsCall {
@@ -287,30 +327,49 @@ fn enter(ctx: &ProbeContext, kind: u32) {
         kind,
         fd: NO_FD,
         start_ns: unsafe { bpf_ktime_get_ns() },
-        nested: 0,
+        _pad: 0,
         emitted: 0,
     };
-    if TLS_CALLS.insert(pid_tgid, call, 0).is_err() {
+    if TLS_CALLS
+        .insert(CallKey { pid_tgid, depth }, call, 0)
+        .is_err()
+    {
         count_lost(lost::MAP_FULL);
     }
 }
 
+/// Returns come in the reverse order of entries: each one ends the innermost call.
 #[inline(always)]
 fn exit(ctx: &RetProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(entry) = TLS_CALLS.get_ptr_mut(pid_tgid) else {
+    let Some(depth) = (unsafe { TLS_DEPTH.get(pid_tgid) }).copied() else {
         return;
     };
-    // SAFETY: a map value pointer, valid for this program run (copied before removal).
-    let call = unsafe {
-        if (*entry).nested > 0 {
-            (*entry).nested -= 1;
-            return;
-        }
-        *entry
+    if depth <= 1 {
+        let _ = TLS_DEPTH.remove(pid_tgid);
+    } else {
+        let _ = TLS_DEPTH.insert(pid_tgid, depth - 1, 0);
+    }
+    if depth == 0 || depth > MAX_DEPTH {
+        return;
+    }
+    let key = CallKey {
+        pid_tgid,
+        depth: depth - 1,
     };
-    let _ = TLS_CALLS.remove(pid_tgid);
+    let Some(mut call) = (unsafe { TLS_CALLS.get(key) }).copied() else {
+        return;
+    };
+    let _ = TLS_CALLS.remove(key);
     let len = plaintext_len(&call, ctx.ret::<i64>() as i32);
+    // With a socket BIO every call touches the socket (a handshake step, a read that
+    // would block, a write); a call that did not means memory BIOs on this thread, and
+    // then a socket used inside a call says nothing about the call's session.
+    if call.fd == NO_FD {
+        let _ = MEMORY_BIO_THREADS.insert(pid_tgid, 1, 0);
+    } else if unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_some() {
+        call.fd = NO_FD;
+    }
     finish_call(pid_tgid, &call, len);
 }
 
@@ -582,7 +641,7 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
         kind,
         fd: go_conn_fd(regs.rax),
         start_ns: unsafe { bpf_ktime_get_ns() },
-        nested: 0,
+        _pad: 0,
         emitted: 0,
     };
     if call.fd == NO_FD
