@@ -239,11 +239,12 @@ def test_nginx_sendfile_pipelined(agent, nginx, t0):
                status=200, ua="sonde-test-pipeline/", resp_body=sizes[0], t0=t0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: the client reads the end of the 300 KiB body and the next "
-    "pipelined response in one recv(); the next status line sits ~50 KiB into that read, "
-    "past the per-syscall capture cap, so the client loses the later responses. Needs "
-    "kernel-side message boundaries (see README, 'What is parsed')."))
+@pytest.mark.xfail(strict=False, reason=(
+    "known limitation (issue 7): the client reads the end of the 300 KiB body and the next "
+    "pipelined response in one recv(); the agent tells the kernel where the next response "
+    "starts (a message window), but the client reads the body faster than the agent wakes, "
+    "so in most runs the window comes too late and the client loses the later responses "
+    "(counted in sonde_message_starts_missed_total)"))
 def test_nginx_sendfile_pipelined_client_side(agent, nginx, t0):
     paths = ["/static/big.bin", "/orders/1", "/static/big.bin"]
     c = run_pyclient("pipeline", "127.0.0.1", nginx.port, *paths)
