@@ -239,6 +239,26 @@ def test_nginx_sendfile_pipelined(agent, nginx, t0):
                status=200, ua="sonde-test-pipeline/", resp_body=sizes[0], t0=t0)
 
 
+def test_pipelined_responses_after_a_large_body_read_later(agent, nginx, t0):
+    """The client reads the first response's head, pauses, then reads on in 1 MiB reads:
+    one read holds the end of the 300 KiB body and the next responses, far past the
+    copied prefix. The agent has told the kernel by then where the next response starts,
+    so the kernel splits that read there (a message window) and the client side is exact."""
+    paths = ["/static/big.bin", "/orders/1", "/orders/2"]
+    c = run_pyclient("pipeline-slow-reader", "127.0.0.1", nginx.port, *paths)
+    assert c.out["status_lines"] == 3, c.out
+    srv, cli = both_ends(agent, nginx, c, 3, "pipelined static, GET, GET; slow reader")
+    sizes = [STATIC_SIZE, len(NGINX_ORDER_BODY), len(NGINX_ORDER_BODY)]
+    names = ["GET /static/big.bin", "GET /orders/{id}", "GET /orders/{id}"]
+    routes = ["/static/big.bin", "/orders/{id}", "/orders/{id}"]
+    for s, k, p, n, r, size in zip(srv, cli, paths, names, routes, sizes):
+        check_pair(s, k, nginx.port, name=n, path=p, route=r, status=200,
+                   ua="sonde-test-pipeline/", resp_body=size, t0=t0)
+    metrics = agent.get("/metrics")[1]
+    windows = [line for line in metrics.splitlines() if line.startswith("sonde_message_windows_total ")]
+    assert windows and int(windows[0].split()[1]) >= 1, f"no message window counted:\n{windows}"
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "known limitation (issue 7): the client reads the end of the 300 KiB body and the next "
     "pipelined response in one recv(); the agent tells the kernel where the next response "

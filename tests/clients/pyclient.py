@@ -12,6 +12,7 @@ import http.client
 import json
 import random
 import socket
+import time
 import sys
 
 
@@ -76,6 +77,35 @@ def cmd_pipeline(host, port, paths):
             "status_lines": got.count(b"HTTP/1.1 "), "bytes_received": len(got)}
 
 
+def cmd_pipeline_slow_reader(host, port, paths):
+    """As cmd_pipeline, but the first recv takes only the first response's head and a
+    little body, then the client pauses before reading the rest in large reads: one of
+    them holds the end of the first body and the next responses."""
+    reqs = []
+    for i, p in enumerate(paths):
+        last = i == len(paths) - 1
+        reqs.append(
+            f"GET {p} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: sonde-test-pipeline/1.0\r\n"
+            + ("Connection: close\r\n" if last else "")
+            + "\r\n"
+        )
+    data = "".join(reqs).encode()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(data)
+    got = s.recv(2048)
+    time.sleep(0.5)
+    reads = 1
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        reads += 1
+        got += chunk
+    s.close()
+    return {"bytes_sent": len(data), "reads": reads,
+            "status_lines": got.count(b"HTTP/1.1 "), "bytes_received": len(got)}
+
+
 def cmd_garbage(host, port, nbytes):
     rnd = random.Random(1234)
     # Starts with bytes no HTTP method can start with; no CRLF CRLF in it.
@@ -104,6 +134,8 @@ def main():
         res = cmd_upload(host, port, rest[0], rest[1:])
     elif cmd == "pipeline":
         res = cmd_pipeline(host, port, rest)
+    elif cmd == "pipeline-slow-reader":
+        res = cmd_pipeline_slow_reader(host, port, rest)
     elif cmd == "garbage":
         res = cmd_garbage(host, port, rest[0])
     else:
