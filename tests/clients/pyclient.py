@@ -54,7 +54,8 @@ def cmd_upload(host, port, size, paths):
     return {"responses": out, "connections": len(local)}
 
 
-def cmd_pipeline(host, port, paths):
+def pipelined_gets(host, port, paths):
+    """GET requests for every path, back to back; the last one asks to close."""
     reqs = []
     for i, p in enumerate(paths):
         last = i == len(paths) - 1
@@ -63,7 +64,11 @@ def cmd_pipeline(host, port, paths):
             + ("Connection: close\r\n" if last else "")
             + "\r\n"
         )
-    data = "".join(reqs).encode()
+    return "".join(reqs).encode()
+
+
+def cmd_pipeline(host, port, paths):
+    data = pipelined_gets(host, port, paths)
     s = socket.create_connection((host, int(port)), timeout=30)
     s.sendall(data)  # one write: the server sees all requests at once
     got = b""
@@ -81,15 +86,7 @@ def cmd_pipeline_slow_reader(host, port, paths):
     """As cmd_pipeline, but the first recv takes only the first response's head and a
     little body, then the client pauses before reading the rest in large reads: one of
     them holds the end of the first body and the next responses."""
-    reqs = []
-    for i, p in enumerate(paths):
-        last = i == len(paths) - 1
-        reqs.append(
-            f"GET {p} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: sonde-test-pipeline/1.0\r\n"
-            + ("Connection: close\r\n" if last else "")
-            + "\r\n"
-        )
-    data = "".join(reqs).encode()
+    data = pipelined_gets(host, port, paths)
     s = socket.create_connection((host, int(port)), timeout=30)
     s.sendall(data)
     got = s.recv(2048)
