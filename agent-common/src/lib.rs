@@ -256,6 +256,11 @@ pub struct ProcEvent {
     pub comm: [u8; 16],
     /// Bytes of `env` that are valid (NUL-separated NAME=value strings).
     pub env_len: u32,
+    /// For [`EventKind::Exec`]: the process and thread that forked this one
+    /// (task_struct->real_parent), so that a program a service runs is put under
+    /// the request that thread was handling; 0 when unknown.
+    pub parent_tgid: u32,
+    pub parent_tid: u32,
     pub _pad: u32,
     pub args: [u8; MAX_ARGS],
     pub env: [u8; MAX_ENV],
@@ -290,6 +295,10 @@ pub struct KernelOffsets {
     pub mm_arg_end: u32,
     pub mm_env_start: u32,
     pub mm_env_end: u32,
+    pub task_real_parent: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub _pad: u32,
 }
 
 /// Settings of the programs, fixed at load time.
@@ -407,9 +416,9 @@ const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 88);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<ProcEvent>() == 56 + MAX_ARGS + MAX_ENV);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 112);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 64 + MAX_ARGS + MAX_ENV);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 128);
 const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]

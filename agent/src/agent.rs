@@ -69,6 +69,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_connections: args.max_connections,
         identify_off_thread: true,
         capture_cap: u64::from(args.payload_cap),
+        stall_timeout: (!args.stall_timeout.is_zero()).then_some(args.stall_timeout),
         ..Default::default()
     };
     let mut pipeline = Pipeline::new(

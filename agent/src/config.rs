@@ -145,6 +145,12 @@ pub struct RunArgs {
     /// Most connections tracked at once.
     #[arg(long, env = "SONDE_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: usize,
+
+    /// A request still unanswered, a delivery still unacknowledged or a program still
+    /// running after this long is exported while it hangs, as a span marked
+    /// sonde.stalled=true in its trace (0s: never).
+    #[arg(long, env = "SONDE_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: std::time::Duration,
 }
 
 /// Largest ring buffer: the kernel sizes it in a u32 of bytes and limits one ring to

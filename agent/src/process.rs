@@ -89,6 +89,22 @@ struct ProcFacts {
     exe_path: Option<PathBuf>,
     comm: Option<String>,
     container_id: Option<String>,
+    /// The executable is a Go program (it has a `.go.buildinfo` section).
+    go: bool,
+}
+
+/// sonde's resource attribute for a Go program, as the OpenTelemetry Go SDK spells it:
+/// its threads do not follow its requests (goroutines move between them).
+pub const RUNTIME_NAME: &str = "process.runtime.name";
+
+/// Whether the ELF file at `path` is a Go program.
+fn is_go_program(path: &Path) -> bool {
+    use object::{Object, ReadCache};
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache).is_ok_and(|elf| elf.section_by_name(".go.buildinfo").is_some())
 }
 
 impl Describer {
@@ -134,6 +150,7 @@ impl Describer {
                 .map(|s| s.trim().to_owned())
                 .ok(),
             container_id: container_id(&dir.join("cgroup")),
+            go: is_go_program(&dir.join("exe")),
         })
     }
 
@@ -144,6 +161,7 @@ impl Describer {
             exe_path,
             mut comm,
             container_id,
+            go,
         } = facts;
         if let Some(hint) = exec {
             if cmdline.is_empty() {
@@ -213,6 +231,9 @@ impl Describer {
         }
         if let Some(id) = container_id {
             attributes.push(KeyValue::new(res::CONTAINER_ID, id));
+        }
+        if go {
+            attributes.push(KeyValue::new(RUNTIME_NAME, "go"));
         }
         Resource {
             service_name,
