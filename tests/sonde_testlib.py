@@ -26,6 +26,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PY = sys.executable
 
+INTERNAL = 1
 SERVER = 2
 CLIENT = 3
 STATUS_UNSET = 0
