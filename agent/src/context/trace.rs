@@ -383,3 +383,156 @@ fn fill(mut span: Span, trace: TraceId, parent: Option<SpanId>) -> Span {
     span.parent_span_id = parent;
     span
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::spans::{Resource, SpanKind, Status};
+
+    fn span(id: SpanId) -> Span {
+        Span {
+            trace_id: [9; 16],
+            span_id: id,
+            parent_span_id: None,
+            name: "GET /".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: 1,
+            end_unix_nanos: 2,
+            attributes: vec![],
+            status: Status::Unset,
+            resource: Arc::new(Resource {
+                service_name: "s".into(),
+                pid: 1,
+                executable_name: "s".into(),
+                host_name: "h".into(),
+                attributes: vec![],
+            }),
+        }
+    }
+
+    fn graph() -> TraceGraph<()> {
+        TraceGraph::new(GraphOptions {
+            keep_ns: 100,
+            max_nodes: 100,
+            stall_ns: Some(1_000),
+        })
+    }
+
+    const A: SpanId = [1; 8];
+    const B: SpanId = [2; 8];
+    const C: SpanId = [3; 8];
+
+    #[test]
+    fn children_wait_for_the_trace_of_their_root_and_share_it() {
+        let mut g = graph();
+        g.open(A, 0, 500, None);
+        g.open(B, 10, 10, None);
+        g.open(C, 20, 20, None);
+        g.decide(B, Parent::Node(A));
+        g.decide(C, Parent::Node(B));
+        g.finish(span(C), (), 30);
+        g.finish(span(B), (), 40);
+        assert!(g.take().is_empty(), "A's parent is not decided yet");
+        g.decide(A, Parent::Root);
+        let out = g.take();
+        assert_eq!(out.len(), 2);
+        let trace = g.trace_of(&A).unwrap();
+        let c = out.iter().find(|(s, _)| s.span_id == C).unwrap();
+        let b = out.iter().find(|(s, _)| s.span_id == B).unwrap();
+        assert_eq!((c.0.trace_id, c.0.parent_span_id), (trace, Some(B)));
+        assert_eq!((b.0.trace_id, b.0.parent_span_id), (trace, Some(A)));
+        g.finish(span(A), (), 50);
+        let a = g.take();
+        assert_eq!((a[0].0.trace_id, a[0].0.parent_span_id), (trace, None));
+    }
+
+    #[test]
+    fn an_undecided_node_becomes_a_root_after_its_window_and_the_first_decision_stands() {
+        let mut g = graph();
+        g.open(A, 0, 100, None);
+        g.finish(span(A), (), 10);
+        g.tick(99, |_| ());
+        assert!(g.take().is_empty());
+        g.tick(100, |_| ());
+        let out = g.take();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.parent_span_id, None);
+        assert_eq!(g.take_counts().undecided, 1);
+        let remote = [7; 8];
+        g.decide(
+            A,
+            Parent::Remote {
+                trace_id: [5; 16],
+                span_id: remote,
+            },
+        );
+        assert_ne!(g.trace_of(&A), Some([5; 16]));
+    }
+
+    #[test]
+    fn a_remote_parent_gives_its_trace_and_a_cycle_is_refused() {
+        let mut g = graph();
+        g.open(A, 0, 100, None);
+        g.open(B, 0, 100, None);
+        g.decide(B, Parent::Node(A));
+        g.decide(A, Parent::Node(B));
+        assert_eq!(g.take_counts().cycles, 1);
+        assert!(g.trace_of(&A).is_some() && g.trace_of(&A) == g.trace_of(&B));
+        g.open(C, 0, 100, None);
+        g.decide(
+            C,
+            Parent::Remote {
+                trace_id: [5; 16],
+                span_id: [6; 8],
+            },
+        );
+        g.finish(span(C), (), 1);
+        let out = g.take();
+        assert_eq!(
+            (out[0].0.trace_id, out[0].0.parent_span_id),
+            ([5; 16], Some([6; 8]))
+        );
+    }
+
+    #[test]
+    fn an_open_node_past_the_stall_timeout_gives_one_stalled_span_in_its_trace() {
+        let mut g = graph();
+        g.open(A, 0, 0, None);
+        g.decide(A, Parent::Root);
+        g.open(B, 100, 100, Some(Box::new(span(B))));
+        g.decide(B, Parent::Node(A));
+        g.tick(1_099, |_| ());
+        assert!(g.take().is_empty());
+        g.tick(1_100, |_| ());
+        g.tick(5_000, |_| ());
+        let out = g.take();
+        assert_eq!(out.len(), 1, "one stalled span");
+        let s = &out[0].0;
+        assert_ne!(s.span_id, B);
+        assert_eq!(
+            (s.trace_id, s.parent_span_id),
+            (g.trace_of(&A).unwrap(), Some(A))
+        );
+        assert_eq!(s.attribute(STALLED), Some(&crate::spans::Value::Bool(true)));
+        g.finish(span(B), (), 6_000);
+        assert_eq!(g.take()[0].0.span_id, B);
+    }
+
+    #[test]
+    fn the_number_of_nodes_is_bounded_and_what_waits_goes_out() {
+        let mut g = TraceGraph::new(GraphOptions {
+            keep_ns: 100,
+            max_nodes: 2,
+            stall_ns: None,
+        });
+        g.open(A, 0, 1_000, None);
+        g.finish(span(A), (), 1);
+        g.open(B, 0, 1_000, None);
+        g.open(C, 0, 1_000, None);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g.take().len(), 1, "A went out when it was forgotten");
+        assert_eq!(g.take_counts().evicted, 1);
+    }
+}
