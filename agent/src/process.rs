@@ -569,7 +569,11 @@ fn script_name(exe: &str, cmdline: &[String]) -> Option<String> {
 
 /// A 64-hex-digit container id in the process's cgroup path (docker, containerd, cri-o).
 fn container_id(cgroup_file: &Path) -> Option<String> {
-    let text = fs::read_to_string(cgroup_file).ok()?;
+    container_id_of(&fs::read_to_string(cgroup_file).ok()?)
+}
+
+/// The container id in the text of a /proc/PID/cgroup file.
+pub(crate) fn container_id_of(text: &str) -> Option<String> {
     for line in text.lines() {
         let path = line.rsplit(':').next().unwrap_or("");
         for part in path.split(['/', '-', '.']) {
