@@ -68,6 +68,10 @@ pub struct PipelineOptions {
     /// Payload bytes the kernel copies per event: a message that starts further than
     /// this beyond the bytes seen would be missed without a window there.
     pub capture_cap: u64,
+    /// Business attribute rules (the config file's, then the defaults).
+    pub business: Arc<crate::business::Rules>,
+    /// Identity rules for naming processes (the config file's).
+    pub processes: Arc<crate::selection::ProcessRules>,
 }
 
 impl Default for PipelineOptions {
@@ -83,6 +87,8 @@ impl Default for PipelineOptions {
             link_remote_peers: false,
             identify_off_thread: false,
             capture_cap: agent_common::MAX_PAYLOAD as u64,
+            business: Arc::default(),
+            processes: Arc::default(),
         }
     }
 }
@@ -140,11 +146,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
-        let (registry, sink) = if opts.identify_off_thread {
+        let (mut registry, sink) = if opts.identify_off_thread {
             ProcessRegistry::off_thread(sink, metrics.clone())
         } else {
             (ProcessRegistry::new(), sink)
         };
+        registry.set_process_rules(opts.processes.clone());
         Pipeline {
             linker: Linker::new(opts.link_hold, opts.max_pending_spans),
             messages: MessageLinker::new(
@@ -533,7 +540,8 @@ impl Pipeline {
         tls: bool,
         now_ns: u64,
     ) {
-        let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
+        let mut span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
+        crate::business::annotate_http(&self.opts.business, ex, &mut span);
         Metrics::inc(&self.metrics.spans_built);
         if !self.opts.link_remote_peers && !self.local_addrs.peer_is_local(info) {
             // The other end is on another node: no span of ours will pair with it.
@@ -565,9 +573,10 @@ impl Pipeline {
             }
             return;
         }
-        let Some(span) = amqp_span(op, info, resource, self.mono_to_unix_ns) else {
+        let Some(mut span) = amqp_span(op, info, resource, self.mono_to_unix_ns) else {
             return;
         };
+        crate::business::annotate_amqp(&self.opts.business, op, &mut span);
         Metrics::inc(&self.metrics.spans_built);
         let out = match MessageKey::of(op) {
             Some(key) => self.messages.offer(span, key, now_ns),

@@ -34,6 +34,7 @@ use std::{
 
 use crate::{
     pipeline::Sink,
+    selection::{ProcessFacts, ProcessRules},
     spans::{KeyValue, Resource, Span},
     telemetry::Metrics,
 };
@@ -79,6 +80,8 @@ pub struct Identified {
 pub struct Describer {
     proc_root: PathBuf,
     host_name: String,
+    /// The config file's identity rules.
+    rules: Arc<ProcessRules>,
 }
 
 /// What /proc says about one process.
@@ -89,6 +92,7 @@ struct ProcFacts {
     exe_path: Option<PathBuf>,
     comm: Option<String>,
     container_id: Option<String>,
+    cgroup: Option<String>,
 }
 
 impl Describer {
@@ -100,7 +104,14 @@ impl Describer {
         Describer {
             proc_root,
             host_name,
+            rules: Arc::default(),
         }
+    }
+
+    /// Names processes by these identity rules too (after their own OTEL_SERVICE_NAME).
+    pub fn with_rules(mut self, rules: Arc<ProcessRules>) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// The process as /proc shows it now, completed by its exec event; None when /proc
@@ -134,6 +145,9 @@ impl Describer {
                 .map(|s| s.trim().to_owned())
                 .ok(),
             container_id: container_id(&dir.join("cgroup")),
+            cgroup: fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| {
+                t.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+            }),
         })
     }
 
@@ -144,6 +158,7 @@ impl Describer {
             exe_path,
             mut comm,
             container_id,
+            cgroup,
         } = facts;
         if let Some(hint) = exec {
             if cmdline.is_empty() {
@@ -197,7 +212,19 @@ impl Describer {
                 }
             }
         }
+        let (rule_name, rule_attributes) = self.rules.identity(&ProcessFacts {
+            executable: exe_path.clone(),
+            cmdline: cmdline.clone(),
+            container_id: container_id.clone(),
+            cgroup,
+        });
+        for kv in rule_attributes {
+            if !attributes.iter().any(|a| a.key == kv.key) {
+                attributes.push(kv);
+            }
+        }
         let service_name = service_name
+            .or(rule_name)
             .or_else(|| script_name(&executable_name, &cmdline))
             .unwrap_or_else(|| executable_name.clone());
 
@@ -247,6 +274,11 @@ impl ProcessRegistry {
     /// A registry that reads /proc itself, on the caller's thread (replays, tests).
     pub fn new() -> Self {
         Self::with_proc_root("/proc")
+    }
+
+    /// Names processes by these identity rules too ([`Describer::with_rules`]).
+    pub fn set_process_rules(&mut self, rules: Arc<ProcessRules>) {
+        self.describer.rules = rules;
     }
 
     pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {

@@ -20,7 +20,12 @@ use std::{
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::spans::KeyValue;
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use crate::{
+    pipeline::Sink,
+    spans::{KeyValue, Span, Value},
+};
 
 /// The `selection:` section.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,7 +109,7 @@ impl ProcessMatch {
 #[serde(try_from = "ExcludeSpec")]
 pub enum Exclude {
     Process(ProcessMatch),
-    /// Spans of connections whose local or remote port this is.
+    /// Spans whose `server.port` this is: the service listening on it and its clients.
     Port(u16),
 }
 
@@ -199,6 +204,23 @@ impl ProcessRules {
         }
         (name, attributes)
     }
+}
+
+/// Leaves out the spans whose server port (the local port of a server span, the peer's
+/// of a client span) is one of `ports`.
+pub fn drop_ports(ports: Vec<u16>, mut sink: Sink) -> Sink {
+    if ports.is_empty() {
+        return sink;
+    }
+    Box::new(move |span: Span| {
+        let excluded = matches!(
+            span.attribute(semconv::SERVER_PORT),
+            Some(Value::Int(p)) if ports.iter().any(|x| i64::from(*x) == *p)
+        );
+        if !excluded {
+            sink(span);
+        }
+    })
 }
 
 /// Attribute keys are `&'static str`: a config file's keys are read once and live as
