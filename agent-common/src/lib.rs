@@ -17,6 +17,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
     pub const EXCLUDED_TGIDS: &str = "EXCLUDED_TGIDS";
+    pub const EXCLUDED_COMMS: &str = "EXCLUDED_COMMS";
+    pub const CGROUPS: &str = "CGROUPS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const PENDING: &str = "PENDING";
     pub const COUNTERS: &str = "COUNTERS";
@@ -313,6 +315,25 @@ pub struct ProbeConfig {
     /// Ring buffer fill (bytes) above which a submit wakes the reader at once; below it
     /// the reader picks events up on its own timer, which saves wake-ups under load.
     pub wakeup_bytes: u64,
+    /// Which process filters are on (`select::*` bits): with none, no filter costs
+    /// anything.
+    pub select: u32,
+    /// Offset of `child_pid` in the sched/sched_process_fork record (its tracefs
+    /// `format` file; the layout changed in Linux 6.x).
+    pub fork_child_pid_offset: u32,
+}
+
+/// Process filters of [`ProbeConfig::select`].
+pub mod select {
+    /// Processes in `EXCLUDED_TGIDS` are not traced (command names, config rules).
+    pub const EXCLUDED: u32 = 1;
+    /// Only processes in one of the `CGROUPS` (or below) are traced.
+    pub const CGROUPS: u32 = 2;
+    /// Programs whose command name is in `EXCLUDED_COMMS` are put into `EXCLUDED_TGIDS`
+    /// when they start.
+    pub const COMMS: u32 = 4;
+    /// Deepest cgroup level looked at for an ancestor in `CGROUPS`.
+    pub const MAX_CGROUP_DEPTH: u32 = 16;
 }
 
 /// Counters of events the programs had to drop, one slot each (per-CPU array).
@@ -418,7 +439,7 @@ const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 64 + MAX_ARGS + MAX_ENV);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 128);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 136);
 const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]

@@ -84,6 +84,10 @@ pub struct PipelineOptions {
     pub stall_timeout: Option<Duration>,
     /// How long a span whose trace is known waits for the trace's order id.
     pub order_hold: Duration,
+    /// Business attribute rules (the config file's, then the defaults).
+    pub business: Arc<crate::business::Rules>,
+    /// Identity rules for naming processes (the config file's).
+    pub processes: Arc<crate::selection::ProcessRules>,
 }
 
 impl Default for PipelineOptions {
@@ -101,6 +105,8 @@ impl Default for PipelineOptions {
             capture_cap: agent_common::MAX_PAYLOAD as u64,
             stall_timeout: Some(Duration::from_secs(30)),
             order_hold: Duration::from_secs(1),
+            business: Arc::default(),
+            processes: Arc::default(),
         }
     }
 }
@@ -205,11 +211,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
-        let (registry, sink) = if opts.identify_off_thread {
+        let (mut registry, sink) = if opts.identify_off_thread {
             ProcessRegistry::off_thread(sink, metrics.clone())
         } else {
             (ProcessRegistry::new(), sink)
         };
+        registry.set_process_rules(opts.processes.clone());
         Pipeline {
             linker: Linker::new(opts.link_hold, opts.max_pending_spans),
             messages: MessageLinker::new(
@@ -860,6 +867,7 @@ impl Pipeline {
         now_ns: u64,
     ) {
         let mut span = http_span(ex, origin.info, resource, self.mono_to_unix_ns, origin.tls);
+        crate::business::annotate_http(&self.opts.business, ex, &mut span);
         Metrics::inc(&self.metrics.spans_built);
         let open = self.open.entry(origin.uid).or_default();
         let id = open
@@ -930,6 +938,7 @@ impl Pipeline {
         let Some(mut span) = amqp_span(op, origin.info, resource, self.mono_to_unix_ns) else {
             return;
         };
+        crate::business::annotate_amqp(&self.opts.business, op, &mut span);
         Metrics::inc(&self.metrics.spans_built);
         let key = MessageKey::of(op);
         match op {

@@ -31,7 +31,6 @@ use aya_ebpf::{
 };
 
 use crate::{
-    config::setting,
     emit::data_event,
     maps::{count, count_lost},
     socket::lookup,
@@ -300,7 +299,7 @@ fn guess_socket(pid_tgid: u64, ssl: u64) -> Option<u32> {
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return;
     }
     let depth = unsafe { TLS_DEPTH.get(pid_tgid) }.copied().unwrap_or(0);
@@ -626,7 +625,7 @@ fn go_conn_fd(conn: u64) -> u32 {
 #[inline(always)]
 fn go_enter(ctx: &ProbeContext, kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return;
     }
     let regs = unsafe { &*ctx.regs };
