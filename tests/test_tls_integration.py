@@ -67,11 +67,27 @@ def check_large(agent, server, client, ua, t0):
     assert [(x["path"], x["status"]) for x in r] == [("/upload", 200), (f"/big?size={BIG}", 200)], client.out
     assert r[1]["len"] == BIG, client.out
     srv, cli = both_ends(agent, server, client.pid, 2, "a 2 MB POST and a 1 MB response over TLS")
-    check_https_pair(srv[0], cli[0], server.port, srv + cli, method="POST", path="/upload",
-                     route="/upload", status=200, ua=ua, req_body=UPLOAD, resp_body=r[0]["len"], t0=t0)
-    check_https_pair(srv[1], cli[1], server.port, srv + cli, method="GET", path="/big",
-                     query=f"size={BIG}", route="/big", status=200, ua=ua, req_body=0,
-                     resp_body=BIG, t0=t0)
+    try:
+        check_https_pair(srv[0], cli[0], server.port, srv + cli, method="POST", path="/upload",
+                         route="/upload", status=200, ua=ua, req_body=UPLOAD, resp_body=r[0]["len"],
+                         t0=t0)
+        check_https_pair(srv[1], cli[1], server.port, srv + cli, method="GET", path="/big",
+                         query=f"size={BIG}", route="/big", status=200, ua=ua, req_body=0,
+                         resp_body=BIG, t0=t0)
+    except AssertionError as e:
+        # Large bodies are where events get lost: say whether any were, and where.
+        raise AssertionError(f"{e}\n--- the agent's loss counters (whole module) ---\n"
+                             f"{loss_counters(agent)}") from None
+
+
+LOSS_COUNTERS = ("sonde_events_lost", "sonde_bytes_skipped", "sonde_message_starts_missed",
+                 "sonde_parse_failures", "sonde_events_malformed", "sonde_connections_evicted",
+                 "sonde_tls_sockets_")
+
+
+def loss_counters(agent):
+    return "\n".join(line for line in agent.get("/metrics")[1].splitlines()
+                     if line.startswith(LOSS_COUNTERS))
 
 
 # ---------------------------------------------------------------- before the agent
