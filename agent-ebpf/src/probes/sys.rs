@@ -69,16 +69,19 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
     }
 }
 
-/// Which way a call moves bytes and, for a write, the user address of its first bytes.
+/// Which way a call moves bytes and, for a write, the user address and length of its
+/// first contiguous bytes (0, 0 when unknown).
 #[inline(always)]
-fn io_head(call: SyscallId, ptr: u64, count: u64) -> (Direction, u64) {
-    let first_iov_base = |iov: u64| -> u64 {
+fn io_head(call: SyscallId, ptr: u64, count: u64) -> (Direction, (u64, u64)) {
+    let first_iov = |iov: u64| -> (u64, u64) {
         // struct iovec { void *iov_base; size_t iov_len; }
-        unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0)
+        let base = unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0);
+        let len = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.unwrap_or(0);
+        (base, len)
     };
     match call {
-        SyscallId::Write | SyscallId::Sendto => (Direction::Egress, ptr),
-        SyscallId::Writev if count > 0 => (Direction::Egress, first_iov_base(ptr)),
+        SyscallId::Write | SyscallId::Sendto => (Direction::Egress, (ptr, count)),
+        SyscallId::Writev if count > 0 => (Direction::Egress, first_iov(ptr)),
         SyscallId::Sendmsg => {
             // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
             let iov: u64 = unsafe { bpf_probe_read_user((ptr + 16) as *const u64) }.unwrap_or(0);
@@ -86,14 +89,14 @@ fn io_head(call: SyscallId, ptr: u64, count: u64) -> (Direction, u64) {
             (
                 Direction::Egress,
                 if iov != 0 && n > 0 {
-                    first_iov_base(iov)
+                    first_iov(iov)
                 } else {
-                    0
+                    (0, 0)
                 },
             )
         }
-        SyscallId::Writev | SyscallId::Sendfile => (Direction::Egress, 0),
-        _ => (Direction::Ingress, 0),
+        SyscallId::Writev | SyscallId::Sendfile => (Direction::Egress, (0, 0)),
+        _ => (Direction::Ingress, (0, 0)),
     }
 }
 

@@ -5,6 +5,8 @@
 //!   int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written);
 //!   int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes);
 //!   int SSL_do_handshake(SSL *s);   (SSL_accept and SSL_connect call it)
+//!   void SSL_free(SSL *ssl);
+//!   int BIO_write(BIO *b, const void *data, int dlen);   (libcrypto)
 //! The plain forms return the byte count; the _ex forms return 1 and store the count
 //! through the last argument. Plaintext goes up when the call returns, with what the
 //! call really read or wrote (a write retried after WANT_WRITE counts once); a write
@@ -13,14 +15,20 @@
 //! Which socket an SSL object uses:
 //! - with a socket BIO, the library reads or writes the socket itself inside the call,
 //!   on the same thread: that socket, confirmed;
-//! - with memory BIOs (Node.js: its event loop moves the ciphertext), the socket write
-//!   that follows the call on the same thread, before any socket read, confirms it when
-//!   it carries what the call produced: a handshake record after a handshake step or a
-//!   read that returned nothing, an application-data record of the right length after
-//!   a write. A write's plaintext waits for that write (in Node.js it follows at once,
-//!   inside the same JavaScript write); a read's plaintext before any confirmation goes
-//!   on the socket the thread read last, counted as guessed, and a later confirmation
-//!   replaces the guess (counted as corrected when it differed).
+//! - with memory BIOs (Node.js, Python's SSLObject) the program moves the ciphertext
+//!   itself, when it likes: Node.js writes a session's records later, batched, often
+//!   after other sessions' calls on the same thread, so the order of calls and socket
+//!   writes tells nothing. What does is the content: every record the library hands to
+//!   BIO_write inside a call is remembered by its first bytes (header and ciphertext or
+//!   handshake random, unique per record) with the call's SSL object, and the socket
+//!   write that starts with those bytes is that session's socket, confirmed. Every
+//!   session writes before its first plaintext moves (a ClientHello, a ServerHello
+//!   flight), so its socket is known by then. A write's plaintext on a session not
+//!   confirmed yet (opened before the agent) waits for its record; a read's goes on the
+//!   socket the thread read last, counted as guessed, and a later confirmation replaces
+//!   the guess (counted as corrected when it differed).
+//! - SSL_free forgets the session: a new SSL object often gets the address of a freed
+//!   one, and must not inherit its socket.
 
 use agent_common::{Direction, SyscallId, counter, lost};
 use aya_ebpf::{
@@ -130,8 +138,8 @@ static LAST_READ_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 
 /// Writes whose plaintext waits for the TLS record that tells their socket.
 const MAX_PARKED: usize = 4;
 
-/// A memory-BIO session, by thread, that the thread's next TLS record write confirms:
-/// the last unconfirmed call, with the plaintext of its writes not yet sent up.
+/// Writes on a memory-BIO session whose socket is not known yet, by thread: the
+/// session, and the plaintext of its writes not yet sent up.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct AwaitRecord {
@@ -152,9 +160,15 @@ static AWAIT_SCRATCH: PerCpuArray<AwaitRecord> = PerCpuArray::with_max_entries(1
 
 /// Called from the socket syscall hooks, at entry, for TCP sockets. Returns true when
 /// the thread is inside a TLS library call: the bytes are ciphertext. `egress_head` is
-/// the user address of the first bytes a write sends (0 for reads).
+/// the user address and length of the first contiguous bytes a write sends ((0, 0) for
+/// reads).
 #[inline(always)]
-pub fn note_socket_io(pid_tgid: u64, fd: u32, direction: Direction, egress_head: u64) -> bool {
+pub fn note_socket_io(
+    pid_tgid: u64,
+    fd: u32,
+    direction: Direction,
+    egress_head: (u64, u64),
+) -> bool {
     if let Some(call) = innermost(pid_tgid)
         && unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_none()
     {
@@ -169,73 +183,87 @@ pub fn note_socket_io(pid_tgid: u64, fd: u32, direction: Direction, egress_head:
             flush_await(pid_tgid);
         }
         Direction::Egress => {
-            if egress_head != 0 {
-                confirm(pid_tgid, fd, egress_head);
+            let (head, len) = egress_head;
+            if head != 0 && len >= RECORD_ID_LEN as u64 {
+                confirm(pid_tgid, fd, head);
             }
         }
     }
     false
 }
 
-/// TLS record content types.
-const RECORD_HANDSHAKE: u8 = 22;
-const RECORD_APPLICATION_DATA: u8 = 23;
-/// Largest plaintext of one record, and the most a record's protection adds to it (an
-/// AEAD tag and nonce, or a CBC IV, MAC and padding).
-const MAX_RECORD_PLAINTEXT: u64 = 16384;
-const MAX_RECORD_OVERHEAD: u64 = 320;
+/// How many of a record's first bytes identify it: the 5-byte header and 19 bytes of
+/// what follows (ciphertext, or a handshake message with its random), in which two
+/// records practically never agree. The shortest records that matter are this long (a
+/// TLS 1.3 alert: header, 3 bytes, a 16-byte tag); a change-cipher-spec record (6
+/// bytes) is always written together with the record that follows it.
+const RECORD_ID_LEN: usize = 24;
 
-/// A socket write goes out on `fd` right after an unconfirmed memory-BIO call on this
-/// thread: when its first bytes are the record that call produced, `fd` is that
-/// session's socket, and its parked plaintext goes up on it. `head` is the user
-/// address of the write's first bytes.
+/// A TLS record by its first bytes, in one process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RecordId {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub head: [u8; RECORD_ID_LEN],
+}
+
+/// Records an SSL object wrote into its BIO during a call, by their first bytes -> the
+/// SSL object. The socket write that carries one tells the session's socket; records a
+/// socket BIO wrote, or that never start a socket write (those of a flight after its
+/// first), leave by LRU eviction.
+#[map(name = "TLS_RECORDS")]
+static TLS_RECORDS: LruHashMap<RecordId, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// A TLS record header: content type (change_cipher_spec 20 to application_data 23),
+/// then version 3.x.
+#[inline(always)]
+fn is_record_head(h: &[u8; RECORD_ID_LEN]) -> bool {
+    (20..=23).contains(&h[0]) && h[1] == 3 && h[2] <= 4
+}
+
+/// A socket write outside TLS calls, starting at user address `head` with at least
+/// RECORD_ID_LEN bytes: when it starts with a record some SSL object wrote into its
+/// memory BIO, `fd` is that session's socket, and the writes parked for it go up.
 #[inline(always)]
 fn confirm(pid_tgid: u64, fd: u32, head: u64) {
-    let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid) else {
+    let Ok(bytes) = (unsafe { bpf_probe_read_user(head as *const [u8; RECORD_ID_LEN]) }) else {
         return;
     };
-    // type (1), version (2), length (2, big endian)
-    let Ok(h) = (unsafe { bpf_probe_read_user(head as *const [u8; 5]) }) else {
-        return;
-    };
-    if h[1] != 3 || !(1..=4).contains(&h[2]) {
+    if !is_record_head(&bytes) {
         return;
     }
-    let record_len = u16::from_be_bytes([h[3], h[4]]) as u64;
-    // SAFETY: a map value pointer, valid until the entry is removed at the end.
-    let (ssl, parked, first_len) = unsafe { ((*wait).ssl, (*wait).parked, (*wait).len[0]) };
-    let produced = if parked == 0 {
-        // A handshake step (or a read that returned nothing): its flight starts with
-        // a handshake record.
-        h[0] == RECORD_HANDSHAKE
-    } else {
-        // A write: an application-data record sealing the first write's bytes.
-        let plain = if first_len < MAX_RECORD_PLAINTEXT {
-            first_len
-        } else {
-            MAX_RECORD_PLAINTEXT
-        };
-        h[0] == RECORD_APPLICATION_DATA
-            && record_len > plain
-            && record_len - plain <= MAX_RECORD_OVERHEAD
+    let id = RecordId {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        head: bytes,
     };
-    if !produced {
+    let Some(ssl) = (unsafe { TLS_RECORDS.get(id) }).copied() else {
         return;
-    }
+    };
+    let _ = TLS_RECORDS.remove(id);
     let key = SslKey {
         tgid: pid_tgid >> 32,
         ssl,
     };
-    if let Some(old) = unsafe { SSL_FDS.get(key) }
-        && old.confirmed == 0
-        && old.fd != fd
-    {
-        count(counter::TLS_CORRECTED);
+    let old = unsafe { SSL_FDS.get(key) }.copied();
+    let known = matches!(old, Some(s) if s.confirmed == 1 && s.fd == fd);
+    if !known {
+        if let Some(s) = old
+            && s.confirmed == 0
+            && s.fd != fd
+        {
+            count(counter::TLS_CORRECTED);
+        }
+        let _ = SSL_FDS.insert(key, SslSocket { fd, confirmed: 1 }, 0);
+        count(counter::TLS_CONFIRMED);
     }
-    let _ = SSL_FDS.insert(key, SslSocket { fd, confirmed: 1 }, 0);
-    count(counter::TLS_CONFIRMED);
-    emit_parked(pid_tgid, wait, fd);
-    let _ = TLS_AWAIT.remove(pid_tgid);
+    if let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid)
+        && unsafe { (*wait).ssl } == ssl
+    {
+        emit_parked(pid_tgid, wait, fd);
+        let _ = TLS_AWAIT.remove(pid_tgid);
+    }
 }
 
 /// The parked writes of `wait` go up on `fd`.
@@ -258,7 +286,8 @@ fn emit_parked(pid_tgid: u64, wait: *const AwaitRecord, fd: u32) {
     }
 }
 
-/// No record write confirmed the awaited session: its parked writes go up on the
+/// No record write confirmed the awaited session before the thread read a socket (or
+/// another session's write came, or the session ended): its parked writes go up on the
 /// session's guessed socket (or the thread's last read), counted as guessed.
 #[inline(always)]
 fn flush_await(pid_tgid: u64) {
@@ -408,39 +437,38 @@ fn finish_call(pid_tgid: u64, call: &TlsCall, len: u64) {
         }
         return;
     }
-    // A memory BIO not confirmed yet: the thread's next TLS record write will tell.
-    park(pid_tgid, call, dir, len);
-    if dir == Direction::Ingress && len > 0 {
-        match guess_socket(pid_tgid, call.ssl) {
-            Some(fd) => {
-                emit_on(pid_tgid, fd, dir, call.buf, len, 0);
-            }
-            None => count_lost(lost::TLS_NO_SOCKET),
+    // A memory BIO whose socket is not known yet: the socket write that carries the
+    // session's next record will tell.
+    if len == 0 {
+        return;
+    }
+    if dir == Direction::Egress {
+        park(pid_tgid, call, len);
+        return;
+    }
+    match guess_socket(pid_tgid, call.ssl) {
+        Some(fd) => {
+            emit_on(pid_tgid, fd, dir, call.buf, len, 0);
         }
+        None => count_lost(lost::TLS_NO_SOCKET),
     }
 }
 
-/// Makes `call`'s session the one the thread's next record write confirms, with the
-/// plaintext of a write kept back until then.
+/// Keeps back the plaintext of a write on a session whose socket is not known yet,
+/// until the socket write that carries its record.
 #[inline(always)]
-fn park(pid_tgid: u64, call: &TlsCall, dir: Direction, len: u64) {
-    let parks = dir == Direction::Egress && len > 0;
+fn park(pid_tgid: u64, call: &TlsCall, len: u64) {
     if let Some(wait) = TLS_AWAIT.get_ptr_mut(pid_tgid) {
         // SAFETY: a map value pointer, valid for this program run; `n` is checked
         // against the array length before it indexes.
         unsafe {
-            if (*wait).ssl == call.ssl {
-                if !parks {
-                    return;
-                }
-                let n = (*wait).parked as usize;
-                if n < MAX_PARKED {
-                    (*wait).buf[n] = call.buf;
-                    (*wait).len[n] = len;
-                    (*wait).start_ns[n] = call.start_ns;
-                    (*wait).parked += 1;
-                    return;
-                }
+            let n = (*wait).parked as usize;
+            if (*wait).ssl == call.ssl && n < MAX_PARKED {
+                (*wait).buf[n] = call.buf;
+                (*wait).len[n] = len;
+                (*wait).start_ns[n] = call.start_ns;
+                (*wait).parked += 1;
+                return;
             }
         }
         // Another session, or no room: what waited goes up on its guess.
@@ -448,22 +476,17 @@ fn park(pid_tgid: u64, call: &TlsCall, dir: Direction, len: u64) {
     }
     // Built in per-CPU scratch space: the record is too big for the BPF stack here.
     let Some(wait) = AWAIT_SCRATCH.get_ptr_mut(0) else {
-        if parks {
-            count_lost(lost::NO_SCRATCH);
-        }
+        count_lost(lost::NO_SCRATCH);
         return;
     };
     // SAFETY: this CPU's scratch slot, valid for this program run.
     unsafe {
         (*wait).ssl = call.ssl;
-        (*wait).parked = 0;
-        if parks {
-            (*wait).parked = 1;
-            (*wait).buf[0] = call.buf;
-            (*wait).len[0] = len;
-            (*wait).start_ns[0] = call.start_ns;
-        }
-        if TLS_AWAIT.insert(pid_tgid, *wait, 0).is_err() && parks {
+        (*wait).parked = 1;
+        (*wait).buf[0] = call.buf;
+        (*wait).len[0] = len;
+        (*wait).start_ns[0] = call.start_ns;
+        if TLS_AWAIT.insert(pid_tgid, *wait, 0).is_err() {
             count_lost(lost::MAP_FULL);
         }
     }
@@ -575,6 +598,63 @@ pub fn ssl_do_handshake_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
     exit(&ctx);
+    0
+}
+
+/// SSL_free(ssl): the session ends; the next SSL object may get its address.
+#[uprobe]
+pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+        return 0;
+    }
+    let ssl = ctx.arg::<u64>(0).unwrap_or(0);
+    if let Some(wait) = unsafe { TLS_AWAIT.get(pid_tgid) }
+        && wait.ssl == ssl
+    {
+        flush_await(pid_tgid);
+    }
+    let _ = SSL_FDS.remove(SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    });
+    0
+}
+
+/// BIO_write(b, data, dlen) inside a TLS call: the record layer handing records to the
+/// session's write BIO (a buffering BIO during the handshake, then the memory or socket
+/// BIO). Each record is remembered with the call's SSL object (see `confirm`).
+#[uprobe]
+pub fn bio_write_enter(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = innermost(pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: a map value pointer, valid for this program run.
+    let (ssl, used_socket) = unsafe { ((*call).ssl, (*call).fd != NO_FD) };
+    // A call that has used a socket writes its records there itself.
+    if used_socket && unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_none() {
+        return 0;
+    }
+    let data = ctx.arg::<u64>(1).unwrap_or(0);
+    let len = ctx.arg::<u64>(2).unwrap_or(0) as i32;
+    if data == 0 || len < RECORD_ID_LEN as i32 {
+        return 0;
+    }
+    let Ok(head) = (unsafe { bpf_probe_read_user(data as *const [u8; RECORD_ID_LEN]) }) else {
+        return 0;
+    };
+    if !is_record_head(&head) {
+        return 0;
+    }
+    let id = RecordId {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        head,
+    };
+    if TLS_RECORDS.insert(id, ssl, 0).is_err() {
+        count_lost(lost::MAP_FULL);
+    }
     0
 }
 

@@ -356,6 +356,9 @@ impl Probes {
                 hooks.push(("ssl_ret", offset));
             }
         }
+        // Entry only: neither needs its return.
+        hooks.extend(s.ssl_free.map(|o| ("ssl_free_enter", o)));
+        hooks.extend(s.bio_write.map(|o| ("bio_write_enter", o)));
         if let Some(go) = &s.go {
             hooks.push(("go_tls_read_enter", go.read));
             hooks.push(("go_tls_write_enter", go.write));
@@ -506,13 +509,15 @@ where
     })
 }
 
-const TLS_PROGRAMS: [&str; 9] = [
+const TLS_PROGRAMS: [&str; 11] = [
     "ssl_read_enter",
     "ssl_write_enter",
     "ssl_read_ex_enter",
     "ssl_write_ex_enter",
     "ssl_do_handshake_enter",
     "ssl_ret",
+    "ssl_free_enter",
+    "bio_write_enter",
     "go_tls_read_enter",
     "go_tls_write_enter",
     "go_tls_ret",

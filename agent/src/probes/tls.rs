@@ -1,6 +1,7 @@
-//! Finding TLS libraries to put uprobes on: OpenSSL (libssl.so.3, libssl.so.1.1) and
-//! executables that carry OpenSSL or BoringSSL statically and keep its symbols
-//! (Node.js does), found by their SSL_read/SSL_write symbols with the `object` crate.
+//! Finding TLS libraries to put uprobes on: OpenSSL (libssl.so.3, libssl.so.1.1, and
+//! BIO_write in libcrypto beside it) and executables that carry OpenSSL or BoringSSL
+//! statically and keep its symbols (Node.js does), found by their SSL_read/SSL_write
+//! symbols with the `object` crate.
 //!
 //! Go programs carry their own TLS (crypto/tls): `(*Conn).Read` and `(*Conn).Write`
 //! are found in the symbol table, and their RET instructions by decoding the function
@@ -29,6 +30,11 @@ pub struct TlsSymbols {
     /// SSL_do_handshake: with memory BIOs, the handshake tells which socket a session
     /// uses before any data moves (the handshake records written right after it).
     pub ssl_do_handshake: Option<u64>,
+    /// SSL_free: a freed session's address is often the next one's.
+    pub ssl_free: Option<u64>,
+    /// BIO_write (libcrypto, or an executable with OpenSSL inside): the records a
+    /// memory-BIO session produces, by which its socket write is recognised.
+    pub bio_write: Option<u64>,
     /// Go crypto/tls: entries of (*Conn).Read and (*Conn).Write, and every RET
     /// instruction of both.
     pub go: Option<GoTls>,
@@ -43,7 +49,13 @@ pub struct GoTls {
 
 impl TlsSymbols {
     pub fn is_usable(&self) -> bool {
-        (self.ssl_read.is_some() && self.ssl_write.is_some()) || self.go.is_some()
+        (self.ssl_read.is_some() && self.ssl_write.is_some())
+            || self.go.is_some()
+            || self.bio_write.is_some()
+    }
+
+    fn has_openssl(&self) -> bool {
+        self.ssl_read.is_some() && self.ssl_write.is_some()
     }
 }
 
@@ -88,6 +100,8 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             "SSL_read_ex" => &mut found.ssl_read_ex,
             "SSL_write_ex" => &mut found.ssl_write_ex,
             "SSL_do_handshake" => &mut found.ssl_do_handshake,
+            "SSL_free" => &mut found.ssl_free,
+            "BIO_write" => &mut found.bio_write,
             _ => continue,
         };
         if slot.is_none() {
@@ -96,6 +110,12 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
     }
     if go_functions.len() >= 2 && elf.architecture() == object::Architecture::X86_64 {
         found.go = go_tls(&elf, &data, &go_functions, to_offset);
+    }
+    // BIO_write alone is worth a probe only in libcrypto, which libssl calls: a program
+    // with libcrypto's BIOs but no TLS of its own would only pay for it.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if !found.has_openssl() && !is_libcrypto(&name) {
+        found.bio_write = None;
     }
     Ok(found.is_usable().then_some(found))
 }
@@ -171,6 +191,15 @@ fn is_libssl(name: &str) -> bool {
     name.starts_with("libssl.so") || name.starts_with("libboringssl")
 }
 
+fn is_libcrypto(name: &str) -> bool {
+    name.starts_with("libcrypto.so")
+}
+
+/// A TLS library, or the crypto library its records go through.
+fn is_tls_library(name: &str) -> bool {
+    is_libssl(name) || is_libcrypto(name)
+}
+
 impl TlsDiscovery {
     pub fn new(proc_root: impl Into<PathBuf>, library_dirs: Vec<PathBuf>) -> Self {
         TlsDiscovery {
@@ -188,7 +217,7 @@ impl TlsDiscovery {
                 continue;
             };
             for e in entries.flatten() {
-                if is_libssl(&e.file_name().to_string_lossy()) {
+                if is_tls_library(&e.file_name().to_string_lossy()) {
                     out.extend(self.examine(&e.path()));
                 }
             }
@@ -223,7 +252,7 @@ impl TlsDiscovery {
                     continue;
                 };
                 let name = path.rsplit('/').next().unwrap_or(path);
-                if path.starts_with('/') && is_libssl(name) {
+                if path.starts_with('/') && is_tls_library(name) {
                     candidates.push(PathBuf::from(path));
                 }
             }
@@ -247,7 +276,8 @@ impl TlsDiscovery {
             Ok(Some(symbols)) => {
                 info!(
                     path = %path.display(),
-                    openssl = symbols.ssl_read.is_some(),
+                    openssl = symbols.has_openssl(),
+                    bio_write = symbols.bio_write.is_some(),
                     go = symbols.go.is_some(),
                     "TLS functions found"
                 );
@@ -285,7 +315,12 @@ mod tests {
             .find(|t| fs::canonicalize(&t.path).is_ok_and(|p| p.ends_with("libssl.so.3")))
             .expect("libssl.so.3 is installed on the build machine (Debian's libssl3)");
         assert!(libssl3.symbols.ssl_read_ex.is_some() && libssl3.symbols.ssl_write_ex.is_some());
-        assert!(libssl3.symbols.ssl_do_handshake.is_some());
+        assert!(libssl3.symbols.ssl_do_handshake.is_some() && libssl3.symbols.ssl_free.is_some());
+        let libcrypto3 = found
+            .iter()
+            .find(|t| fs::canonicalize(&t.path).is_ok_and(|p| p.ends_with("libcrypto.so.3")))
+            .expect("libcrypto.so.3 is installed beside libssl.so.3");
+        assert!(libcrypto3.symbols.bio_write.is_some() && !libcrypto3.symbols.has_openssl());
         assert_ne!(libssl3.symbols.ssl_read, libssl3.symbols.ssl_write);
         // curl links libssl dynamically: it imports SSL_write but does not define it.
         assert_eq!(find_tls_symbols(Path::new("/usr/bin/curl")).unwrap(), None);
