@@ -605,7 +605,7 @@ pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return 0;
     }
     let ssl = ctx.arg::<u64>(0).unwrap_or(0);
