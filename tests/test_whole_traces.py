@@ -60,13 +60,13 @@ def test_ten_orders_at_once_are_ten_whole_traces(tmp_path):
             leaf = [s for s in t if s.kind == SERVER and s.attrs.get("url.path") == f"/orders/{order}"]
             assert all(len(x) == 1 for x in (curl, server, sleep, call, leaf)) and len(t) == 5, \
                 f"trace {tid}: expected curl -> shop -> (sleep, https call -> go), got {kinds}:\n{everything}"
-            assert curl[0].parent_span_id is None, everything
+            assert not curl[0].parent_span_id, everything
             assert server[0].parent_span_id == curl[0].span_id, everything
             assert sleep[0].parent_span_id == server[0].span_id, everything
             assert call[0].parent_span_id == server[0].span_id, everything
             assert leaf[0].parent_span_id == call[0].span_id, everything
             assert sleep[0].attrs.get("process.exit.code") == 0, sleep[0]
-            assert all(s.parent_span_id is None or s.parent_span_id in by for s in t), everything
+            assert all(not s.parent_span_id or s.parent_span_id in by for s in t), everything
         status, metrics = agent.get("/metrics")
         assert "sonde_parent_ambiguous_total 0" in metrics, metrics
     finally:
