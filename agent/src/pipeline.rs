@@ -449,7 +449,7 @@ impl Pipeline {
         self.registry.tick();
         self.linker.expire(now_ns);
         for span in self.messages.expire(now_ns) {
-            self.from_messages(span, now_ns);
+            self.leaving_messages(span, now_ns);
         }
         while self
             .unlinked_deliveries
@@ -536,13 +536,13 @@ impl Pipeline {
         }
         self.programs_end_all(now);
         for span in self.messages.drain() {
-            self.from_messages(span, now);
+            self.leaving_messages(span, now);
         }
         for (span, then) in self.graph.drain() {
             self.route(span, then, now);
         }
         for span in self.messages.drain() {
-            self.from_messages(span, now);
+            self.leaving_messages(span, now);
         }
         for (span, then) in self.graph.drain() {
             self.route(span, then, now);
@@ -946,8 +946,8 @@ impl Pipeline {
                 // A publish: under what its process was handling when it was written.
                 let id = span.span_id;
                 self.graph.open(id, p.start_ns, now_ns, None);
-                if span.parent_span_id.is_some() {
-                    let (trace_id, span_id) = (span.trace_id, span.parent_span_id.expect("some"));
+                if let Some(span_id) = span.parent_span_id {
+                    let trace_id = span.trace_id;
                     self.graph.decide(id, Parent::Remote { trace_id, span_id });
                 }
                 let tid = self.writer_at(origin.uid, p.start_ns);
@@ -974,16 +974,16 @@ impl Pipeline {
                 match key {
                     Some(key) => {
                         for s in self.messages.offer(span, key, now_ns) {
-                            self.from_messages(s, now_ns);
+                            self.leaving_messages(s, now_ns);
                         }
                     }
-                    None => self.from_messages(span, now_ns),
+                    None => self.leaving_messages(span, now_ns),
                 }
             }
             _ => match key {
                 Some(key) => {
                     for s in self.messages.offer(span, key, now_ns) {
-                        self.from_messages(s, now_ns);
+                        self.leaving_messages(s, now_ns);
                     }
                 }
                 None => self.hold(span, now_ns),
@@ -993,7 +993,7 @@ impl Pipeline {
 
     /// A span leaves the message linker: a consumer span goes to its node (its parent
     /// decided by the link, unless decided when it started), anything else out.
-    fn from_messages(&mut self, span: Span, now_ns: u64) {
+    fn leaving_messages(&mut self, span: Span, now_ns: u64) {
         if span.kind == SpanKind::Consumer && self.graph.undecided(&span.span_id) {
             let parent = match span.parent_span_id {
                 Some(span_id) => Parent::Remote {
@@ -1042,7 +1042,7 @@ impl Pipeline {
                     self.graph.decide(id, Parent::Remote { trace_id, span_id });
                 }
                 for s in self.messages.offer(span, key, now_ns) {
-                    self.from_messages(s, now_ns);
+                    self.leaving_messages(s, now_ns);
                 }
             }
         }
