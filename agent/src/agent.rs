@@ -39,7 +39,10 @@ const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 pub async fn run(args: RunArgs) -> Result<()> {
     // The config file first: a broken one stops the agent before anything is attached.
     let settings = Settings::load_optional(args.config.as_deref())?;
-    let process_rules = Arc::new(ProcessRules::new(&settings.selection, settings.identity.clone()));
+    let process_rules = Arc::new(ProcessRules::new(
+        &settings.selection,
+        settings.identity.clone(),
+    ));
     let selection = kernel_selection(&args, &settings, &process_rules)?;
     let metrics = Arc::new(Metrics::default());
     let output = args.out.resolve()?;
@@ -71,8 +74,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         rules: process_rules.clone(),
         ..Roots::default()
     };
-    let mut discovery = Discovery::spawn(roots, metrics.clone())
-        .context("cannot start the discovery thread")?;
+    let mut discovery =
+        Discovery::spawn(roots, metrics.clone()).context("cannot start the discovery thread")?;
     let mut discovering = true;
 
     let sink_exporter = exporter.clone();
@@ -206,8 +209,15 @@ fn kernel_selection(
         .collect();
     let proc_root = std::path::Path::new("/proc");
     let own = std::process::id();
-    for entry in std::fs::read_dir(proc_root).context("cannot list /proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+    for entry in std::fs::read_dir(proc_root)
+        .context("cannot list /proc")?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == own {
@@ -215,8 +225,8 @@ fn kernel_selection(
         }
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         let by_comm = comms.contains(&crate::probes::select::comm_key(comm.trim_end()));
-        let by_rule = selection.user_rules
-            && read_facts(proc_root, pid).is_some_and(|f| rules.excludes(&f));
+        let by_rule =
+            selection.user_rules && read_facts(proc_root, pid).is_some_and(|f| rules.excludes(&f));
         if by_comm || by_rule {
             selection.excluded_pids.push(pid);
         }

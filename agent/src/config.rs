@@ -153,7 +153,11 @@ pub struct RunArgs {
 
     /// Never trace processes with this command name (as `ps -o comm` shows it; the
     /// kernel keeps 15 bytes). Repeatable; decided in the kernel.
-    #[arg(long = "exclude-comm", env = "SONDE_EXCLUDE_COMM", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-comm",
+        env = "SONDE_EXCLUDE_COMM",
+        value_delimiter = ','
+    )]
     pub exclude_comm: Vec<String>,
 
     /// Trace only processes in this cgroup v2 directory or below it (e.g.

@@ -209,7 +209,8 @@ impl Worker {
         match request {
             Request::Process(query) => {
                 if !self.rules.exclude.is_empty()
-                    && read_facts(&self.proc_root, query.pid).is_some_and(|f| self.rules.excludes(&f))
+                    && read_facts(&self.proc_root, query.pid)
+                        .is_some_and(|f| self.rules.excludes(&f))
                     && !self.send(Found::Excluded(query.pid))
                 {
                     return false;

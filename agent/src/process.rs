@@ -146,7 +146,9 @@ impl Describer {
                 .ok(),
             container_id: container_id(&dir.join("cgroup")),
             cgroup: fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| {
-                t.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(str::to_owned)
             }),
         })
     }

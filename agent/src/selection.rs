@@ -325,8 +325,7 @@ mod tests {
 
     #[test]
     fn an_exclusion_is_a_process_or_a_port() {
-        let ok: Vec<Exclude> =
-            serde_saphyr::from_str("- port: 22\n- executable: sshd\n").unwrap();
+        let ok: Vec<Exclude> = serde_saphyr::from_str("- port: 22\n- executable: sshd\n").unwrap();
         assert!(matches!(ok[0], Exclude::Port(22)));
         assert!(matches!(ok[1], Exclude::Process(_)));
         for (bad, why) in [
@@ -334,7 +333,9 @@ mod tests {
             ("- {}\n", "names one of"),
             ("- executable: '('\n", "regular expression"),
         ] {
-            let err = serde_saphyr::from_str::<Vec<Exclude>>(bad).unwrap_err().to_string();
+            let err = serde_saphyr::from_str::<Vec<Exclude>>(bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
     }

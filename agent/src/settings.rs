@@ -90,18 +90,37 @@ mod tests {
     fn an_empty_file_is_the_defaults() {
         for text in ["", "\n# nothing\n", "{}"] {
             let s = Settings::parse(text).unwrap();
-            assert!(s.business.defaults && s.business.rules.is_empty(), "{text:?}");
+            assert!(
+                s.business.defaults && s.business.rules.is_empty(),
+                "{text:?}"
+            );
         }
     }
 
     #[test]
     fn errors_name_the_line_column_and_problem() {
         let cases = [
-            ("business:\n  rules:\n    - json: order.id\n      atribute: x\n", "line 4", "unknown field `atribute`"),
-            ("selection:\n  exclude_comm: sshd\n", "line 2", "exclude_comm"),
+            (
+                "business:\n  rules:\n    - json: order.id\n      atribute: x\n",
+                "line 4",
+                "unknown field `atribute`",
+            ),
+            (
+                "selection:\n  exclude_comm: sshd\n",
+                "line 2",
+                "exclude_comm",
+            ),
             ("business:\n  defaults: maybe\n", "line 2", "bool"),
-            ("business:\n  rules:\n  - path: /orders/{id}\n    query: id\n", "line 3", "exactly one of"),
-            ("business:\n  rules:\n  - json: 'a[x]'\n", "line 3", "inside []"),
+            (
+                "business:\n  rules:\n  - path: /orders/{id}\n    query: id\n",
+                "line 3",
+                "exactly one of",
+            ),
+            (
+                "business:\n  rules:\n  - json: 'a[x]'\n",
+                "line 3",
+                "inside []",
+            ),
             ("business: [\n", "line", ""),
             ("colour: red\n", "line 1", "unknown field `colour`"),
         ];

@@ -32,7 +32,7 @@ pub fn traced(pid_tgid: u64) -> bool {
     if flags == 0 {
         return true;
     }
-    if flags & select::EXCLUDED != 0 && unsafe { EXCLUDED_TGIDS.get(&tgid) }.is_some() {
+    if flags & select::EXCLUDED != 0 && unsafe { EXCLUDED_TGIDS.get(tgid) }.is_some() {
         return false;
     }
     flags & select::CGROUPS == 0 || in_selected_cgroup()
@@ -41,7 +41,7 @@ pub fn traced(pid_tgid: u64) -> bool {
 #[inline(always)]
 fn in_selected_cgroup() -> bool {
     let id = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(verdict) = unsafe { CGROUP_VERDICT.get(&id) } {
+    if let Some(verdict) = unsafe { CGROUP_VERDICT.get(id) } {
         return *verdict == 1;
     }
     let mut verdict = 0u8;
@@ -50,12 +50,12 @@ fn in_selected_cgroup() -> bool {
         if ancestor == 0 {
             break;
         }
-        if unsafe { CGROUPS.get(&ancestor) }.is_some() {
+        if unsafe { CGROUPS.get(ancestor) }.is_some() {
             verdict = 1;
             break;
         }
     }
-    let _ = CGROUP_VERDICT.insert(&id, &verdict, 0);
+    let _ = CGROUP_VERDICT.insert(id, verdict, 0);
     verdict == 1
 }
 
@@ -69,12 +69,11 @@ pub fn select_exec(_ctx: TracePointContext) -> u32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let excluded = flags & select::COMMS != 0
-        && bpf_get_current_comm()
-            .is_ok_and(|comm| unsafe { EXCLUDED_COMMS.get(&comm) }.is_some());
+        && bpf_get_current_comm().is_ok_and(|comm| unsafe { EXCLUDED_COMMS.get(comm) }.is_some());
     if excluded {
-        let _ = EXCLUDED_TGIDS.insert(&tgid, &1, 0);
+        let _ = EXCLUDED_TGIDS.insert(tgid, 1, 0);
     } else {
-        let _ = EXCLUDED_TGIDS.remove(&tgid);
+        let _ = EXCLUDED_TGIDS.remove(tgid);
     }
     0
 }
@@ -92,10 +91,10 @@ pub fn select_fork(ctx: TracePointContext) -> u32 {
     let Ok(child) = (unsafe { ctx.read_at::<u32>(offset) }) else {
         return 0;
     };
-    if unsafe { EXCLUDED_TGIDS.get(&parent) }.is_some() {
-        let _ = EXCLUDED_TGIDS.insert(&child, &1, 0);
-    } else if unsafe { EXCLUDED_TGIDS.get(&child) }.is_some() {
-        let _ = EXCLUDED_TGIDS.remove(&child);
+    if unsafe { EXCLUDED_TGIDS.get(parent) }.is_some() {
+        let _ = EXCLUDED_TGIDS.insert(child, 1, 0);
+    } else if unsafe { EXCLUDED_TGIDS.get(child) }.is_some() {
+        let _ = EXCLUDED_TGIDS.remove(child);
     }
     0
 }

@@ -46,10 +46,13 @@ fn build() -> Vec<Rule> {
     let mut rules = Vec::new();
     for template in ["/**/orders/{id}/**", "/**/order/{id}/**"] {
         let pattern = Pattern::path(template).expect("default template is valid");
-        let mut rule = Rule::default_rule(ORDER_ID, Source::Path {
-            pattern,
-            capture: 0,
-        });
+        let mut rule = Rule::default_rule(
+            ORDER_ID,
+            Source::Path {
+                pattern,
+                capture: 0,
+            },
+        );
         rule.identifiers_only = true;
         rules.push(rule);
     }
@@ -61,13 +64,19 @@ fn build() -> Vec<Rule> {
         (ORDER_ID, "order-id"),
         (ORDER_STATUS, "x-order-status"),
     ] {
-        rules.push(Rule::default_rule(attribute, Source::Header {
-            name: header.to_owned(),
-            side: None,
-        }));
+        rules.push(Rule::default_rule(
+            attribute,
+            Source::Header {
+                name: header.to_owned(),
+                side: None,
+            },
+        ));
     }
     for key in ORDER_ID_KEYS.iter().chain(&["x-order-id"]) {
-        rules.push(Rule::default_rule(ORDER_ID, Source::AmqpHeader((*key).to_owned())));
+        rules.push(Rule::default_rule(
+            ORDER_ID,
+            Source::AmqpHeader((*key).to_owned()),
+        ));
     }
     // One rule for every spelling, so that the shallowest field wins whatever its
     // spelling (a top-level `orderId` over an `order_id` deep in a list of items).
@@ -77,6 +86,9 @@ fn build() -> Vec<Rule> {
         .chain(["..order.id".to_owned()])
         .map(|p| JsonPath::parse(&p).expect("default JSON path is valid"))
         .collect();
-    rules.push(Rule::default_rule(ORDER_ID, Source::Json { paths, side: None }));
+    rules.push(Rule::default_rule(
+        ORDER_ID,
+        Source::Json { paths, side: None },
+    ));
     rules
 }

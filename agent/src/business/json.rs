@@ -58,9 +58,7 @@ impl JsonPath {
                 let inner = &after[..end];
                 let step = if inner == "*" {
                     Step::AnyIndex
-                } else if let Some(key) = inner
-                    .strip_prefix('"')
-                    .and_then(|k| k.strip_suffix('"'))
+                } else if let Some(key) = inner.strip_prefix('"').and_then(|k| k.strip_suffix('"'))
                 {
                     Step::Key(key.to_owned())
                 } else if let Ok(i) = inner.parse::<usize>() {
@@ -103,12 +101,15 @@ impl JsonPath {
             false if path.len() == self.steps.len() => path,
             _ => return false,
         };
-        self.steps.iter().zip(tail).all(|(step, seg)| match (step, seg) {
-            (Step::Key(k), Seg::Key(s)) => k == s,
-            (Step::Index(i), Seg::Index(j)) => i == j,
-            (Step::AnyIndex, Seg::Index(_)) => true,
-            _ => false,
-        })
+        self.steps
+            .iter()
+            .zip(tail)
+            .all(|(step, seg)| match (step, seg) {
+                (Step::Key(k), Seg::Key(s)) => k == s,
+                (Step::Index(i), Seg::Index(j)) => i == j,
+                (Step::AnyIndex, Seg::Index(_)) => true,
+                _ => false,
+            })
     }
 }
 
@@ -282,7 +283,10 @@ impl<'a> Cursor<'a> {
     /// (it may have been cut) or is none of those.
     fn literal(&mut self) -> Option<&'a str> {
         let start = self.i;
-        while matches!(self.peek(), Some(b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'+' | b'-' | b'.')) {
+        while matches!(
+            self.peek(),
+            Some(b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'+' | b'-' | b'.')
+        ) {
             self.i += 1;
         }
         if self.i == self.b.len() || self.i == start {
@@ -437,7 +441,11 @@ mod tests {
             }
         }
         assert_eq!(scalars(&body[..30]).len(), 1);
-        assert_eq!(scalars(&body[..34]).len(), 1, "12345 cut to 123 is not reported");
+        assert_eq!(
+            scalars(&body[..34]).len(),
+            1,
+            "12345 cut to 123 is not reported"
+        );
         assert_eq!(scalars(&body[..35]).len(), 2);
     }
 

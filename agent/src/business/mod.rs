@@ -119,7 +119,9 @@ pub fn apply(rules: &Rules, view: &ExchangeView<'_>) -> Vec<(&'static str, Value
             continue;
         }
         let value = match &rule.source {
-            Source::Json { .. } => json.best[i].as_ref().map(|c| Cow::Borrowed(c.value.as_str())),
+            Source::Json { .. } => json.best[i]
+                .as_ref()
+                .map(|c| Cow::Borrowed(c.value.as_str())),
             other => simple_source(other, rule, view),
         };
         if let Some(v) = value.and_then(|v| clean(&v)) {
@@ -182,7 +184,11 @@ fn add(span: &mut Span, found: Vec<(&'static str, Value)>) {
 }
 
 /// The value of a rule that reads no body.
-fn simple_source<'v>(source: &Source, rule: &Rule, view: &ExchangeView<'v>) -> Option<Cow<'v, str>> {
+fn simple_source<'v>(
+    source: &Source,
+    rule: &Rule,
+    view: &ExchangeView<'v>,
+) -> Option<Cow<'v, str>> {
     match (source, &view.exchange) {
         (Source::Path { pattern, capture }, Exchange::Http(h)) => {
             let taken = pattern.matches(h.path?)?;

@@ -167,7 +167,10 @@ mod tests {
         assert_eq!(p.matches("/v1/shop/orders"), None);
 
         let p = Pattern::path("/shops/*/orders/{o}/lines/{l}").unwrap();
-        assert_eq!(p.matches("/shops/s1/orders/9/lines/3"), Some(vec!["9", "3"]));
+        assert_eq!(
+            p.matches("/shops/s1/orders/9/lines/3"),
+            Some(vec!["9", "3"])
+        );
     }
 
     #[test]

@@ -47,7 +47,10 @@ pub enum BodySide {
 #[derive(Clone, Debug)]
 pub enum Source {
     /// The segment a placeholder of a path template took (`capture` is its index).
-    Path { pattern: Pattern, capture: usize },
+    Path {
+        pattern: Pattern,
+        capture: usize,
+    },
     Query(String),
     /// An HTTP header (name in lower case), of the request, the response, or the request
     /// then the response.

@@ -85,12 +85,21 @@ fn pairs(found: Vec<(&'static str, Value)>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn amqp(rules: &Rules, exchange: &str, key: &str, headers: &[(&str, &str)], body: &str) -> Vec<(String, String)> {
+fn amqp(
+    rules: &Rules,
+    exchange: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Vec<(String, String)> {
     let message = Message {
         exchange: exchange.into(),
         routing_key: key.into(),
         properties: Properties {
-            headers: headers.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             ..Default::default()
         },
         body_size: body.len() as u64,
@@ -122,16 +131,28 @@ fn order(id: &str) -> Vec<(String, String)> {
 }
 
 fn order_status(id: &str, status: &str) -> Vec<(String, String)> {
-    vec![("order.id".into(), id.into()), ("order.status".into(), status.into())]
+    vec![
+        ("order.id".into(), id.into()),
+        ("order.status".into(), status.into()),
+    ]
 }
 
 #[test]
 fn defaults_find_order_ids_in_paths() {
     let d = defaults();
     assert_eq!(http("GET", "/orders/42").found(&d, "shop"), order("42"));
-    assert_eq!(http("GET", "/api/orders/ORD-1234/status").found(&d, "shop"), order("ORD-1234"));
-    assert_eq!(http("GET", "/api/v1/order/1001").found(&d, "shop"), order("1001"));
-    assert_eq!(http("GET", "/orders/a%20b123").found(&d, "shop"), order("a b123"));
+    assert_eq!(
+        http("GET", "/api/orders/ORD-1234/status").found(&d, "shop"),
+        order("ORD-1234")
+    );
+    assert_eq!(
+        http("GET", "/api/v1/order/1001").found(&d, "shop"),
+        order("1001")
+    );
+    assert_eq!(
+        http("GET", "/orders/a%20b123").found(&d, "shop"),
+        order("a b123")
+    );
     assert!(http("GET", "/orders/search").found(&d, "shop").is_empty());
     assert!(http("GET", "/orders").found(&d, "shop").is_empty());
     assert!(http("GET", "/health").found(&d, "shop").is_empty());
@@ -140,12 +161,29 @@ fn defaults_find_order_ids_in_paths() {
 #[test]
 fn defaults_find_order_ids_in_queries_and_headers() {
     let d = defaults();
-    assert_eq!(http("GET", "/track?orderId=77&x=1").found(&d, "s"), order("77"));
-    assert_eq!(http("GET", "/track?x=1&order_id=A%2B1").found(&d, "s"), order("A+1"));
-    assert_eq!(http("GET", "/track?order-id=x+y").found(&d, "s"), order("x y"));
-    assert_eq!(http("GET", "/x").req_header("X-Order-Id", "h-1").found(&d, "s"), order("h-1"));
     assert_eq!(
-        http("POST", "/x").resp_header("X-Order-ID", "h-2").resp_header("X-Order-Status", "new").found(&d, "s"),
+        http("GET", "/track?orderId=77&x=1").found(&d, "s"),
+        order("77")
+    );
+    assert_eq!(
+        http("GET", "/track?x=1&order_id=A%2B1").found(&d, "s"),
+        order("A+1")
+    );
+    assert_eq!(
+        http("GET", "/track?order-id=x+y").found(&d, "s"),
+        order("x y")
+    );
+    assert_eq!(
+        http("GET", "/x")
+            .req_header("X-Order-Id", "h-1")
+            .found(&d, "s"),
+        order("h-1")
+    );
+    assert_eq!(
+        http("POST", "/x")
+            .resp_header("X-Order-ID", "h-2")
+            .resp_header("X-Order-Status", "new")
+            .found(&d, "s"),
         order_status("h-2", "new")
     );
 }
@@ -154,33 +192,58 @@ fn defaults_find_order_ids_in_queries_and_headers() {
 fn defaults_find_order_ids_and_statuses_in_json_bodies() {
     let d = defaults();
     let snake = r#"{"order_id": "A-1", "status": "paid", "total": 3}"#;
-    assert_eq!(http("POST", "/checkout").req_body(snake).found(&d, "s"), order_status("A-1", "paid"));
+    assert_eq!(
+        http("POST", "/checkout").req_body(snake).found(&d, "s"),
+        order_status("A-1", "paid")
+    );
     let camel = r#"{"customer": "c", "orderId": 55, "orderStatus": "printing"}"#;
-    assert_eq!(http("POST", "/checkout").resp_body(camel).found(&d, "s"), order_status("55", "printing"));
+    assert_eq!(
+        http("POST", "/checkout").resp_body(camel).found(&d, "s"),
+        order_status("55", "printing")
+    );
     let nested = r#"{"data": {"order": {"id": "o-9", "status": "shipped"}}}"#;
-    assert_eq!(http("GET", "/latest").resp_body(nested).found(&d, "s"), order_status("o-9", "shipped"));
+    assert_eq!(
+        http("GET", "/latest").resp_body(nested).found(&d, "s"),
+        order_status("o-9", "shipped")
+    );
     let kebab = r#"[{"order-id": "k-1"}]"#;
-    assert_eq!(http("GET", "/x").resp_body(kebab).found(&d, "s"), order("k-1"));
+    assert_eq!(
+        http("GET", "/x").resp_body(kebab).found(&d, "s"),
+        order("k-1")
+    );
 }
 
 #[test]
 fn a_status_is_taken_only_beside_an_order_id() {
     let d = defaults();
-    assert!(http("GET", "/health").resp_body(r#"{"status": "ok"}"#).found(&d, "s").is_empty());
+    assert!(
+        http("GET", "/health")
+            .resp_body(r#"{"status": "ok"}"#)
+            .found(&d, "s")
+            .is_empty()
+    );
     // The order id from the path, a bare status in the body: no status.
     assert_eq!(
-        http("GET", "/orders/42").resp_body(r#"{"status": "ok"}"#).found(&d, "s"),
+        http("GET", "/orders/42")
+            .resp_body(r#"{"status": "ok"}"#)
+            .found(&d, "s"),
         order("42")
     );
     // The status of another object than the order id's is not the order's.
     let apart = r#"{"order_id": 1, "payment": {"status": "declined"}}"#;
-    assert_eq!(http("GET", "/x").resp_body(apart).found(&d, "s"), order("1"));
+    assert_eq!(
+        http("GET", "/x").resp_body(apart).found(&d, "s"),
+        order("1")
+    );
 }
 
 #[test]
 fn the_shallowest_order_id_wins_whatever_its_spelling() {
     let body = r#"{"items": [{"order_id": "deep"}], "orderId": "top"}"#;
-    assert_eq!(http("GET", "/x").resp_body(body).found(&defaults(), "s"), order("top"));
+    assert_eq!(
+        http("GET", "/x").resp_body(body).found(&defaults(), "s"),
+        order("top")
+    );
 }
 
 #[test]
@@ -191,7 +254,9 @@ fn the_request_comes_before_the_response_and_the_path_before_bodies() {
         .resp_body(r#"{"order_id": "resp"}"#)
         .found(&d, "s");
     assert_eq!(found, order("req"));
-    let found = http("PUT", "/orders/1234").req_body(r#"{"order_id": "body"}"#).found(&d, "s");
+    let found = http("PUT", "/orders/1234")
+        .req_body(r#"{"order_id": "body"}"#)
+        .found(&d, "s");
     assert_eq!(found, order("1234"));
 }
 
@@ -199,9 +264,17 @@ fn the_request_comes_before_the_response_and_the_path_before_bodies() {
 fn a_body_cut_short_still_gives_the_fields_captured_whole() {
     let d = defaults();
     let body = r#"{"order_id": "A-7", "status": "new", "model": "AAAAAAAAAAAA"#;
-    assert_eq!(http("POST", "/x").req_body(body).found(&d, "s"), order_status("A-7", "new"));
+    assert_eq!(
+        http("POST", "/x").req_body(body).found(&d, "s"),
+        order_status("A-7", "new")
+    );
     let cut_in_id = r#"{"order_id": "A-"#;
-    assert!(http("POST", "/x").req_body(cut_in_id).found(&d, "s").is_empty());
+    assert!(
+        http("POST", "/x")
+            .req_body(cut_in_id)
+            .found(&d, "s")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -212,18 +285,35 @@ fn compressed_and_non_json_bodies_are_not_read() {
         .req_body(r#"{"order_id": 1}"#)
         .found(&d, "s");
     assert!(found.is_empty());
-    assert!(http("POST", "/x").req_body("order_id=1").found(&d, "s").is_empty());
+    assert!(
+        http("POST", "/x")
+            .req_body("order_id=1")
+            .found(&d, "s")
+            .is_empty()
+    );
 }
 
 #[test]
 fn defaults_find_order_ids_in_amqp_bodies_and_headers() {
     let d = defaults();
     assert_eq!(
-        amqp(&d, "orders", "order.created", &[], r#"{"orderId": "M-1", "status": "created"}"#),
+        amqp(
+            &d,
+            "orders",
+            "order.created",
+            &[],
+            r#"{"orderId": "M-1", "status": "created"}"#
+        ),
         order_status("M-1", "created")
     );
-    assert_eq!(amqp(&d, "orders", "k", &[("x-order-id", "H-1")], "binary"), order("H-1"));
-    assert_eq!(amqp(&d, "orders", "k", &[("Order_ID", "H-2")], ""), order("H-2"));
+    assert_eq!(
+        amqp(&d, "orders", "k", &[("x-order-id", "H-1")], "binary"),
+        order("H-1")
+    );
+    assert_eq!(
+        amqp(&d, "orders", "k", &[("Order_ID", "H-2")], ""),
+        order("H-2")
+    );
 }
 
 #[test]
@@ -268,10 +358,26 @@ fn restrictions_limit_where_a_rule_applies() {
             "{attribute: e, amqp_header: h, method: GET}",
         ],
     );
-    let names = |found: Vec<(String, String)>| found.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-    assert_eq!(names(http("POST", "/api/x?q=1").found(&r, "shop")), ["a", "b", "c"]);
-    assert_eq!(names(http("GET", "/x?q=1").found(&r, "crm")), Vec::<String>::new());
-    assert_eq!(names(amqp(&r, "orders", "order.new", &[("h", "1")], r#"{"v": 1}"#)), ["d"]);
+    let names =
+        |found: Vec<(String, String)>| found.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        names(http("POST", "/api/x?q=1").found(&r, "shop")),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        names(http("GET", "/x?q=1").found(&r, "crm")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(amqp(
+            &r,
+            "orders",
+            "order.new",
+            &[("h", "1")],
+            r#"{"v": 1}"#
+        )),
+        ["d"]
+    );
     assert!(amqp(&r, "orders", "order.new.eu", &[], r#"{"v": 1}"#).is_empty());
     assert!(amqp(&r, "other", "order.new", &[], r#"{"v": 1}"#).is_empty());
 }
@@ -279,7 +385,11 @@ fn restrictions_limit_where_a_rule_applies() {
 #[test]
 fn without_defaults_only_the_files_rules_apply() {
     let r = rules(false, &[]);
-    assert!(http("GET", "/orders/42?order_id=1").found(&r, "s").is_empty());
+    assert!(
+        http("GET", "/orders/42?order_id=1")
+            .found(&r, "s")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -288,7 +398,12 @@ fn values_are_trimmed_and_bounded() {
     let body = format!(r#"{{"order_id": "  {long}  "}}"#);
     let found = http("POST", "/x").req_body(&body).found(&defaults(), "s");
     assert_eq!(found[0].1.len(), MAX_VALUE_LEN);
-    assert!(http("POST", "/x").req_body(r#"{"order_id": "  "}"#).found(&defaults(), "s").is_empty());
+    assert!(
+        http("POST", "/x")
+            .req_body(r#"{"order_id": "  "}"#)
+            .found(&defaults(), "s")
+            .is_empty()
+    );
 }
 
 #[test]

@@ -90,7 +90,15 @@ fn fork_child_pid_offset() -> Result<u32, ProbeError> {
     })?;
     text.lines()
         .find(|l| l.contains(" child_pid;"))
-        .and_then(|l| l.split("offset:").nth(1)?.split(';').next()?.trim().parse().ok())
+        .and_then(|l| {
+            l.split("offset:")
+                .nth(1)?
+                .split(';')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
         .ok_or(ProbeError::TracepointFormat {
             path,
             why: "no child_pid field".into(),
@@ -117,9 +125,11 @@ pub fn load(
     let map_err = |name| move |source| ProbeError::Map { name, source };
     let flags = selection.flags();
     if flags & select::COMMS != 0 {
-        let mut comms: BpfHashMap<_, [u8; 16], u8> =
-            BpfHashMap::try_from(ebpf.map_mut(maps::EXCLUDED_COMMS).ok_or(ProbeError::MissingMap(maps::EXCLUDED_COMMS))?)
-                .map_err(map_err(maps::EXCLUDED_COMMS))?;
+        let mut comms: BpfHashMap<_, [u8; 16], u8> = BpfHashMap::try_from(
+            ebpf.map_mut(maps::EXCLUDED_COMMS)
+                .ok_or(ProbeError::MissingMap(maps::EXCLUDED_COMMS))?,
+        )
+        .map_err(map_err(maps::EXCLUDED_COMMS))?;
         for name in &selection.exclude_comms {
             comms
                 .insert(comm_key(name), 1, 0)
@@ -127,9 +137,11 @@ pub fn load(
         }
     }
     if flags & select::CGROUPS != 0 {
-        let mut cgroups: BpfHashMap<_, u64, u8> =
-            BpfHashMap::try_from(ebpf.map_mut(maps::CGROUPS).ok_or(ProbeError::MissingMap(maps::CGROUPS))?)
-                .map_err(map_err(maps::CGROUPS))?;
+        let mut cgroups: BpfHashMap<_, u64, u8> = BpfHashMap::try_from(
+            ebpf.map_mut(maps::CGROUPS)
+                .ok_or(ProbeError::MissingMap(maps::CGROUPS))?,
+        )
+        .map_err(map_err(maps::CGROUPS))?;
         for path in &selection.cgroups {
             cgroups
                 .insert(cgroup_id(path)?, 1, 0)

@@ -208,7 +208,10 @@ impl Rules {
     pub fn from_settings(settings: &Settings) -> Self {
         Rules {
             business: Arc::new(crate::business::Rules::new(settings.business.clone())),
-            processes: Arc::new(ProcessRules::new(&settings.selection, settings.identity.clone())),
+            processes: Arc::new(ProcessRules::new(
+                &settings.selection,
+                settings.identity.clone(),
+            )),
         }
     }
 }
