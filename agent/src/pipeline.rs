@@ -463,6 +463,11 @@ impl Pipeline {
             Metrics::inc(&metrics.spans_stalled);
             Then::Out
         });
+        let counts = self.graph.take_counts();
+        Metrics::add(
+            &self.metrics.parent_undecided,
+            counts.undecided + counts.evicted + counts.cycles,
+        );
         self.inproc.expire(now_ns);
         self.pump(now_ns);
         let mut out = Vec::new();
