@@ -132,8 +132,8 @@ pub struct SslKey {
 #[derive(Clone, Copy)]
 pub struct SslSocket {
     pub fd: u32,
-    /// 1 when seen (the library used the socket, or a TLS record followed the call);
-    /// 0 when guessed from the thread's last read.
+    /// 1 when seen (the library used the socket, or the socket carried one of the
+    /// session's records); 0 when guessed from the thread's last read.
     pub confirmed: u32,
 }
 
@@ -191,7 +191,8 @@ pub fn note_socket_io(
     match direction {
         Direction::Ingress => {
             let _ = LAST_READ_FD.insert(pid_tgid, fd, 0);
-            // A read ends the window in which a record write can confirm a session.
+            // Writes parked on a session opened before the agent wait no longer than the
+            // thread's next socket read (Node.js flushes its records before it reads).
             flush_await(pid_tgid);
         }
         Direction::Egress => {
