@@ -22,12 +22,9 @@ from pathlib import Path
 import pytest
 
 from sonde_testlib import (
-    CLIENT, PY, REPO, SERVER, STATUS_ERROR, STATUS_UNSET, TESTS, ClientRun, Server, Span,
-    _listening_ports, descendants, fmt_spans, free_port, wait_listening,
+    CLIENT, CONSUMER, PRODUCER, PY, REPO, SERVER, STATUS_ERROR, STATUS_UNSET, TESTS, ClientRun,
+    Server, Span, _listening_ports, descendants, fmt_spans, free_port, wait_listening,
 )
-
-PRODUCER = 4
-CONSUMER = 5
 
 TOOLS = Path(os.environ.get("SONDE_TOOLS", REPO / ".tools"))
 GO_CLIENTS = Path(os.environ.get("SONDE_GO_CLIENTS", TOOLS / "sonde-go-clients"))

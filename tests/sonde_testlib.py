@@ -26,8 +26,11 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 PY = sys.executable
 
+INTERNAL = 1
 SERVER = 2
 CLIENT = 3
+PRODUCER = 4
+CONSUMER = 5
 STATUS_UNSET = 0
 STATUS_ERROR = 2
 

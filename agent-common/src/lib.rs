@@ -17,6 +17,8 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
     pub const EXCLUDED_TGIDS: &str = "EXCLUDED_TGIDS";
+    pub const EXCLUDED_COMMS: &str = "EXCLUDED_COMMS";
+    pub const CGROUPS: &str = "CGROUPS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const PENDING: &str = "PENDING";
     pub const COUNTERS: &str = "COUNTERS";
@@ -256,6 +258,11 @@ pub struct ProcEvent {
     pub comm: [u8; 16],
     /// Bytes of `env` that are valid (NUL-separated NAME=value strings).
     pub env_len: u32,
+    /// For [`EventKind::Exec`]: the process and thread that forked this one
+    /// (task_struct->real_parent), so that a program a service runs is put under
+    /// the request that thread was handling; 0 when unknown.
+    pub parent_tgid: u32,
+    pub parent_tid: u32,
     pub _pad: u32,
     pub args: [u8; MAX_ARGS],
     pub env: [u8; MAX_ENV],
@@ -290,6 +297,10 @@ pub struct KernelOffsets {
     pub mm_arg_end: u32,
     pub mm_env_start: u32,
     pub mm_env_end: u32,
+    pub task_real_parent: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub _pad: u32,
 }
 
 /// Settings of the programs, fixed at load time.
@@ -304,6 +315,25 @@ pub struct ProbeConfig {
     /// Ring buffer fill (bytes) above which a submit wakes the reader at once; below it
     /// the reader picks events up on its own timer, which saves wake-ups under load.
     pub wakeup_bytes: u64,
+    /// Which process filters are on (`select::*` bits): with none, no filter costs
+    /// anything.
+    pub select: u32,
+    /// Offset of `child_pid` in the sched/sched_process_fork record (its tracefs
+    /// `format` file; the layout changed in Linux 6.x).
+    pub fork_child_pid_offset: u32,
+}
+
+/// Process filters of [`ProbeConfig::select`].
+pub mod select {
+    /// Processes in `EXCLUDED_TGIDS` are not traced (command names, config rules).
+    pub const EXCLUDED: u32 = 1;
+    /// Only processes in one of the `CGROUPS` (or below) are traced.
+    pub const CGROUPS: u32 = 2;
+    /// Programs whose command name is in `EXCLUDED_COMMS` are put into `EXCLUDED_TGIDS`
+    /// when they start.
+    pub const COMMS: u32 = 4;
+    /// Deepest cgroup level looked at for an ancestor in `CGROUPS`.
+    pub const MAX_CGROUP_DEPTH: u32 = 16;
 }
 
 /// Counters of events the programs had to drop, one slot each (per-CPU array).
@@ -407,9 +437,9 @@ const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 88);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<ProcEvent>() == 56 + MAX_ARGS + MAX_ENV);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 112);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 64 + MAX_ARGS + MAX_ENV);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 136);
 const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]

@@ -110,6 +110,7 @@ pub fn proc_event(
     kind: EventKind,
     pid_tgid: u64,
     exit_code: i32,
+    parent: (u32, u32),
     args: Option<(u64, u64)>,
     env: Option<(u64, u64)>,
 ) {
@@ -121,6 +122,8 @@ pub fn proc_event(
     unsafe {
         (*ev).header = header(kind, pid_tgid, 0);
         (*ev).exit_code = exit_code;
+        (*ev).parent_tgid = parent.0;
+        (*ev).parent_tid = parent.1;
         (*ev).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
         (*ev).args_len = read_user_range(&raw mut (*ev).args, args);
         (*ev).env_len = read_user_range(&raw mut (*ev).env, env);

@@ -74,3 +74,24 @@ fn bump(array: &PerCpuArray<u64>, index: u32) {
         unsafe { *p += 1 };
     }
 }
+
+/// tgid -> 1: processes not traced (by command name, or by a config file rule that user
+/// space decided). Children inherit the entry when they fork; exec clears it (the new
+/// program is looked at again). Used when `select::EXCLUDED` is on.
+#[map(name = "EXCLUDED_TGIDS")]
+pub static EXCLUDED_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Command names (comm, NUL-padded) whose programs go into `EXCLUDED_TGIDS` when they
+/// start (`--exclude-comm`).
+#[map(name = "EXCLUDED_COMMS")]
+pub static EXCLUDED_COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(256, 0);
+
+/// cgroup v2 ids (the directory's inode) whose processes, and those of cgroups below,
+/// are traced (`--cgroup`). Used when `select::CGROUPS` is on.
+#[map(name = "CGROUPS")]
+pub static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+/// cgroup id -> 1 traced, 0 not: the answer for a cgroup once its ancestors were looked
+/// up in `CGROUPS`, so that a process costs one lookup.
+#[map]
+pub static CGROUP_VERDICT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);

@@ -186,6 +186,10 @@ fn render_metrics(metrics: &Metrics) -> String {
         spans_waiting,
         discovery_requests_dropped,
         spans_identity_unconfirmed,
+        parent_ambiguous,
+        parent_undecided,
+        spans_stalled,
+        process_spans,
         ready,
         export_queue_spans,
         export_queue_bytes,
@@ -287,6 +291,26 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_spans_identity_unconfirmed_total",
         "Spans that left before /proc named their process (named from its exec event or pid).",
         spans_identity_unconfirmed,
+    );
+    counter(
+        "sonde_parent_ambiguous_total",
+        "Calls and programs left without a parent: several requests of their process were in flight and nothing told them apart.",
+        parent_ambiguous,
+    );
+    counter(
+        "sonde_parent_undecided_total",
+        "Exchanges whose parent was not known within the decision window (or that were forgotten to bound memory): they started a trace of their own.",
+        parent_undecided,
+    );
+    counter(
+        "sonde_spans_stalled_total",
+        "Spans exported while their exchange hung past the stall timeout (sonde.stalled=true).",
+        spans_stalled,
+    );
+    counter(
+        "sonde_process_spans_total",
+        "Programs a traced service ran while handling a request, made into spans.",
+        process_spans,
     );
     counter(
         "sonde_message_starts_missed_total",

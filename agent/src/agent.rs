@@ -22,7 +22,9 @@ use crate::{
     events::decode,
     export,
     pipeline::{MessageStart, MessageStartHook, Pipeline, PipelineOptions, monotonic_ns},
-    probes::{NextMessageMap, ProbeOptions, Probes, tls::TlsTarget},
+    probes::{NextMessageMap, ProbeOptions, Probes, select::KernelSelection, tls::TlsTarget},
+    selection::{ProcessRules, read_facts},
+    settings::Settings,
     telemetry::Metrics,
 };
 
@@ -35,6 +37,13 @@ const WAKEUP_BYTES: u64 = 1024 * 1024;
 const TLS_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // The config file first: a broken one stops the agent before anything is attached.
+    let settings = Settings::load_optional(args.config.as_deref())?;
+    let process_rules = Arc::new(ProcessRules::new(
+        &settings.selection,
+        settings.identity.clone(),
+    ));
+    let selection = kernel_selection(&args, &settings, &process_rules)?;
     let metrics = Arc::new(Metrics::default());
     let output = args.out.resolve()?;
 
@@ -58,10 +67,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         payload_cap: args.payload_cap,
         ring_buffer_bytes: args.ring_buffer_bytes(),
         wakeup_bytes: WAKEUP_BYTES,
+        selection,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
-    let mut discovery = Discovery::spawn(Roots::default(), metrics.clone())
-        .context("cannot start the discovery thread")?;
+    let roots = Roots {
+        rules: process_rules.clone(),
+        ..Roots::default()
+    };
+    let mut discovery =
+        Discovery::spawn(roots, metrics.clone()).context("cannot start the discovery thread")?;
     let mut discovering = true;
 
     let sink_exporter = exporter.clone();
@@ -69,13 +83,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_connections: args.max_connections,
         identify_off_thread: true,
         capture_cap: u64::from(args.payload_cap),
+        stall_timeout: (!args.stall_timeout.is_zero()).then_some(args.stall_timeout),
+        business: Arc::new(crate::business::Rules::new(settings.business)),
+        processes: process_rules.clone(),
         ..Default::default()
     };
-    let mut pipeline = Pipeline::new(
-        pipeline_opts,
-        metrics.clone(),
+    let sink = crate::selection::drop_ports(
+        process_rules.ports.clone(),
         Box::new(move |span| sink_exporter.export(span)),
     );
+    let mut pipeline = Pipeline::new(pipeline_opts, metrics.clone(), sink);
     match probes.take_next_message_map() {
         Ok(map) => pipeline.set_message_start_hook(announce_message_starts(map)),
         Err(e) => {
@@ -109,6 +126,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             found = discovery.next(), if discovering => match found {
                 Some(Found::Identity(answer)) => pipeline.identified(answer),
                 Some(Found::Tls(target)) => attach_tls(&mut probes, target),
+                Some(Found::Excluded(pid)) => probes.exclude(pid),
                 Some(Found::StartupScanned) => {
                     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                     info!(backend = %probes.backend, "sonde is tracing; Ctrl-C to stop");
@@ -158,6 +176,69 @@ pub async fn run(args: RunArgs) -> Result<()> {
     export_task.shutdown(Duration::from_secs(10)).await;
     info!("stopped");
     Ok(())
+}
+
+/// What the kernel is to filter: the flags' and the file's command names and cgroups,
+/// and the processes running now that either excludes.
+fn kernel_selection(
+    args: &RunArgs,
+    settings: &Settings,
+    rules: &ProcessRules,
+) -> Result<KernelSelection> {
+    let mut selection = KernelSelection {
+        exclude_comms: args.exclude_comm.clone(),
+        cgroups: args.cgroups.clone(),
+        excluded_pids: Vec::new(),
+        user_rules: !rules.exclude.is_empty(),
+    };
+    selection
+        .exclude_comms
+        .extend(settings.selection.exclude_comm.iter().cloned());
+    selection
+        .cgroups
+        .extend(settings.selection.cgroups.iter().cloned());
+    for path in &selection.cgroups {
+        crate::probes::select::cgroup_id(path)?;
+    }
+    if selection.exclude_comms.is_empty() && !selection.user_rules {
+        return Ok(selection);
+    }
+    let comms: Vec<[u8; 16]> = selection
+        .exclude_comms
+        .iter()
+        .map(|c| crate::probes::select::comm_key(c))
+        .collect();
+    let proc_root = std::path::Path::new("/proc");
+    let own = std::process::id();
+    for entry in std::fs::read_dir(proc_root)
+        .context("cannot list /proc")?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let by_comm = comms.contains(&crate::probes::select::comm_key(comm.trim_end()));
+        let by_rule =
+            selection.user_rules && read_facts(proc_root, pid).is_some_and(|f| rules.excludes(&f));
+        if by_comm || by_rule {
+            selection.excluded_pids.push(pid);
+        }
+    }
+    info!(
+        comms = selection.exclude_comms.len(),
+        cgroups = selection.cgroups.len(),
+        excluded_now = selection.excluded_pids.len(),
+        "process selection"
+    );
+    Ok(selection)
 }
 
 fn ask_about_new_processes(pipeline: &mut Pipeline, discovery: &Discovery) {

@@ -145,6 +145,30 @@ pub struct RunArgs {
     /// Most connections tracked at once.
     #[arg(long, env = "SONDE_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: usize,
+
+    /// A request still unanswered, a delivery still unacknowledged or a program still
+    /// running after this long is exported while it hangs, as a span marked
+    /// sonde.stalled=true in its trace (0s: never).
+    #[arg(long, env = "SONDE_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: std::time::Duration,
+    /// The config file (YAML): business rules, process selection and identity. Read and
+    /// checked before anything is loaded into the kernel.
+    #[arg(long, env = "SONDE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Never trace processes with this command name (as `ps -o comm` shows it; the
+    /// kernel keeps 15 bytes). Repeatable; decided in the kernel.
+    #[arg(
+        long = "exclude-comm",
+        env = "SONDE_EXCLUDE_COMM",
+        value_delimiter = ','
+    )]
+    pub exclude_comm: Vec<String>,
+
+    /// Trace only processes in this cgroup v2 directory or below it (e.g.
+    /// /sys/fs/cgroup/unified/shop.slice). Repeatable; decided in the kernel.
+    #[arg(long = "cgroup", env = "SONDE_CGROUP", value_delimiter = ',')]
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// Largest ring buffer: the kernel sizes it in a u32 of bytes and limits one ring to
@@ -178,6 +202,11 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     pub out: OutputArgs,
+
+    /// The config file (YAML): its business rules and identity rules apply to the
+    /// replay too.
+    #[arg(long, env = "SONDE_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[cfg(test)]

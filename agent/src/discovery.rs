@@ -30,6 +30,7 @@ use tracing::warn;
 use crate::{
     probes::tls::{LIBRARY_DIRS, TlsDiscovery, TlsTarget},
     process::{Describer, Identified, ProcessQuery},
+    selection::{ProcessRules, read_facts},
     telemetry::Metrics,
 };
 
@@ -54,6 +55,9 @@ pub enum Found {
     Tls(TlsTarget),
     /// The start-up scan is over: every target it found was sent before this.
     StartupScanned,
+    /// A process a selection rule of the config file excludes: the kernel is to leave
+    /// it alone from now on.
+    Excluded(u32),
 }
 
 /// Where the discovery thread looks.
@@ -63,6 +67,8 @@ pub struct Roots {
     pub proc_root: PathBuf,
     /// Directories whose libssl files are probed whether or not a process maps them.
     pub library_dirs: Vec<PathBuf>,
+    /// The config file's identity and selection rules.
+    pub rules: Arc<ProcessRules>,
 }
 
 impl Default for Roots {
@@ -71,6 +77,7 @@ impl Default for Roots {
         Roots {
             proc_root: PathBuf::from("/proc"),
             library_dirs: LIBRARY_DIRS.iter().map(PathBuf::from).collect(),
+            rules: Arc::default(),
         }
     }
 }
@@ -89,7 +96,9 @@ impl Discovery {
         let (requests, inbox) = mpsc::sync_channel(REQUEST_QUEUE);
         let (outbox, found) = async_mpsc::channel(FOUND_QUEUE);
         let worker = Worker {
-            describer: Describer::new(&roots.proc_root),
+            describer: Describer::new(&roots.proc_root).with_rules(roots.rules.clone()),
+            proc_root: roots.proc_root.clone(),
+            rules: roots.rules,
             tls: TlsDiscovery::new(&roots.proc_root, roots.library_dirs),
             jobs: VecDeque::from([Job::Libraries, Job::AllProcesses, Job::StartupDone]),
             queued: HashSet::new(),
@@ -154,6 +163,8 @@ enum Job {
 
 struct Worker {
     describer: Describer,
+    proc_root: PathBuf,
+    rules: Arc<ProcessRules>,
     tls: TlsDiscovery,
     jobs: VecDeque<Job>,
     /// Pids with a `Job::Scan` queued.
@@ -197,6 +208,13 @@ impl Worker {
     fn take(&mut self, request: Request) -> bool {
         match request {
             Request::Process(query) => {
+                if !self.rules.exclude.is_empty()
+                    && read_facts(&self.proc_root, query.pid)
+                        .is_some_and(|f| self.rules.excludes(&f))
+                    && !self.send(Found::Excluded(query.pid))
+                {
+                    return false;
+                }
                 let resource = self.describer.describe(query.pid, query.exec.as_ref());
                 let answer = Identified {
                     pid: query.pid,
@@ -314,6 +332,7 @@ mod tests {
             Roots {
                 proc_root: proc_root.clone(),
                 library_dirs: vec![libs],
+                rules: Arc::default(),
             },
             Arc::new(Metrics::default()),
         )

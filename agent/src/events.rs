@@ -62,6 +62,9 @@ pub enum Event<'a> {
         comm: String,
         args: Vec<String>,
         env: Vec<String>,
+        /// The process and thread that forked this one (0 when unknown).
+        parent_tgid: u32,
+        parent_tid: u32,
     },
     Exit {
         header: EventHeader,
@@ -166,6 +169,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                             .into_iter()
                             .filter(|v| v.starts_with("OTEL_"))
                             .collect(),
+                        parent_tgid: p.parent_tgid,
+                        parent_tid: p.parent_tid,
                     }
                 }
                 _ => Event::Exit {

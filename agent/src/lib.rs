@@ -6,10 +6,13 @@
 //! protocols (HTTP/1.x, AMQP 0-9-1) -> spans (semantic-convention spans) -> context
 //! (parents and traces) -> export. Beside the pipeline: discovery (naming processes
 //! from /proc and finding TLS code, on a thread of its own), agent (`sonde run`),
-//! replay (`sonde replay`), admin and telemetry (/metrics).
+//! replay (`sonde replay`), admin and telemetry (/metrics). The config file
+//! (settings) holds the business rules (business: order.id and other attributes
+//! picked from payloads) and the selection and identity of processes (selection).
 
 pub mod admin;
 pub mod agent;
+pub mod business;
 pub mod config;
 pub mod conn;
 pub mod context;
@@ -22,5 +25,7 @@ pub mod process;
 pub mod protocols;
 pub mod reassembly;
 pub mod replay;
+pub mod selection;
+pub mod settings;
 pub mod spans;
 pub mod telemetry;

@@ -1,14 +1,19 @@
 //! The user-space pipeline: decoded events in, finished spans out.
 //!
 //! events -> process registry -> connection table ([`crate::conn::table`]) -> stream
-//! cursors -> protocol parser -> span builder -> context linker -> sink. This module
-//! only orchestrates: it routes each event to its connection, hands the bytes to the
-//! parser, and turns what the parser finished into spans, also when a connection ends
-//! with exchanges still open. The same pipeline serves the live kernel and replays of
+//! cursors -> protocol parser -> span builder -> context (linkers, trace graph, order
+//! ids) -> sink. This module only orchestrates: it routes each event to its
+//! connection, hands the bytes to the parser, gives each exchange that starts its span
+//! id and its place in the trace graph ([`crate::context::trace`]), and turns what the
+//! parser finished into spans, also when a connection ends with exchanges still open.
+//! Programs a traced service runs while it handles a request become spans too
+//! ([`process_spans`]). The same pipeline serves the live kernel and replays of
 //! captures.
 
+mod process_spans;
+
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::Arc,
     time::Duration,
@@ -19,20 +24,26 @@ use tracing::debug;
 
 use crate::{
     conn::{
-        ConnInfo, EndReason,
+        ConnInfo, EndReason, Role,
         table::{self, ConnTable, DataSource, Ended},
     },
-    context::{ConnKey, Linker, MessageKey, MessageLinker},
+    context::{
+        ConnKey, Linker, MessageKey, MessageLinker,
+        inproc::{Found, InProcess},
+        order::{OrderFill, order_id_of},
+        trace::{GraphOptions, Parent, TraceGraph},
+        w3c::parse_traceparent,
+    },
     events::{Event, direction},
     process::{Identified, ProcessQuery, ProcessRegistry},
     protocols::{
-        Parsed,
+        Parsed, Started,
         amqp::AmqpOperation,
         detect::{ConnParser, Verdict},
         http::HttpExchange,
     },
     reassembly::Piece,
-    spans::{Resource, Span, amqp::amqp_span, http::http_span},
+    spans::{Resource, Span, SpanId, SpanKind, amqp::amqp_span, http::http_span, new_span_id},
     telemetry::Metrics,
 };
 
@@ -68,6 +79,15 @@ pub struct PipelineOptions {
     /// Payload bytes the kernel copies per event: a message that starts further than
     /// this beyond the bytes seen would be missed without a window there.
     pub capture_cap: u64,
+    /// A request still unanswered, a delivery still unacknowledged or a program still
+    /// running after this long is shown while it hangs (a stalled span); `None`: never.
+    pub stall_timeout: Option<Duration>,
+    /// How long a span whose trace is known waits for the trace's order id.
+    pub order_hold: Duration,
+    /// Business attribute rules (the config file's, then the defaults).
+    pub business: Arc<crate::business::Rules>,
+    /// Identity rules for naming processes (the config file's).
+    pub processes: Arc<crate::selection::ProcessRules>,
 }
 
 impl Default for PipelineOptions {
@@ -83,6 +103,10 @@ impl Default for PipelineOptions {
             link_remote_peers: false,
             identify_off_thread: false,
             capture_cap: agent_common::MAX_PAYLOAD as u64,
+            stall_timeout: Some(Duration::from_secs(30)),
+            order_hold: Duration::from_secs(1),
+            business: Arc::default(),
+            processes: Arc::default(),
         }
     }
 }
@@ -117,6 +141,42 @@ struct Tracked {
     unparsed: bool,
     /// Per direction, the stream offset last given to the message-start hook.
     announced: [Option<u64>; 2],
+    /// Names the exchanges open on this connection in [`Pipeline::open`].
+    uid: u64,
+}
+
+/// Exchanges started on one connection and not finished yet: their span ids.
+#[derive(Default)]
+struct OpenExchanges {
+    /// HTTP exchanges by their number on the connection.
+    http: VecDeque<(u64, SpanId)>,
+    /// Deliveries by (channel, delivery tag).
+    deliveries: VecDeque<((u16, u64), SpanId)>,
+    /// (time, thread) of the last writes, to tell which thread published a message.
+    writers: VecDeque<(u64, u32)>,
+}
+
+/// Most exchanges remembered open per connection; beyond that the oldest are
+/// abandoned (lost to a gap, they would never finish).
+const MAX_OPEN_PER_CONN: usize = 256;
+
+/// What the pipeline does with a span once its trace is known.
+#[derive(Debug)]
+enum Then {
+    /// Out (after the order-id hold).
+    Out,
+    /// A producer span: to the message linker, which links deliveries to it.
+    Publish(MessageKey),
+}
+
+/// Who made an exchange's events: the process, the thread of the event, the connection.
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    pid: u32,
+    tid: u32,
+    uid: u64,
+    info: &'a ConnInfo,
+    tls: bool,
 }
 
 type Conn = table::Conn<Tracked>;
@@ -127,6 +187,17 @@ pub struct Pipeline {
     conns: ConnTable<Tracked>,
     linker: Linker,
     messages: MessageLinker,
+    graph: TraceGraph<Then>,
+    inproc: InProcess,
+    orders: OrderFill<()>,
+    /// Exchanges open per connection uid.
+    open: HashMap<u64, OpenExchanges>,
+    next_uid: u64,
+    /// Deliveries whose publish was not seen when they started: (key, span id, until).
+    unlinked_deliveries: VecDeque<(MessageKey, SpanId, u64)>,
+    /// Processes whose threads do not follow requests (Go): no thread evidence.
+    goroutines: HashSet<u32>,
+    programs: process_spans::Programs,
     own: OwnSockets,
     local_addrs: LocalAddrs,
     metrics: Arc<Metrics>,
@@ -140,11 +211,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
-        let (registry, sink) = if opts.identify_off_thread {
+        let (mut registry, sink) = if opts.identify_off_thread {
             ProcessRegistry::off_thread(sink, metrics.clone())
         } else {
             (ProcessRegistry::new(), sink)
         };
+        registry.set_process_rules(opts.processes.clone());
         Pipeline {
             linker: Linker::new(opts.link_hold, opts.max_pending_spans),
             messages: MessageLinker::new(
@@ -153,6 +225,18 @@ impl Pipeline {
                 opts.max_pending_spans,
             ),
             conns: ConnTable::new(opts.max_connections),
+            graph: TraceGraph::new(GraphOptions {
+                keep_ns: 10_000_000_000,
+                max_nodes: opts.max_pending_spans,
+                stall_ns: opts.stall_timeout.map(|d| d.as_nanos() as u64),
+            }),
+            inproc: InProcess::new(2_000_000_000),
+            orders: OrderFill::new(opts.order_hold.as_nanos() as u64, opts.max_pending_spans),
+            open: HashMap::new(),
+            next_uid: 0,
+            unlinked_deliveries: VecDeque::new(),
+            goroutines: HashSet::new(),
+            programs: process_spans::Programs::default(),
             opts,
             registry,
             own: OwnSockets::default(),
@@ -193,6 +277,7 @@ impl Pipeline {
                     DataSource::Parse => {}
                 }
                 let dir = direction(data.direction);
+                let uid = conn.state.uid;
                 Self::feed(conn, dir, &data, payload, &metrics);
                 let start = hooked
                     .then(|| Self::next_message_start(conn, dir, cap))
@@ -209,7 +294,14 @@ impl Pipeline {
                         amqp_frames,
                     });
                 }
-                self.after_parse(h.tgid, h.fd, h.ts_ns);
+                if dir == Direction::Egress {
+                    let w = &mut self.open.entry(uid).or_default().writers;
+                    if w.len() >= 32 {
+                        w.pop_front();
+                    }
+                    w.push_back((h.ts_ns, h.tid));
+                }
+                self.after_parse(h.tgid, h.tid, h.fd, h.ts_ns);
             }
             Event::Connect { tuple, .. } | Event::Accept { tuple, .. } => {
                 // A new connection on this descriptor: whatever was there is over.
@@ -220,14 +312,23 @@ impl Pipeline {
             Event::OwnConnect { tuple, .. } => self.own_connect(&tuple),
             Event::OwnClose { tuple, .. } => self.own.closed(tuple.sport),
             Event::Exec {
-                comm, args, env, ..
+                comm,
+                args,
+                env,
+                parent_tgid,
+                parent_tid,
+                ..
             } => {
                 self.registry.exec(h.tgid, &comm, &args, &env);
+                self.program_started(h.tgid, h.ts_ns, &comm, &args, (parent_tgid, parent_tid));
             }
-            Event::Exit { .. } => {
+            Event::Exit { exit_code, .. } => {
                 for ended in self.conns.remove_process(h.tgid) {
                     self.end(ended, h.ts_ns);
                 }
+                self.program_ended(h.tgid, h.ts_ns, exit_code);
+                self.inproc.remove_process(h.tgid);
+                self.goroutines.remove(&h.tgid);
                 self.registry.exit(h.tgid);
             }
         }
@@ -346,10 +447,27 @@ impl Pipeline {
     /// `now_ns` is CLOCK_MONOTONIC.
     pub fn tick(&mut self, now_ns: u64) {
         self.registry.tick();
-        for span in self.linker.expire(now_ns) {
-            (self.sink)(span);
-        }
+        self.linker.expire(now_ns);
         for span in self.messages.expire(now_ns) {
+            self.leaving_messages(span, now_ns);
+        }
+        while self
+            .unlinked_deliveries
+            .front()
+            .is_some_and(|(_, _, until)| *until <= now_ns)
+        {
+            self.unlinked_deliveries.pop_front();
+        }
+        let metrics = Arc::clone(&self.metrics);
+        self.graph.tick(now_ns, |_| {
+            Metrics::inc(&metrics.spans_stalled);
+            Then::Out
+        });
+        self.inproc.expire(now_ns);
+        self.pump(now_ns);
+        let mut out = Vec::new();
+        self.orders.release(now_ns, &mut out);
+        for (span, ()) in out {
             (self.sink)(span);
         }
         // Parsers that wait for time (AMQP publishes waiting for a possible
@@ -369,7 +487,14 @@ impl Pipeline {
             for ((tgid, fd), parsed) in finished {
                 if let Some(conn) = self.conns.get_mut(tgid, fd) {
                     let (info, resource, tls) = (conn.info, conn.state.resource.clone(), conn.tls);
-                    self.emit_parsed(parsed, &info, &resource, tls, now_ns);
+                    let origin = Origin {
+                        pid: tgid,
+                        tid: 0,
+                        uid: conn.state.uid,
+                        info: &info,
+                        tls,
+                    };
+                    self.emit_parsed(parsed, origin, &resource, now_ns);
                 }
             }
         }
@@ -387,7 +512,8 @@ impl Pipeline {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.metrics.spans_waiting.store(
-            (self.linker.len() + self.messages.waiting_len()) as u64,
+            (self.linker.len() + self.messages.waiting_len() + self.graph.len() + self.orders.len())
+                as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
@@ -408,10 +534,22 @@ impl Pipeline {
         for ended in self.conns.remove_all(reason) {
             self.end(ended, now);
         }
-        for span in self.linker.drain() {
-            (self.sink)(span);
+        self.programs_end_all(now);
+        for span in self.messages.drain() {
+            self.leaving_messages(span, now);
+        }
+        for (span, then) in self.graph.drain() {
+            self.route(span, then, now);
         }
         for span in self.messages.drain() {
+            self.leaving_messages(span, now);
+        }
+        for (span, then) in self.graph.drain() {
+            self.route(span, then, now);
+        }
+        let mut out = Vec::new();
+        self.orders.drain(&mut out);
+        for (span, ()) in out {
             (self.sink)(span);
         }
         self.registry.finish();
@@ -425,6 +563,7 @@ impl Pipeline {
         let (own, local_addrs, registry) =
             (&mut self.own, &mut self.local_addrs, &mut self.registry);
         let exclude_own = self.opts.exclude_own_sockets;
+        let next_uid = &mut self.next_uid;
         self.conns.lookup(tgid, fd, tuple, ts_ns, &mut ended, |info| {
             let ours = exclude_own && local_addrs.peer_is_local(info) && own.is_ours(info);
             if ours {
@@ -435,6 +574,10 @@ impl Pipeline {
                 parser: (!ours).then(ConnParser::new),
                 unparsed: false,
                 announced: [None; 2],
+                uid: {
+                    *next_uid += 1;
+                    *next_uid
+                },
             }
         });
         let grew = self.conns.len() != before || !ended.is_empty();
@@ -459,12 +602,16 @@ impl Pipeline {
     }
 
     /// A connection left the table at `ts_ns`: what its parser still holds becomes
-    /// spans. If no parser understood it and it was not TLS (whose handshake goes by as
-    /// ciphertext before the plaintext comes), it counts as a parse failure; counted at
-    /// the end so that HTTPS does not count.
+    /// spans, and what started on it but will never finish is abandoned. If no parser
+    /// understood it and it was not TLS (whose handshake goes by as ciphertext before
+    /// the plaintext comes), it counts as a parse failure; counted at the end so that
+    /// HTTPS does not count.
     fn end(&mut self, ended: Ended<Tracked>, ts_ns: u64) {
         let table::Ended {
-            mut conn, reason, ..
+            mut conn,
+            reason,
+            pid,
+            ..
         } = ended;
         if reason == EndReason::Evicted {
             Metrics::inc(&self.metrics.connections_evicted);
@@ -472,7 +619,24 @@ impl Pipeline {
         if let Some(parser) = conn.state.parser.as_mut() {
             parser.close(ts_ns, reason);
             let parsed = parser.take();
-            self.emit(&conn, parsed, ts_ns);
+            if !parsed.is_empty() {
+                let origin = Origin {
+                    pid,
+                    tid: 0,
+                    uid: conn.state.uid,
+                    info: &conn.info,
+                    tls: conn.tls,
+                };
+                let resource = conn.state.resource.clone();
+                self.emit_parsed(parsed, origin, &resource, ts_ns);
+            }
+        }
+        if let Some(open) = self.open.remove(&conn.state.uid) {
+            let ids = open.http.into_iter().map(|(_, id)| id);
+            for id in ids.chain(open.deliveries.into_iter().map(|(_, id)| id)) {
+                self.graph.abandon(id, ts_ns);
+                self.inproc.end(pid, id, ts_ns);
+            }
         }
         if conn.state.unparsed && !conn.tls {
             Metrics::inc(&self.metrics.parse_failures);
@@ -481,7 +645,7 @@ impl Pipeline {
 
     /// Turns what the parser finished into spans; gives up on connections that no
     /// parser understands.
-    fn after_parse(&mut self, tgid: u32, fd: u32, now_ns: u64) {
+    fn after_parse(&mut self, tgid: u32, tid: u32, fd: u32, now_ns: u64) {
         let Some(conn) = self.conns.get_mut(tgid, fd) else {
             return;
         };
@@ -499,28 +663,198 @@ impl Pipeline {
         }
         let info = conn.info;
         let resource = conn.state.resource.clone();
-        let tls = conn.tls;
-        self.emit_parsed(parsed, &info, &resource, tls, now_ns);
-    }
-
-    fn emit(&mut self, conn: &Conn, parsed: Vec<Parsed>, now_ns: u64) {
-        if !parsed.is_empty() {
-            self.emit_parsed(parsed, &conn.info, &conn.state.resource, conn.tls, now_ns);
-        }
+        let origin = Origin {
+            pid: tgid,
+            tid,
+            uid: conn.state.uid,
+            info: &info,
+            tls: conn.tls,
+        };
+        self.emit_parsed(parsed, origin, &resource, now_ns);
     }
 
     fn emit_parsed(
         &mut self,
         parsed: Vec<Parsed>,
-        info: &ConnInfo,
+        origin: Origin<'_>,
         resource: &Arc<Resource>,
-        tls: bool,
         now_ns: u64,
     ) {
         for item in parsed {
             match item {
-                Parsed::Http(ex) => self.emit_http(&ex, info, resource.clone(), tls, now_ns),
-                Parsed::Amqp(op) => self.emit_amqp(&op, info, resource.clone(), now_ns),
+                Parsed::Started(Started::Http {
+                    seq,
+                    role,
+                    request,
+                    body,
+                    start_ns,
+                }) => {
+                    let ex = HttpExchange::started(role, seq, request, start_ns);
+                    self.http_started(ex, &body, origin, resource.clone(), now_ns);
+                }
+                Parsed::Started(Started::Delivery { delivery, settled }) => {
+                    self.delivery_started(*delivery, settled, origin, resource.clone(), now_ns)
+                }
+                Parsed::Http(ex) => self.emit_http(&ex, origin, resource.clone(), now_ns),
+                Parsed::Amqp(op) => self.emit_amqp(&op, origin, resource.clone(), now_ns),
+            }
+        }
+        self.pump(now_ns);
+    }
+
+    /// Whether the threads of process `pid` follow its requests (not Go's).
+    fn threads(&mut self, pid: u32) -> bool {
+        if self.goroutines.contains(&pid) {
+            return false;
+        }
+        let go = self.registry.resource(pid).attributes.iter().any(|kv| {
+            kv.key == crate::process::RUNTIME_NAME
+                && kv.value == crate::spans::Value::Str("go".into())
+        });
+        if go {
+            self.goroutines.insert(pid);
+        }
+        !go
+    }
+
+    /// Marks process `pid` as one whose threads do not follow its requests (a Go
+    /// program: goroutines move between threads), so that threads are no evidence.
+    pub fn set_goroutines(&mut self, pid: u32) {
+        self.goroutines.insert(pid);
+    }
+
+    /// The in-process parent of a call `pid` made at `at_ns` on `tid`, counted when
+    /// ambiguous.
+    fn in_process_parent(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        at_ns: u64,
+        order_id: Option<&str>,
+    ) -> Found {
+        let threads = self.threads(pid);
+        self.inproc.find(pid, tid, at_ns, order_id, threads)
+    }
+
+    /// An HTTP request was read (server) or written (client) whole: its span id, its
+    /// node in the trace graph, and what decides its parent.
+    fn http_started(
+        &mut self,
+        ex: HttpExchange,
+        body: &[u8],
+        origin: Origin<'_>,
+        resource: Arc<Resource>,
+        now_ns: u64,
+    ) {
+        let id = new_span_id();
+        let open = self.open.entry(origin.uid).or_default();
+        if open.http.len() >= MAX_OPEN_PER_CONN
+            && let Some((_, old)) = open.http.pop_front()
+        {
+            self.graph.abandon(old, now_ns);
+        }
+        open.http.push_back((ex.seq, id));
+        let order_id = order_id_of(&ex.request, body);
+        let traceparent = ex.request.header("traceparent").and_then(parse_traceparent);
+        let (method, target) = (ex.request.method.clone(), ex.request.target.clone());
+        let (role, start_ns) = (ex.role, ex.request_start_ns);
+        let stall = http_span(&ex, origin.info, resource, self.mono_to_unix_ns, origin.tls);
+        let hold_ns = self.opts.link_hold.as_nanos() as u64;
+        let peer_here = self.opts.link_remote_peers || self.local_addrs.peer_is_local(origin.info);
+        // A call whose parent only its finished request can tell (an order id in a body
+        // not fully seen yet) may wait for it as long as a stall would take.
+        let client_wait = self
+            .opts
+            .stall_timeout
+            .unwrap_or(Duration::from_secs(30))
+            .as_nanos() as u64;
+        let decide_by = match role {
+            Role::Server => now_ns.saturating_add(hold_ns),
+            Role::Client => now_ns.saturating_add(client_wait),
+        };
+        self.graph
+            .open(id, start_ns, decide_by, Some(Box::new(stall)));
+        if let Some((trace_id, span_id, _)) = traceparent {
+            self.graph.decide(id, Parent::Remote { trace_id, span_id });
+        }
+        let key = ConnKey::new(role, origin.info.local, origin.info.remote);
+        match role {
+            Role::Server => {
+                self.inproc
+                    .begin(origin.pid, origin.tid, id, start_ns, order_id);
+                if !peer_here {
+                    self.graph.decide(id, Parent::Root);
+                } else if let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns) {
+                    self.graph.decide(j.server, Parent::Node(j.client));
+                }
+            }
+            Role::Client => {
+                match self.in_process_parent(origin.pid, origin.tid, start_ns, order_id.as_deref())
+                {
+                    Found::Parent(p) => self.graph.decide(id, Parent::Node(p)),
+                    Found::Nothing => self.graph.decide(id, Parent::Root),
+                    // Decided when the exchange finishes, with what it carried by then.
+                    Found::Ambiguous => {}
+                }
+                if peer_here
+                    && let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns)
+                {
+                    self.graph.decide(j.server, Parent::Node(j.client));
+                }
+            }
+        }
+    }
+
+    /// A consumer received a delivery: its span id, its node, and its parent when the
+    /// publish is known already.
+    fn delivery_started(
+        &mut self,
+        delivery: crate::protocols::amqp::Delivery,
+        settled: bool,
+        origin: Origin<'_>,
+        resource: Arc<Resource>,
+        now_ns: u64,
+    ) {
+        let id = new_span_id();
+        let open = self.open.entry(origin.uid).or_default();
+        if open.deliveries.len() >= MAX_OPEN_PER_CONN
+            && let Some((_, old)) = open.deliveries.pop_front()
+        {
+            self.graph.abandon(old, now_ns);
+        }
+        open.deliveries
+            .push_back(((delivery.channel, delivery.delivery_tag), id));
+        let start_ns = delivery.start_ns;
+        let order_id = crate::context::order::order_id_of_json(&delivery.message.body);
+        let op = AmqpOperation::Delivery(delivery);
+        let key = MessageKey::of(&op);
+        let stall = amqp_span(&op, origin.info, resource, self.mono_to_unix_ns);
+        let hold_ns = self.opts.message_hold.as_nanos() as u64;
+        self.graph.open(
+            id,
+            start_ns,
+            now_ns.saturating_add(hold_ns),
+            stall.map(Box::new),
+        );
+        // Its processing lasts until the ack; with no ack to wait for, it is not known
+        // (no calls are put under it).
+        self.inproc
+            .begin(origin.pid, origin.tid, id, start_ns, order_id);
+        if settled {
+            self.inproc.end(origin.pid, id, start_ns);
+        }
+        match key.as_ref().and_then(|k| self.messages.peek_producer(k)) {
+            Some((trace_id, span_id)) => {
+                self.graph.decide(id, Parent::Remote { trace_id, span_id })
+            }
+            None => {
+                if let Some(k) = key {
+                    if self.unlinked_deliveries.len() >= self.opts.max_pending_spans {
+                        self.unlinked_deliveries.pop_front();
+                    }
+                    self.unlinked_deliveries
+                        .push_back((k, id, now_ns.saturating_add(hold_ns)));
+                }
             }
         }
     }
@@ -528,31 +862,67 @@ impl Pipeline {
     fn emit_http(
         &mut self,
         ex: &HttpExchange,
-        info: &ConnInfo,
+        origin: Origin<'_>,
         resource: Arc<Resource>,
-        tls: bool,
         now_ns: u64,
     ) {
-        let span = http_span(ex, info, resource, self.mono_to_unix_ns, tls);
+        let mut span = http_span(ex, origin.info, resource, self.mono_to_unix_ns, origin.tls);
+        crate::business::annotate_http(&self.opts.business, ex, &mut span);
         Metrics::inc(&self.metrics.spans_built);
-        if !self.opts.link_remote_peers && !self.local_addrs.peer_is_local(info) {
-            // The other end is on another node: no span of ours will pair with it.
-            (self.sink)(span);
-            return;
+        let open = self.open.entry(origin.uid).or_default();
+        let id = open
+            .http
+            .iter()
+            .position(|(seq, _)| *seq == ex.seq)
+            .and_then(|i| open.http.remove(i))
+            .map(|(_, id)| id);
+        if let Some(id) = id {
+            span.span_id = id;
+            match ex.role {
+                Role::Server => {
+                    let end = if ex.response.is_some() {
+                        ex.response_end_ns
+                    } else {
+                        ex.request_end_ns
+                    };
+                    self.inproc.end(origin.pid, id, end);
+                }
+                Role::Client if self.graph.undecided(&id) => {
+                    let order_id = order_id_of(&ex.request, &ex.request_body);
+                    let tid = self.writer_at(origin.uid, ex.request_start_ns);
+                    match self.in_process_parent(
+                        origin.pid,
+                        tid,
+                        ex.request_start_ns,
+                        order_id.as_deref(),
+                    ) {
+                        Found::Parent(p) => self.graph.decide(id, Parent::Node(p)),
+                        Found::Nothing => self.graph.decide(id, Parent::Root),
+                        Found::Ambiguous => {
+                            Metrics::inc(&self.metrics.parent_ambiguous);
+                            self.graph.decide(id, Parent::Root);
+                        }
+                    }
+                }
+                Role::Client => {}
+            }
         }
-        let key = ConnKey::new(ex.role, info.local, info.remote);
-        for span in self
-            .linker
-            .offer(span, key, &ex.request.method, &ex.request.target, now_ns)
-        {
-            (self.sink)(span);
-        }
+        self.graph.finish(span, Then::Out, now_ns);
+    }
+
+    /// The thread that wrote on connection `uid` at (or last before) `at_ns`; 0 when
+    /// not known.
+    fn writer_at(&self, uid: u64, at_ns: u64) -> u32 {
+        self.open
+            .get(&uid)
+            .and_then(|o| o.writers.iter().rev().find(|(ts, _)| *ts <= at_ns))
+            .map_or(0, |(_, tid)| *tid)
     }
 
     fn emit_amqp(
         &mut self,
         op: &AmqpOperation,
-        info: &ConnInfo,
+        origin: Origin<'_>,
         resource: Arc<Resource>,
         now_ns: u64,
     ) {
@@ -565,15 +935,124 @@ impl Pipeline {
             }
             return;
         }
-        let Some(span) = amqp_span(op, info, resource, self.mono_to_unix_ns) else {
+        let Some(mut span) = amqp_span(op, origin.info, resource, self.mono_to_unix_ns) else {
             return;
         };
+        crate::business::annotate_amqp(&self.opts.business, op, &mut span);
         Metrics::inc(&self.metrics.spans_built);
-        let out = match MessageKey::of(op) {
-            Some(key) => self.messages.offer(span, key, now_ns),
-            None => vec![span],
-        };
-        for span in out {
+        let key = MessageKey::of(op);
+        match op {
+            AmqpOperation::Publish(p) if p.role == Role::Client => {
+                // A publish: under what its process was handling when it was written.
+                let id = span.span_id;
+                self.graph.open(id, p.start_ns, now_ns, None);
+                if let Some(span_id) = span.parent_span_id {
+                    let trace_id = span.trace_id;
+                    self.graph.decide(id, Parent::Remote { trace_id, span_id });
+                }
+                let tid = self.writer_at(origin.uid, p.start_ns);
+                let order_id = crate::context::order::order_id_of_json(&p.message.body);
+                match self.in_process_parent(origin.pid, tid, p.start_ns, order_id.as_deref()) {
+                    Found::Parent(parent) => self.graph.decide(id, Parent::Node(parent)),
+                    Found::Nothing => self.graph.decide(id, Parent::Root),
+                    Found::Ambiguous => {
+                        Metrics::inc(&self.metrics.parent_ambiguous);
+                        self.graph.decide(id, Parent::Root);
+                    }
+                }
+                let then = key.map_or(Then::Out, Then::Publish);
+                self.graph.finish(span, then, now_ns);
+            }
+            AmqpOperation::Delivery(d) if d.role == Role::Client => {
+                let open = self.open.entry(origin.uid).or_default();
+                let tag = (d.channel, d.delivery_tag);
+                if let Some(i) = open.deliveries.iter().position(|(k, _)| *k == tag) {
+                    let (_, id) = open.deliveries.remove(i).expect("found");
+                    span.span_id = id;
+                    self.inproc.end(origin.pid, id, d.end_ns);
+                }
+                match key {
+                    Some(key) => {
+                        for s in self.messages.offer(span, key, now_ns) {
+                            self.leaving_messages(s, now_ns);
+                        }
+                    }
+                    None => self.leaving_messages(span, now_ns),
+                }
+            }
+            _ => match key {
+                Some(key) => {
+                    for s in self.messages.offer(span, key, now_ns) {
+                        self.leaving_messages(s, now_ns);
+                    }
+                }
+                None => self.hold(span, now_ns),
+            },
+        }
+    }
+
+    /// A span leaves the message linker: a consumer span goes to its node (its parent
+    /// decided by the link, unless decided when it started), anything else out.
+    fn leaving_messages(&mut self, span: Span, now_ns: u64) {
+        if span.kind == SpanKind::Consumer && self.graph.undecided(&span.span_id) {
+            let parent = match span.parent_span_id {
+                Some(span_id) => Parent::Remote {
+                    trace_id: span.trace_id,
+                    span_id,
+                },
+                None => Parent::Root,
+            };
+            self.graph.decide(span.span_id, parent);
+        }
+        if span.kind == SpanKind::Consumer {
+            self.graph.finish(span, Then::Out, now_ns);
+        } else {
+            self.hold(span, now_ns);
+        }
+    }
+
+    /// Spans whose trace the graph now knows, on their way.
+    fn pump(&mut self, now_ns: u64) {
+        loop {
+            let ready = self.graph.take();
+            if ready.is_empty() {
+                return;
+            }
+            for (span, then) in ready {
+                self.route(span, then, now_ns);
+            }
+        }
+    }
+
+    fn route(&mut self, span: Span, then: Then, now_ns: u64) {
+        match then {
+            Then::Out => self.hold(span, now_ns),
+            Then::Publish(key) => {
+                // Deliveries that started before this publish was seen: now linked.
+                let (trace_id, span_id) = (span.trace_id, span.span_id);
+                let mut linked = Vec::new();
+                self.unlinked_deliveries.retain(|(k, id, _)| {
+                    let same = k.same_message(&key);
+                    if same {
+                        linked.push(*id);
+                    }
+                    !same
+                });
+                for id in linked {
+                    self.graph.decide(id, Parent::Remote { trace_id, span_id });
+                }
+                for s in self.messages.offer(span, key, now_ns) {
+                    self.leaving_messages(s, now_ns);
+                }
+            }
+        }
+    }
+
+    /// The last stage before the sink: the order-id hold.
+    fn hold(&mut self, span: Span, now_ns: u64) {
+        let mut out = Vec::new();
+        self.orders.push(span, (), now_ns, &mut out);
+        for (span, ()) in out {
             (self.sink)(span);
         }
     }

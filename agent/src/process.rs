@@ -34,6 +34,7 @@ use std::{
 
 use crate::{
     pipeline::Sink,
+    selection::{ProcessFacts, ProcessRules},
     spans::{KeyValue, Resource, Span},
     telemetry::Metrics,
 };
@@ -79,6 +80,8 @@ pub struct Identified {
 pub struct Describer {
     proc_root: PathBuf,
     host_name: String,
+    /// The config file's identity rules.
+    rules: Arc<ProcessRules>,
 }
 
 /// What /proc says about one process.
@@ -89,6 +92,23 @@ struct ProcFacts {
     exe_path: Option<PathBuf>,
     comm: Option<String>,
     container_id: Option<String>,
+    /// The executable is a Go program (it has a `.go.buildinfo` section).
+    go: bool,
+    cgroup: Option<String>,
+}
+
+/// sonde's resource attribute for a Go program, as the OpenTelemetry Go SDK spells it:
+/// its threads do not follow its requests (goroutines move between them).
+pub const RUNTIME_NAME: &str = "process.runtime.name";
+
+/// Whether the ELF file at `path` is a Go program.
+fn is_go_program(path: &Path) -> bool {
+    use object::{Object, ReadCache};
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache).is_ok_and(|elf| elf.section_by_name(".go.buildinfo").is_some())
 }
 
 impl Describer {
@@ -100,7 +120,14 @@ impl Describer {
         Describer {
             proc_root,
             host_name,
+            rules: Arc::default(),
         }
+    }
+
+    /// Names processes by these identity rules too (after their own OTEL_SERVICE_NAME).
+    pub fn with_rules(mut self, rules: Arc<ProcessRules>) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// The process as /proc shows it now, completed by its exec event; None when /proc
@@ -134,6 +161,12 @@ impl Describer {
                 .map(|s| s.trim().to_owned())
                 .ok(),
             container_id: container_id(&dir.join("cgroup")),
+            go: is_go_program(&dir.join("exe")),
+            cgroup: fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(str::to_owned)
+            }),
         })
     }
 
@@ -144,6 +177,8 @@ impl Describer {
             exe_path,
             mut comm,
             container_id,
+            go,
+            cgroup,
         } = facts;
         if let Some(hint) = exec {
             if cmdline.is_empty() {
@@ -197,7 +232,19 @@ impl Describer {
                 }
             }
         }
+        let (rule_name, rule_attributes) = self.rules.identity(&ProcessFacts {
+            executable: exe_path.clone(),
+            cmdline: cmdline.clone(),
+            container_id: container_id.clone(),
+            cgroup,
+        });
+        for kv in rule_attributes {
+            if !attributes.iter().any(|a| a.key == kv.key) {
+                attributes.push(kv);
+            }
+        }
         let service_name = service_name
+            .or(rule_name)
             .or_else(|| script_name(&executable_name, &cmdline))
             .unwrap_or_else(|| executable_name.clone());
 
@@ -213,6 +260,9 @@ impl Describer {
         }
         if let Some(id) = container_id {
             attributes.push(KeyValue::new(res::CONTAINER_ID, id));
+        }
+        if go {
+            attributes.push(KeyValue::new(RUNTIME_NAME, "go"));
         }
         Resource {
             service_name,
@@ -247,6 +297,11 @@ impl ProcessRegistry {
     /// A registry that reads /proc itself, on the caller's thread (replays, tests).
     pub fn new() -> Self {
         Self::with_proc_root("/proc")
+    }
+
+    /// Names processes by these identity rules too ([`Describer::with_rules`]).
+    pub fn set_process_rules(&mut self, rules: Arc<ProcessRules>) {
+        self.describer.rules = rules;
     }
 
     pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {
@@ -569,7 +624,11 @@ fn script_name(exe: &str, cmdline: &[String]) -> Option<String> {
 
 /// A 64-hex-digit container id in the process's cgroup path (docker, containerd, cri-o).
 fn container_id(cgroup_file: &Path) -> Option<String> {
-    let text = fs::read_to_string(cgroup_file).ok()?;
+    container_id_of(&fs::read_to_string(cgroup_file).ok()?)
+}
+
+/// The container id in the text of a /proc/PID/cgroup file.
+pub(crate) fn container_id_of(text: &str) -> Option<String> {
     for line in text.lines() {
         let path = line.rsplit(':').next().unwrap_or("");
         for part in path.split(['/', '-', '.']) {

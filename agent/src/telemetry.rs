@@ -46,6 +46,16 @@ pub struct Metrics {
     /// Spans that left before /proc named their process, with the name from its exec
     /// event (or its pid).
     pub spans_identity_unconfirmed: AtomicU64,
+    /// Calls and programs left without a parent because several requests of their
+    /// process were in flight and nothing told them apart.
+    pub parent_ambiguous: AtomicU64,
+    /// Exchanges whose parent was still undecided at the end of the decision window
+    /// (or that had to be forgotten to bound memory): they started a trace of their own.
+    pub parent_undecided: AtomicU64,
+    /// Spans exported while their exchange hung past the stall timeout.
+    pub spans_stalled: AtomicU64,
+    /// Programs a traced service ran, made into spans.
+    pub process_spans: AtomicU64,
     /// True once every probe is attached.
     pub ready: AtomicBool,
     /// Spans in the export queue or in a batch being sent (a gauge).

@@ -19,7 +19,27 @@ pub fn sched_exec(_ctx: TracePointContext) -> u32 {
     let range = |start: u32, end: u32| (mm != 0).then(|| (read(mm, start), read(mm, end)));
     let args = range(setting!(offsets.mm_arg_start), setting!(offsets.mm_arg_end));
     let env = range(setting!(offsets.mm_env_start), setting!(offsets.mm_env_end));
-    proc_event(EventKind::Exec, bpf_get_current_pid_tgid(), 0, args, env);
+    // task_struct->real_parent: the thread that forked this process (while it lives).
+    let parent = read(task, setting!(offsets.task_real_parent));
+    let id = |off: u32| {
+        if parent == 0 {
+            return 0;
+        }
+        // SAFETY: a probe read of a kernel address; a bad address only fails the read.
+        unsafe { bpf_probe_read_kernel((parent + off as u64) as *const u32) }.unwrap_or(0)
+    };
+    let forker = (
+        id(setting!(offsets.task_tgid)),
+        id(setting!(offsets.task_pid)),
+    );
+    proc_event(
+        EventKind::Exec,
+        bpf_get_current_pid_tgid(),
+        0,
+        forker,
+        args,
+        env,
+    );
     0
 }
 
@@ -39,6 +59,6 @@ pub fn sched_exit(_ctx: TracePointContext) -> u32 {
     let task = unsafe { bpf_get_current_task() };
     let off = setting!(offsets.task_exit_code) as u64;
     let code: i32 = unsafe { bpf_probe_read_kernel((task + off) as *const i32) }.unwrap_or(0);
-    proc_event(EventKind::Exit, pid_tgid, code, None, None);
+    proc_event(EventKind::Exit, pid_tgid, code, (0, 0), None, None);
     0
 }

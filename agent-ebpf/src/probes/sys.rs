@@ -27,9 +27,11 @@ const CALL_CONNECT: u32 = 100;
 const CALL_OWN_CONNECT: u32 = 101;
 const EINPROGRESS: i64 = 115;
 
+use crate::probes::select::traced;
+
 #[inline(always)]
-fn traced(pid_tgid: u64) -> bool {
-    (pid_tgid >> 32) as u32 != setting!(agent_tgid)
+fn is_agent(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 == setting!(agent_tgid)
 }
 
 // ---- bodies shared by both backends ----
@@ -231,12 +233,12 @@ fn iov_events(
 #[inline(always)]
 fn enter_connect(fd: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
+    let own = is_agent(pid_tgid);
+    if !own && !traced(pid_tgid) {
+        return;
+    }
     let pending = PendingCall {
-        call: if traced(pid_tgid) {
-            CALL_CONNECT
-        } else {
-            CALL_OWN_CONNECT
-        },
+        call: if own { CALL_OWN_CONNECT } else { CALL_CONNECT },
         fd: fd as u32,
         ptr: 0,
         count: 0,
@@ -298,10 +300,10 @@ fn enter_close(fd: u64) {
         return;
     };
     if info.is_tcp == 1 {
-        let kind = if traced(pid_tgid) {
-            EventKind::Close
-        } else {
+        let kind = if is_agent(pid_tgid) {
             EventKind::OwnClose
+        } else {
+            EventKind::Close
         };
         conn_event(kind, pid_tgid, fd, &info, 0);
     }

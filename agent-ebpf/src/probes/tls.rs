@@ -39,7 +39,6 @@ use aya_ebpf::{
 };
 
 use crate::{
-    config::setting,
     emit::data_event,
     maps::{count, count_lost},
     socket::lookup,
@@ -343,7 +342,7 @@ fn guess_socket(pid_tgid: u64, ssl: u64) -> Option<u32> {
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return;
     }
     let depth = unsafe { TLS_DEPTH.get(pid_tgid) }.copied().unwrap_or(0);
@@ -622,7 +621,7 @@ pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_free_enter(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return 0;
     }
     let ssl = ctx.arg::<u64>(0).unwrap_or(0);
@@ -725,7 +724,7 @@ fn go_conn_fd(conn: u64) -> u32 {
 #[inline(always)]
 fn go_enter(ctx: &ProbeContext, kind: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == setting!(agent_tgid) {
+    if !crate::probes::select::traced(pid_tgid) {
         return;
     }
     let regs = unsafe { &*ctx.regs };

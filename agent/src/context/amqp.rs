@@ -121,7 +121,8 @@ impl MessageKey {
         }
     }
 
-    fn same_message(&self, other: &MessageKey) -> bool {
+    /// Whether the two keys may name the same message.
+    pub fn same_message(&self, other: &MessageKey) -> bool {
         self.fingerprint == other.fingerprint
             && match (self.body, other.body) {
                 (Some(a), Some(b)) => a == b,
@@ -343,6 +344,26 @@ impl MessageLinker {
             _ => out.push(span),
         }
         out
+    }
+
+    /// The producer span a delivery of the message `key` would be linked to now, as
+    /// (trace, span), without taking it: so that a delivery's trace is known when it
+    /// starts, before it is acked.
+    pub fn peek_producer(&self, key: &MessageKey) -> Option<(TraceId, SpanId)> {
+        let candidates = self.producers_by_fp.get(&key.fingerprint)?;
+        let first = |already_matched: bool| {
+            candidates.iter().find_map(|seq| {
+                self.producers.get(seq).filter(|p| {
+                    p.key.same_message(key) && p.matched.contains(&key.queue) == already_matched
+                })
+            })
+        };
+        let p = if key.redelivered {
+            first(true).or_else(|| first(false))
+        } else {
+            first(false)
+        }?;
+        Some((p.trace_id, p.span_id))
     }
 
     /// Offers a delivery the broker sent (`key` of an [`AmqpOperation::Dispatch`], sent

@@ -463,6 +463,8 @@ fn a_delivery_to_a_consumer_that_predates_the_agent_and_never_acks_is_a_consumer
     // connection ending.
     p.tick(6_000_000_000);
     p.tick(10_000_000_000);
+    // And the wait for the order id of the trace (1 s).
+    p.tick(11_000_000_000);
     let got: Vec<(String, SpanKind, Option<String>)> = std::mem::take(&mut *spans.lock().unwrap())
         .iter()
         .map(|s| {

@@ -657,6 +657,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         mm_arg_end: field(btf, "mm_struct", "arg_end", 8)?,
         mm_env_start: field(btf, "mm_struct", "env_start", 8)?,
         mm_env_end: field(btf, "mm_struct", "env_end", 8)?,
+        task_real_parent: field(btf, "task_struct", "real_parent", PTR)?,
+        task_pid: field(btf, "task_struct", "pid", 4)?,
+        task_tgid: field(btf, "task_struct", "tgid", 4)?,
+        _pad: 0,
     })
 }
 

@@ -6,9 +6,14 @@
 //! is reported by name.
 
 pub mod btf;
+pub mod select;
 pub mod tls;
 
-use std::{ffi::CString, fmt, path::Path};
+use std::{
+    ffi::CString,
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use agent_common::{KernelOffsets, MAX_PAYLOAD, NextMessage, ProbeConfig, counter, lost, maps};
 use aya::{
@@ -105,6 +110,10 @@ pub enum ProbeError {
     },
     #[error("--payload-cap must be between 0 and {MAX_PAYLOAD} bytes, not {0}")]
     PayloadCap(u32),
+    #[error("--cgroup {}: {why}", path.display())]
+    Cgroup { path: PathBuf, why: String },
+    #[error("cannot read the tracepoint format {}: {why}", path.display())]
+    TracepointFormat { path: PathBuf, why: String },
 }
 
 /// Settings for loading.
@@ -114,6 +123,8 @@ pub struct ProbeOptions {
     pub payload_cap: u32,
     pub ring_buffer_bytes: u32,
     pub wakeup_bytes: u64,
+    /// Which processes the kernel leaves alone.
+    pub selection: select::KernelSelection,
 }
 
 /// What a socket hook is, for each backend.
@@ -194,6 +205,8 @@ pub struct Probes {
     pub backend: Backend,
     lost: PerCpuArray<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
+    /// Processes the kernel leaves alone, when user space may add to them.
+    excluded: Option<BpfHashMap<MapData, u32, u8>>,
 }
 
 /// Where user space announces the start of the next message of each stream (the
@@ -219,11 +232,14 @@ impl Probes {
         debug!(?offsets, "kernel structure offsets");
 
         let backend = choose_backend(opts.backend)?;
+        let (select, fork_child_pid_offset) = select::settings(&opts.selection)?;
         let config = ProbeConfig {
             offsets,
             payload_cap: opts.payload_cap,
             agent_tgid: std::process::id(),
             wakeup_bytes: opts.wakeup_bytes,
+            select,
+            fork_child_pid_offset,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(agent_common::globals::CONFIG, &config, true)
@@ -231,6 +247,7 @@ impl Probes {
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
 
+        let excluded = select::load(&mut ebpf, &opts.selection)?;
         attach_process_hooks(&mut ebpf)?;
         for program in TLS_PROGRAMS {
             program_as::<UProbe>(&mut ebpf, program)?
@@ -272,6 +289,7 @@ impl Probes {
                 backend,
                 lost,
                 counters,
+                excluded,
             },
             events,
         ))
@@ -297,6 +315,15 @@ impl Probes {
         metrics.events_lost.store(lost.iter().sum(), Relaxed);
         for (slot, value) in metrics.kernel_counters.iter().zip(self.counters()) {
             slot.store(value, Relaxed);
+        }
+    }
+
+    /// Leaves process `pid` alone from now on (a config file rule excludes it).
+    pub fn exclude(&mut self, pid: u32) {
+        if let Some(map) = &mut self.excluded
+            && let Err(e) = map.insert(pid, 1, 0)
+        {
+            warn!(pid, error = %e, "an excluded process could not be told to the kernel; it stays traced");
         }
     }
 

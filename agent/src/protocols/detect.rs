@@ -157,7 +157,10 @@ mod tests {
         p.feed(Direction::Egress, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1);
         assert_eq!(p.verdict(), Verdict::Known);
         p.feed(Direction::Ingress, b"HTTP/1.1 204 No Content\r\n\r\n", 2);
-        assert!(matches!(&p.take()[..], [Parsed::Http(_)]));
+        assert!(matches!(
+            &p.take()[..],
+            [Parsed::Started(_), Parsed::Http(_)]
+        ));
 
         let mut p = ConnParser::new();
         p.feed(Direction::Egress, b"AMQP\x00\x00\x09\x01", 1);

@@ -9,8 +9,11 @@ pub mod http;
 
 use agent_common::Direction;
 
-use self::{amqp::AmqpOperation, http::HttpExchange};
-use crate::conn::EndReason;
+use self::{
+    amqp::AmqpOperation,
+    http::{HttpExchange, RequestHead},
+};
+use crate::conn::{EndReason, Role};
 
 /// What a connection's parser produced. Short-lived (built and consumed in one call),
 /// so the size difference of the variants costs nothing worth a box.
@@ -19,6 +22,34 @@ use crate::conn::EndReason;
 pub enum Parsed {
     Http(HttpExchange),
     Amqp(AmqpOperation),
+    /// An exchange began; what it began is finished later as `Http` or `Amqp`, and
+    /// the two carry the same identity (the HTTP exchange's `seq`, the delivery's
+    /// channel and tag). Taken before what finished in the same call.
+    Started(Started),
+}
+
+/// The start of an exchange, so that the context stage can give it its span id, its
+/// trace and the calls its service makes while it lasts before it is finished.
+#[derive(Debug)]
+pub enum Started {
+    /// A whole request was read (server) or written (client).
+    Http {
+        seq: u64,
+        role: Role,
+        request: RequestHead,
+        /// The request body's captured prefix.
+        body: Vec<u8>,
+        /// When its first byte moved.
+        start_ns: u64,
+    },
+    /// A consumer received a delivery (basic.deliver or basic.get-ok with content):
+    /// its processing lasts until the ack, or, with no ack to wait for, is unknown.
+    Delivery {
+        /// The delivery as it stands when its content is complete.
+        delivery: Box<amqp::Delivery>,
+        /// No ack will come (no-ack consumer or get).
+        settled: bool,
+    },
 }
 
 /// One protocol's parser for one connection, both directions. The pipeline hands each

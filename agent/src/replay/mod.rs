@@ -61,6 +61,8 @@ use crate::{
     config::ReplayArgs,
     export,
     pipeline::{Pipeline, PipelineOptions, Sink},
+    selection::ProcessRules,
+    settings::Settings,
     telemetry::Metrics,
 };
 use capture::Capture;
@@ -140,6 +142,8 @@ pub struct Outcome {
 
 /// `sonde replay`: replays `args.file` and exports its spans like `sonde run` would.
 pub async fn run(args: ReplayArgs) -> Result<()> {
+    let settings = Settings::load_optional(args.config.as_deref())?;
+    let rules = Rules::from_settings(&settings);
     let metrics = Arc::new(Metrics::default());
     let output = args.out.resolve()?;
     let (exporter, export_task) = export::spawn(output, metrics.clone())?;
@@ -148,8 +152,14 @@ pub async fn run(args: ReplayArgs) -> Result<()> {
     let sink: Sink = Box::new(move |span| exporter.export_waiting(span));
     let path = args.file.clone();
     let pipeline_metrics = metrics.clone();
-    let outcome =
-        tokio::task::spawn_blocking(move || replay_file(&path, pipeline_metrics, sink)).await?;
+    let outcome = tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+        Ok(file) => replay_with(&path, file, pipeline_metrics, sink, rules),
+        Err(error) => Outcome {
+            summary: Summary::default(),
+            error: Some(ReplayError::Open { path, error }),
+        },
+    })
+    .await?;
     export_task.shutdown(Duration::from_secs(30)).await;
     eprintln!("sonde replay: {}: {}", args.file.display(), outcome.summary);
     let dropped = metrics.spans_dropped.total();
@@ -184,6 +194,37 @@ pub fn replay_reader(
     metrics: Arc<Metrics>,
     sink: Sink,
 ) -> Outcome {
+    replay_with(path, reader, metrics, sink, Rules::default())
+}
+
+/// The config file's rules a replay applies.
+#[derive(Clone, Default)]
+pub struct Rules {
+    pub business: Arc<crate::business::Rules>,
+    pub processes: Arc<ProcessRules>,
+}
+
+impl Rules {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Rules {
+            business: Arc::new(crate::business::Rules::new(settings.business.clone())),
+            processes: Arc::new(ProcessRules::new(
+                &settings.selection,
+                settings.identity.clone(),
+            )),
+        }
+    }
+}
+
+/// As [`replay_reader`], with the config file's rules.
+pub fn replay_with(
+    path: &Path,
+    reader: impl io::Read,
+    metrics: Arc<Metrics>,
+    sink: Sink,
+    rules: Rules,
+) -> Outcome {
+    let sink = crate::selection::drop_ports(rules.processes.ports.clone(), sink);
     let spans = Arc::new(AtomicU64::new(0));
     let counted = spans.clone();
     let mut sink = sink;
@@ -195,6 +236,8 @@ pub fn replay_reader(
         PipelineOptions {
             exclude_own_sockets: false,
             link_remote_peers: true,
+            business: rules.business,
+            processes: rules.processes,
             ..PipelineOptions::default()
         },
         metrics,

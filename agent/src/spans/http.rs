@@ -297,6 +297,7 @@ mod tests {
     ) -> HttpExchange {
         HttpExchange {
             role,
+            seq: 0,
             request: RequestHead {
                 method: method.into(),
                 target: target.into(),

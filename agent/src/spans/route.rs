@@ -32,7 +32,7 @@ pub fn template_route(path: &str) -> String {
     route
 }
 
-fn is_identifier(segment: &str) -> bool {
+pub(crate) fn is_identifier(segment: &str) -> bool {
     let bytes = segment.as_bytes();
     if bytes.is_empty() {
         return false;

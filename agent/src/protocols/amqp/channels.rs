@@ -617,6 +617,11 @@ impl AmqpParser {
     pub(super) fn delivered(&mut self, channel_id: u16, delivery: Delivery, settled: bool) {
         if self.role() == Some(Role::Server) {
             self.push_finished(AmqpOperation::Dispatch(delivery.clone()));
+        } else if self.started.len() < MAX_FINISHED {
+            self.started.push(crate::protocols::Started::Delivery {
+                delivery: Box::new(delivery.clone()),
+                settled,
+            });
         }
         if settled {
             self.push_finished(AmqpOperation::Delivery(delivery));

@@ -129,6 +129,8 @@ pub struct AmqpParser {
     consumers: HashMap<(u16, String), Consumer>,
     open_operations: usize,
     finished: VecDeque<AmqpOperation>,
+    /// Deliveries a consumer began since the last take, at most [`MAX_FINISHED`].
+    started: Vec<super::Started>,
     closed: bool,
 }
 
@@ -151,6 +153,7 @@ impl AmqpParser {
             consumers: HashMap::new(),
             open_operations: 0,
             finished: VecDeque::new(),
+            started: Vec::new(),
             closed: false,
         }
     }
@@ -376,6 +379,7 @@ impl ProtocolParser for AmqpParser {
     }
 
     fn take(&mut self, out: &mut Vec<Parsed>) {
+        out.extend(self.started.drain(..).map(Parsed::Started));
         out.extend(self.finished.drain(..).map(Parsed::Amqp));
     }
 

@@ -123,6 +123,9 @@ impl HttpParser {
             response_done: false,
             dropped: false,
         });
+        if let Some(f) = self.in_flight_mut(seq) {
+            f.exchange.seq = seq;
+        }
         let h = &mut self.halves[dir.index()];
         h.target = Some(seq);
         h.capturing = true;
@@ -227,14 +230,30 @@ impl HttpParser {
         let h = &mut self.halves[dir.index()];
         h.phase = Phase::Head;
         h.reset_buffer();
+        let mut begun = None;
         if let Some(f) = h.target.take().and_then(|seq| self.in_flight_mut(seq)) {
             if is_request {
                 f.request_done = true;
                 f.exchange.request_end_ns = ts_ns;
+                if !f.dropped {
+                    let ex = &f.exchange;
+                    begun = Some(super::super::Started::Http {
+                        seq: ex.seq,
+                        role: ex.role,
+                        request: ex.request.clone(),
+                        body: ex.request_body.clone(),
+                        start_ns: ex.request_start_ns,
+                    });
+                }
             } else {
                 f.response_done = true;
                 f.exchange.response_end_ns = ts_ns;
             }
+        }
+        if let Some(b) = begun
+            && self.started.len() < MAX_FINISHED
+        {
+            self.started.push(b);
         }
         self.flush();
     }
@@ -250,9 +269,18 @@ pub(super) fn placeholder_head() -> RequestHead {
 }
 
 impl HttpExchange {
+    /// An exchange as it stands when its request began: what a stalled span shows.
+    pub fn started(role: Role, seq: u64, request: RequestHead, request_start_ns: u64) -> Self {
+        HttpExchange {
+            seq,
+            ..HttpExchange::new(role, request, request_start_ns)
+        }
+    }
+
     pub(super) fn new(role: Role, request: RequestHead, request_start_ns: u64) -> Self {
         HttpExchange {
             role,
+            seq: 0,
             request,
             response: None,
             request_start_ns,

@@ -80,6 +80,8 @@ const MAX_UNDECIDED_SCAN: u64 = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpExchange {
     pub role: Role,
+    /// The exchange's number on its connection, as in [`super::Started::Http`].
+    pub seq: u64,
     pub request: RequestHead,
     /// `None` when the connection closed before a response arrived.
     pub response: Option<ResponseHead>,
@@ -208,6 +210,8 @@ pub struct HttpParser {
     /// Start of the latest response that answered no request seen.
     last_orphan_response_ns: Option<u64>,
     finished: VecDeque<HttpExchange>,
+    /// Requests that began since the last take, at most [`MAX_FINISHED`].
+    started: Vec<super::Started>,
     closed: bool,
 }
 
@@ -238,6 +242,7 @@ impl HttpParser {
             responses_to_drop: 0,
             last_orphan_response_ns: None,
             finished: VecDeque::new(),
+            started: Vec::new(),
             closed: false,
         }
     }
@@ -619,6 +624,7 @@ impl ProtocolParser for HttpParser {
     fn tick(&mut self, _now_ns: u64) {}
 
     fn take(&mut self, out: &mut Vec<Parsed>) {
+        out.extend(self.started.drain(..).map(Parsed::Started));
         out.extend(self.finished.drain(..).map(Parsed::Http));
     }
 

@@ -1,0 +1,538 @@
+//! Whole traces: the trace every span belongs to and its parent, decided as exchanges
+//! start, so that the calls a service makes while it handles a request join that
+//! request's trace, and a request that hangs can be shown in its trace while it hangs.
+//!
+//! Every exchange is a node, named by the span id it gets when it starts. A node's
+//! parent is decided once, when the evidence comes in (the other end of the same
+//! connection, the request its service was handling, a `traceparent`): another node,
+//! a remote span, or none (a root, which starts a new trace). A node's trace is known
+//! once its parent is decided and the parent's trace is known; a finished span waits
+//! here until then. Waiting is bounded: a node left undecided past the decision
+//! window becomes a root, and the number of nodes is capped (the oldest are decided
+//! and forgotten first).
+//!
+//! A node still open after the stall timeout gives a stalled span, once: the same
+//! operation in the same trace, with its own span id, marked `sonde.stalled`, ending
+//! when it was noticed. The ordinary span follows when the exchange ends.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::spans::{KeyValue, Span, SpanId, TraceId, new_span_id, new_trace_id};
+
+/// sonde's attribute on a span exported while its exchange still hangs: `true`.
+pub const STALLED: &str = "sonde.stalled";
+/// How long the stalled exchange had waited when its stalled span was made, in ms.
+pub const STALLED_FOR_MS: &str = "sonde.stalled.for_ms";
+
+/// Who a node's span is the child of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parent {
+    /// No one: the span starts a trace.
+    Root,
+    /// Another exchange seen by this agent.
+    Node(SpanId),
+    /// A span named by a `traceparent` (or a span another stage linked already).
+    Remote { trace_id: TraceId, span_id: SpanId },
+}
+
+/// Limits and timings of the graph.
+#[derive(Clone, Copy, Debug)]
+pub struct GraphOptions {
+    /// How long a finished node is kept for evidence that arrives late.
+    pub keep_ns: u64,
+    /// Most nodes at once.
+    pub max_nodes: usize,
+    /// An exchange open this long gives a stalled span; `None`: never.
+    pub stall_ns: Option<u64>,
+}
+
+/// What the graph counted, taken by the pipeline for /metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// Nodes whose parent was still undecided at the end of the window.
+    pub undecided: u64,
+    /// Nodes forgotten to stay under the cap while still open or waiting.
+    pub evicted: u64,
+    /// Parents refused because they would have made a cycle.
+    pub cycles: u64,
+    /// Stalled spans made.
+    pub stalled: u64,
+}
+
+struct Node<T> {
+    parent: Option<Parent>,
+    trace: Option<TraceId>,
+    parent_span: Option<SpanId>,
+    /// Nodes whose parent this is, waiting for its trace.
+    children: Vec<SpanId>,
+    /// Finished (or stalled) spans waiting for the trace.
+    waiting: Vec<(Span, T)>,
+    open: bool,
+    start_ns: u64,
+    /// What a stalled span of this node looks like, while it is open and not stalled.
+    stall: Option<Box<Span>>,
+}
+
+/// See the module documentation. `T` travels with each span: what the pipeline does
+/// with it once its trace is known.
+pub struct TraceGraph<T> {
+    opts: GraphOptions,
+    nodes: HashMap<SpanId, Node<T>>,
+    /// (deadline, node) of the decisions.
+    made: BTreeSet<(u64, SpanId)>,
+    /// Every node in the order it was made, for the cap (trimmed of forgotten ones).
+    age: VecDeque<SpanId>,
+    /// (time, node) of finished nodes, to forget them after `keep_ns`.
+    closed: VecDeque<(u64, SpanId)>,
+    /// (time the stall is due, node).
+    stalls: VecDeque<(u64, SpanId)>,
+    counts: GraphCounts,
+    out: Vec<(Span, T)>,
+}
+
+impl<T> TraceGraph<T> {
+    pub fn new(opts: GraphOptions) -> Self {
+        TraceGraph {
+            opts,
+            nodes: HashMap::new(),
+            made: BTreeSet::new(),
+            age: VecDeque::new(),
+            closed: VecDeque::new(),
+            stalls: VecDeque::new(),
+            counts: GraphCounts::default(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// An exchange started at `start_ns`; undecided at `decide_by_ns`, it becomes a
+    /// root. `stall` is its span as it would be shown if it hung.
+    pub fn open(&mut self, id: SpanId, start_ns: u64, decide_by_ns: u64, stall: Option<Box<Span>>) {
+        if self.nodes.contains_key(&id) {
+            return;
+        }
+        while self.nodes.len() >= self.opts.max_nodes.max(1) {
+            if !self.evict_oldest() {
+                break;
+            }
+        }
+        if let (Some(after), Some(_)) = (self.opts.stall_ns, stall.as_ref()) {
+            self.stalls.push_back((start_ns.saturating_add(after), id));
+        }
+        self.nodes.insert(
+            id,
+            Node {
+                parent: None,
+                trace: None,
+                parent_span: None,
+                children: Vec::new(),
+                waiting: Vec::new(),
+                open: true,
+                start_ns,
+                stall,
+            },
+        );
+        self.made.insert((decide_by_ns, id));
+        self.age.push_back(id);
+    }
+
+    /// Whether the node exists and its parent is still undecided.
+    pub fn undecided(&self, id: &SpanId) -> bool {
+        self.nodes.get(id).is_some_and(|n| n.parent.is_none())
+    }
+
+    /// The trace of a node, once known.
+    pub fn trace_of(&self, id: &SpanId) -> Option<TraceId> {
+        self.nodes.get(id).and_then(|n| n.trace)
+    }
+
+    /// Decides a node's parent. The first decision stands; a parent that is unknown
+    /// or would make a cycle makes the node a root.
+    pub fn decide(&mut self, id: SpanId, parent: Parent) {
+        let Some(node) = self.nodes.get(&id) else {
+            return;
+        };
+        if node.parent.is_some() {
+            return;
+        }
+        let parent = match parent {
+            Parent::Node(p) if p == id || !self.nodes.contains_key(&p) => Parent::Root,
+            Parent::Node(p) if self.reaches(p, id) => {
+                self.counts.cycles += 1;
+                Parent::Root
+            }
+            other => other,
+        };
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.parent = Some(parent);
+        }
+        self.resolve(id);
+    }
+
+    /// Whether following parents up from `from` reaches `to`.
+    fn reaches(&self, from: SpanId, to: SpanId) -> bool {
+        let mut at = from;
+        for _ in 0..64 {
+            if at == to {
+                return true;
+            }
+            match self.nodes.get(&at).and_then(|n| n.parent) {
+                Some(Parent::Node(p)) => at = p,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// A span finished; its span id names its node. A span with no node (made by a
+    /// stage that does not start nodes) goes out as it is.
+    pub fn finish(&mut self, span: Span, then: T, now_ns: u64) {
+        let id = span.span_id;
+        let Some(node) = self.nodes.get_mut(&id) else {
+            self.out.push((span, then));
+            return;
+        };
+        node.stall = None;
+        if node.open {
+            node.open = false;
+            self.closed.push_back((now_ns, id));
+        }
+        match node.trace {
+            Some(trace) => {
+                let parent = node.parent_span;
+                self.out.push((fill(span, trace, parent), then));
+            }
+            None => node.waiting.push((span, then)),
+        }
+    }
+
+    /// An exchange that will never finish as a span (its connection ended without it).
+    pub fn abandon(&mut self, id: SpanId, now_ns: u64) {
+        if let Some(node) = self.nodes.get_mut(&id)
+            && node.open
+        {
+            node.open = false;
+            node.stall = None;
+            self.closed.push_back((now_ns, id));
+        }
+    }
+
+    /// Spans whose trace is now known, in the order they became ready.
+    pub fn take(&mut self) -> Vec<(Span, T)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// What was counted since the last call.
+    pub fn take_counts(&mut self) -> GraphCounts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Time passes: undecided nodes past their window become roots, stalls are
+    /// noticed, finished nodes are forgotten. `make_stalled` turns a node's stall
+    /// template into what travels with the stalled span.
+    pub fn tick(&mut self, now_ns: u64, mut make_stalled: impl FnMut(&Span) -> T) {
+        while let Some(&(deadline, id)) = self.made.first() {
+            if deadline > now_ns {
+                break;
+            }
+            self.made.pop_first();
+            if self.undecided(&id) {
+                self.counts.undecided += 1;
+                self.decide(id, Parent::Root);
+            }
+        }
+        while let Some(&(due, id)) = self.stalls.front() {
+            if due > now_ns {
+                break;
+            }
+            self.stalls.pop_front();
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            let Some(template) = node.stall.take().filter(|_| node.open) else {
+                continue;
+            };
+            let waited_ns = now_ns.saturating_sub(node.start_ns);
+            let mut span = *template;
+            span.span_id = new_span_id();
+            span.end_unix_nanos = span.start_unix_nanos.saturating_add(waited_ns);
+            span.attributes.push(KeyValue::new(STALLED, true));
+            span.attributes
+                .push(KeyValue::new(STALLED_FOR_MS, waited_ns / 1_000_000));
+            let then = make_stalled(&span);
+            self.counts.stalled += 1;
+            match node.trace {
+                Some(trace) => {
+                    let parent = node.parent_span;
+                    self.out.push((fill(span, trace, parent), then));
+                }
+                None => node.waiting.push((span, then)),
+            }
+        }
+        while let Some(&(at, id)) = self.closed.front() {
+            if at.saturating_add(self.opts.keep_ns) > now_ns {
+                break;
+            }
+            self.closed.pop_front();
+            if self
+                .nodes
+                .get(&id)
+                .is_some_and(|n| !n.open && n.waiting.is_empty() && n.children.is_empty())
+            {
+                self.nodes.remove(&id);
+            }
+        }
+        while self
+            .age
+            .front()
+            .is_some_and(|id| !self.nodes.contains_key(id))
+        {
+            self.age.pop_front();
+        }
+    }
+
+    /// Everything out at shutdown: undecided nodes become roots.
+    pub fn drain(&mut self) -> Vec<(Span, T)> {
+        let ids: Vec<SpanId> = std::mem::take(&mut self.made)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        for id in ids {
+            if self.undecided(&id) {
+                self.decide(id, Parent::Root);
+            }
+        }
+        self.nodes.clear();
+        self.age.clear();
+        self.closed.clear();
+        self.stalls.clear();
+        self.take()
+    }
+
+    /// Decides and forgets the oldest node to make room; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some(id) = self.age.pop_front() {
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            if node.open || !node.waiting.is_empty() || node.trace.is_none() {
+                self.counts.evicted += 1;
+            }
+            if node.trace.is_none() {
+                // Its parent's trace is not known yet: it starts one, so that what
+                // waits on it goes out.
+                node.parent = Some(Parent::Root);
+                self.resolve(id);
+            }
+            self.nodes.remove(&id);
+            return true;
+        }
+        false
+    }
+
+    /// A node's parent was decided or its parent's trace became known: settle the
+    /// trace of it and of everything waiting below it.
+    fn resolve(&mut self, id: SpanId) {
+        let mut todo = vec![id];
+        while let Some(id) = todo.pop() {
+            let Some(node) = self.nodes.get(&id) else {
+                continue;
+            };
+            if node.trace.is_some() {
+                continue;
+            }
+            let (trace, parent_span) = match node.parent {
+                None => continue,
+                Some(Parent::Root) => (new_trace_id(), None),
+                Some(Parent::Remote { trace_id, span_id }) => (trace_id, Some(span_id)),
+                Some(Parent::Node(p)) => match self.nodes.get_mut(&p) {
+                    Some(parent) => match parent.trace {
+                        Some(t) => (t, Some(p)),
+                        None => {
+                            if !parent.children.contains(&id) {
+                                parent.children.push(id);
+                            }
+                            continue;
+                        }
+                    },
+                    // The parent was forgotten before its trace was known: it was
+                    // decided first, so this cannot happen; start a trace.
+                    None => (new_trace_id(), None),
+                },
+            };
+            let node = self.nodes.get_mut(&id).expect("looked up above");
+            node.trace = Some(trace);
+            node.parent_span = parent_span;
+            for (span, then) in node.waiting.drain(..) {
+                self.out.push((fill(span, trace, parent_span), then));
+            }
+            todo.append(&mut node.children);
+        }
+    }
+}
+
+fn fill(mut span: Span, trace: TraceId, parent: Option<SpanId>) -> Span {
+    span.trace_id = trace;
+    span.parent_span_id = parent;
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::spans::{Resource, SpanKind, Status};
+
+    fn span(id: SpanId) -> Span {
+        Span {
+            trace_id: [9; 16],
+            span_id: id,
+            parent_span_id: None,
+            name: "GET /".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: 1,
+            end_unix_nanos: 2,
+            attributes: vec![],
+            status: Status::Unset,
+            resource: Arc::new(Resource {
+                service_name: "s".into(),
+                pid: 1,
+                executable_name: "s".into(),
+                host_name: "h".into(),
+                attributes: vec![],
+            }),
+        }
+    }
+
+    fn graph() -> TraceGraph<()> {
+        TraceGraph::new(GraphOptions {
+            keep_ns: 100,
+            max_nodes: 100,
+            stall_ns: Some(1_000),
+        })
+    }
+
+    const A: SpanId = [1; 8];
+    const B: SpanId = [2; 8];
+    const C: SpanId = [3; 8];
+
+    #[test]
+    fn children_wait_for_the_trace_of_their_root_and_share_it() {
+        let mut g = graph();
+        g.open(A, 0, 500, None);
+        g.open(B, 10, 10, None);
+        g.open(C, 20, 20, None);
+        g.decide(B, Parent::Node(A));
+        g.decide(C, Parent::Node(B));
+        g.finish(span(C), (), 30);
+        g.finish(span(B), (), 40);
+        assert!(g.take().is_empty(), "A's parent is not decided yet");
+        g.decide(A, Parent::Root);
+        let out = g.take();
+        assert_eq!(out.len(), 2);
+        let trace = g.trace_of(&A).unwrap();
+        let c = out.iter().find(|(s, _)| s.span_id == C).unwrap();
+        let b = out.iter().find(|(s, _)| s.span_id == B).unwrap();
+        assert_eq!((c.0.trace_id, c.0.parent_span_id), (trace, Some(B)));
+        assert_eq!((b.0.trace_id, b.0.parent_span_id), (trace, Some(A)));
+        g.finish(span(A), (), 50);
+        let a = g.take();
+        assert_eq!((a[0].0.trace_id, a[0].0.parent_span_id), (trace, None));
+    }
+
+    #[test]
+    fn an_undecided_node_becomes_a_root_after_its_window_and_the_first_decision_stands() {
+        let mut g = graph();
+        g.open(A, 0, 100, None);
+        g.finish(span(A), (), 10);
+        g.tick(99, |_| ());
+        assert!(g.take().is_empty());
+        g.tick(100, |_| ());
+        let out = g.take();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.parent_span_id, None);
+        assert_eq!(g.take_counts().undecided, 1);
+        let remote = [7; 8];
+        g.decide(
+            A,
+            Parent::Remote {
+                trace_id: [5; 16],
+                span_id: remote,
+            },
+        );
+        assert_ne!(g.trace_of(&A), Some([5; 16]));
+    }
+
+    #[test]
+    fn a_remote_parent_gives_its_trace_and_a_cycle_is_refused() {
+        let mut g = graph();
+        g.open(A, 0, 100, None);
+        g.open(B, 0, 100, None);
+        g.decide(B, Parent::Node(A));
+        g.decide(A, Parent::Node(B));
+        assert_eq!(g.take_counts().cycles, 1);
+        assert!(g.trace_of(&A).is_some() && g.trace_of(&A) == g.trace_of(&B));
+        g.open(C, 0, 100, None);
+        g.decide(
+            C,
+            Parent::Remote {
+                trace_id: [5; 16],
+                span_id: [6; 8],
+            },
+        );
+        g.finish(span(C), (), 1);
+        let out = g.take();
+        assert_eq!(
+            (out[0].0.trace_id, out[0].0.parent_span_id),
+            ([5; 16], Some([6; 8]))
+        );
+    }
+
+    #[test]
+    fn an_open_node_past_the_stall_timeout_gives_one_stalled_span_in_its_trace() {
+        let mut g = graph();
+        g.open(A, 0, 0, None);
+        g.decide(A, Parent::Root);
+        g.open(B, 100, 100, Some(Box::new(span(B))));
+        g.decide(B, Parent::Node(A));
+        g.tick(1_099, |_| ());
+        assert!(g.take().is_empty());
+        g.tick(1_100, |_| ());
+        g.tick(5_000, |_| ());
+        let out = g.take();
+        assert_eq!(out.len(), 1, "one stalled span");
+        let s = &out[0].0;
+        assert_ne!(s.span_id, B);
+        assert_eq!(
+            (s.trace_id, s.parent_span_id),
+            (g.trace_of(&A).unwrap(), Some(A))
+        );
+        assert_eq!(s.attribute(STALLED), Some(&crate::spans::Value::Bool(true)));
+        g.finish(span(B), (), 6_000);
+        assert_eq!(g.take()[0].0.span_id, B);
+    }
+
+    #[test]
+    fn the_number_of_nodes_is_bounded_and_what_waits_goes_out() {
+        let mut g = TraceGraph::new(GraphOptions {
+            keep_ns: 100,
+            max_nodes: 2,
+            stall_ns: None,
+        });
+        g.open(A, 0, 1_000, None);
+        g.finish(span(A), (), 1);
+        g.open(B, 0, 1_000, None);
+        g.open(C, 0, 1_000, None);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g.take().len(), 1, "A went out when it was forgotten");
+        assert_eq!(g.take_counts().evicted, 1);
+    }
+}
