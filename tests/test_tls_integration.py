@@ -255,41 +255,56 @@ def tls_socket_counters(agent):
     return out
 
 
-def test_node_server_concurrent_python_clients(agent, cert, tmp_path, t0):
+def check_concurrent_python_clients(agent, s, cert, t0):
     """One order, then ten at once, each on its own HTTPS connection from its own Python
-    thread, into one Node.js server: node moves the ciphertext of all eleven sessions on
-    one thread (memory BIOs), writes a session's records when it likes (batched, after
-    other sessions' calls) and reuses the addresses of freed SSL objects, so each
-    session's socket must be told by what its socket writes carry. Every request is one
-    server span with its own path, paired with its client span, and every session's
-    socket was confirmed, none guessed."""
+    thread, into server `s`: every request is one server span with its own path, paired
+    with its client span, and every server session's socket was confirmed, none guessed."""
+    before = tls_socket_counters(agent)
+    reqs = [f"GET:/orders/{i}" for i in range(1, 12)]
+    c = run_json([PY, TLS_DIR / "https_client.py", "--concurrent", cert.cert, "127.0.0.1",
+                  str(s.port), *reqs], what="https_client.py --concurrent")
+    got = sorted(r["path"] for r in c.out["responses"])
+    assert got == sorted(p.split(":")[1] for p in reqs), c.out
+    assert all(r["status"] == 200 for r in c.out["responses"]), c.out
+    assert c.out["connections"] == 11, c.out
+    srv, cli = both_ends(agent, s, c.pid, 11, "11 orders over 11 HTTPS connections, 10 at once, "
+                         f"with TLS socket counters {tls_socket_counters(agent)} "
+                         f"(before: {before})\n")
+    by_path = {sp.attrs["url.path"]: sp for sp in cli}
+    assert sorted(by_path) == got, f"client spans:\n{fmt_spans(cli)}"
+    for sp in srv:
+        path = sp.attrs["url.path"]
+        assert path in by_path, f"server span for an unknown path:\n{fmt_spans(srv)}"
+        r = next(r for r in c.out["responses"] if r["path"] == path)
+        check_https_pair(sp, by_path[path], s.port, srv + cli, method="GET", path=path,
+                         route="/orders/{id}", status=200, ua="sonde-test-pyhttps/", req_body=0,
+                         resp_body=r["len"], t0=t0)
+    assert sorted(sp.attrs["url.path"] for sp in srv) == got, f"server spans:\n{fmt_spans(srv)}"
+    after = tls_socket_counters(agent)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["guessed"] == 0 and delta["corrected"] == 0 and delta["confirmed"] >= 11, \
+        f"the server's 11 sessions must each be confirmed by its own records: {delta}"
+
+
+def test_node_server_concurrent_python_clients(agent, cert, tmp_path, t0):
+    """Node.js moves the ciphertext of all eleven sessions on one thread (memory BIOs),
+    writes a session's records when it likes (batched, after other sessions' calls) and
+    reuses the addresses of freed SSL objects, so each session's socket must be told by
+    what its socket writes carry."""
     s = start_node_server(tmp_path, cert, agent)
     try:
-        before = tls_socket_counters(agent)
-        reqs = [f"GET:/orders/{i}" for i in range(1, 12)]
-        c = run_json([PY, TLS_DIR / "https_client.py", "--concurrent", cert.cert, "127.0.0.1",
-                      str(s.port), *reqs], what="https_client.py --concurrent")
-        got = sorted(r["path"] for r in c.out["responses"])
-        assert got == sorted(p.split(":")[1] for p in reqs), c.out
-        assert all(r["status"] == 200 for r in c.out["responses"]), c.out
-        assert c.out["connections"] == 11, c.out
-        srv, cli = both_ends(agent, s, c.pid, 11, "11 orders over 11 HTTPS connections, 10 at once, "
-                             f"with TLS socket counters {tls_socket_counters(agent)} "
-                             f"(before: {before})\n")
-        by_path = {sp.attrs["url.path"]: sp for sp in cli}
-        assert sorted(by_path) == got, f"client spans:\n{fmt_spans(cli)}"
-        for sp in srv:
-            path = sp.attrs["url.path"]
-            assert path in by_path, f"server span for an unknown path:\n{fmt_spans(srv)}"
-            r = next(r for r in c.out["responses"] if r["path"] == path)
-            check_https_pair(sp, by_path[path], s.port, srv + cli, method="GET", path=path,
-                             route="/orders/{id}", status=200, ua="sonde-test-pyhttps/", req_body=0,
-                             resp_body=r["len"], t0=t0)
-        assert sorted(sp.attrs["url.path"] for sp in srv) == got, f"server spans:\n{fmt_spans(srv)}"
-        after = tls_socket_counters(agent)
-        delta = {k: after[k] - before.get(k, 0) for k in after}
-        assert delta["guessed"] == 0 and delta["corrected"] == 0 and delta["confirmed"] >= 11, \
-            f"node's 11 sessions must each be confirmed by its own records: {delta}"
+        check_concurrent_python_clients(agent, s, cert, t0)
+    finally:
+        s.stop()
+
+
+def test_asyncio_server_concurrent_python_clients(agent, cert, tmp_path, t0):
+    """The same with Python's asyncio: ssl.SSLObject on memory BIOs of the shared libssl,
+    whose records pass through BIO_write in libcrypto."""
+    s = start_port_server([PY, TLS_DIR / "asyncio_server.py", cert.cert, cert.key], tmp_path,
+                          "asyncio_server.py")
+    try:
+        check_concurrent_python_clients(agent, s, cert, t0)
     finally:
         s.stop()
 

@@ -223,7 +223,7 @@ fn render_metrics(metrics: &Metrics) -> String {
                 "TLS plaintext events put on a socket guessed from the thread's last read (memory BIOs, not confirmed yet)."
             }
             "sonde_tls_sockets_confirmed_total" => {
-                "Memory-BIO TLS sessions whose socket a TLS record write confirmed."
+                "Memory-BIO TLS sessions whose socket was confirmed by a socket write carrying one of their TLS records."
             }
             "sonde_tls_sockets_corrected_total" => {
                 "Guessed TLS sockets that a confirmation proved wrong."

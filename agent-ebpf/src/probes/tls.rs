@@ -96,6 +96,16 @@ const MAX_DEPTH: u64 = 4;
 #[map(name = "MEMORY_BIO_THREADS")]
 static MEMORY_BIO_THREADS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
 
+/// Threads whose calls use a socket and that are not in MEMORY_BIO_THREADS: their
+/// records go to the socket inside the call, so BIO_write need not remember them.
+#[map(name = "SOCKET_BIO_THREADS")]
+static SOCKET_BIO_THREADS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn memory_bio_thread(pid_tgid: u64) -> bool {
+    unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_some()
+}
+
 /// The innermost call in flight on the thread, if any.
 #[inline(always)]
 fn innermost(pid_tgid: u64) -> Option<*mut TlsCall> {
@@ -121,8 +131,8 @@ pub struct SslKey {
 #[derive(Clone, Copy)]
 pub struct SslSocket {
     pub fd: u32,
-    /// 1 when seen (the library used the socket, or a TLS record followed the call);
-    /// 0 when guessed from the thread's last read.
+    /// 1 when seen (the library used the socket, or the socket carried one of the
+    /// session's records); 0 when guessed from the thread's last read.
     pub confirmed: u32,
 }
 
@@ -169,8 +179,9 @@ pub fn note_socket_io(
     direction: Direction,
     egress_head: (u64, u64),
 ) -> bool {
+    let memory_bio = memory_bio_thread(pid_tgid);
     if let Some(call) = innermost(pid_tgid)
-        && unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_none()
+        && !memory_bio
     {
         // SAFETY: a map value pointer, valid for this program run.
         unsafe { (*call).fd = fd };
@@ -179,12 +190,15 @@ pub fn note_socket_io(
     match direction {
         Direction::Ingress => {
             let _ = LAST_READ_FD.insert(pid_tgid, fd, 0);
-            // A read ends the window in which a record write can confirm a session.
+            // Writes parked on a session opened before the agent wait no longer than the
+            // thread's next socket read (Node.js flushes its records before it reads).
             flush_await(pid_tgid);
         }
         Direction::Egress => {
+            // Only a thread that moves memory-BIO ciphertext writes records for a session
+            // that does not write them itself.
             let (head, len) = egress_head;
-            if head != 0 && len >= RECORD_ID_LEN as u64 {
+            if memory_bio && head != 0 && len >= RECORD_ID_LEN as u64 {
                 confirm(pid_tgid, fd, head);
             }
         }
@@ -395,8 +409,10 @@ fn exit(ctx: &RetProbeContext) {
     // then a socket used inside a call says nothing about the call's session.
     if call.fd == NO_FD {
         let _ = MEMORY_BIO_THREADS.insert(pid_tgid, 1, 0);
-    } else if unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_some() {
+    } else if memory_bio_thread(pid_tgid) {
         call.fd = NO_FD;
+    } else {
+        let _ = SOCKET_BIO_THREADS.insert(pid_tgid, 1, 0);
     }
     finish_call(pid_tgid, &call, len);
 }
@@ -632,8 +648,11 @@ pub fn bio_write_enter(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: a map value pointer, valid for this program run.
     let (ssl, used_socket) = unsafe { ((*call).ssl, (*call).fd != NO_FD) };
-    // A call that has used a socket writes its records there itself.
-    if used_socket && unsafe { MEMORY_BIO_THREADS.get(pid_tgid) }.is_none() {
+    // A socket BIO writes its records to the socket itself, inside the call. A thread
+    // not known yet is remembered: a memory-BIO thread's first call writes a flight.
+    if !memory_bio_thread(pid_tgid)
+        && (used_socket || unsafe { SOCKET_BIO_THREADS.get(pid_tgid) }.is_some())
+    {
         return 0;
     }
     let data = ctx.arg::<u64>(1).unwrap_or(0);

@@ -27,8 +27,8 @@ pub struct TlsSymbols {
     pub ssl_write: Option<u64>,
     pub ssl_read_ex: Option<u64>,
     pub ssl_write_ex: Option<u64>,
-    /// SSL_do_handshake: with memory BIOs, the handshake tells which socket a session
-    /// uses before any data moves (the handshake records written right after it).
+    /// SSL_do_handshake: a call in flight, so that the records its handshake writes
+    /// (BIO_write) are known as the session's before any data moves.
     pub ssl_do_handshake: Option<u64>,
     /// SSL_free: a freed session's address is often the next one's.
     pub ssl_free: Option<u64>,
