@@ -8,8 +8,8 @@
 # KERNEL names the kernel in every line and file (6.1, 6.12); RESULTS is a directory
 # shared with the host; BACKENDS is a comma-separated list of `auto` (which must attach
 # kprobes: every kernel vm-test boots has them) and `tracepoint`. For each backend it
-# writes RESULTS/KERNEL-BACKEND.log (pytest's output), .xml (JUnit) and .rc (pytest's
-# exit code). The tests in TESTS_ONCE run with the first backend only: they choose their
+# writes RESULTS/KERNEL-BACKEND.log (pytest's output), .xml (JUnit), .rc (pytest's
+# exit code) and .seconds (how long it ran); it exits non-zero when any run failed. The tests in TESTS_ONCE run with the first backend only: they choose their
 # own backends, so a second pass would prove nothing new.
 set -uo pipefail
 
@@ -22,6 +22,8 @@ cd "$ROOT" || exit 1
 
 # The tree is read-only in the guest.
 export PYTHONDONTWRITEBYTECODE=1
+# Output reaches the host console line by line, as it happens.
+export PYTHONUNBUFFERED=1
 # TCG runs several times slower than the host: give readiness and spans more time.
 export SONDE_READY_TIMEOUT="${SONDE_READY_TIMEOUT:-180}"
 export SONDE_SPAN_TIMEOUT="${SONDE_SPAN_TIMEOUT:-60}"
@@ -42,6 +44,7 @@ for a in "$@"; do
 done
 
 first=1
+status=0
 IFS=, read -ra list <<<"$backends"
 for backend in "${list[@]}"; do
   case "$backend" in
@@ -60,9 +63,13 @@ for backend in "${list[@]}"; do
       --junitxml="$results/$name.xml" -o junit_suite_name="$name" \
       "${args[@]}" 2>&1 | tee "$results/$name.log"
   rc=${PIPESTATUS[0]}
+  seconds=$(( $(date +%s) - start ))
   echo "$rc" > "$results/$name.rc"
-  echo "[vm-guest] $name: pytest exit $rc after $(( $(date +%s) - start )) s" >&2
+  echo "$seconds" > "$results/$name.seconds"
+  echo "[vm-guest] $name: pytest exit $rc after $seconds s" >&2
+  [ "$rc" = 0 ] || status=1
 done
 sync
 # Let the console drain before the guest powers off.
 sleep 1
+exit "$status"
