@@ -27,6 +27,10 @@ export PYTHONUNBUFFERED=1
 # TCG runs several times slower than the host: give readiness and spans more time.
 export SONDE_READY_TIMEOUT="${SONDE_READY_TIMEOUT:-180}"
 export SONDE_SPAN_TIMEOUT="${SONDE_SPAN_TIMEOUT:-60}"
+export SONDE_TLS_ATTACH_TIMEOUT="${SONDE_TLS_ATTACH_TIMEOUT:-120}"
+export SONDE_STOP_TIMEOUT="${SONDE_STOP_TIMEOUT:-180}"
+# Loading the programs takes about a minute here: one agent for all modules.
+export SONDE_TEST_ONE_AGENT=1
 export HOME=/tmp/vm-home
 mkdir -p "$HOME"
 

@@ -180,7 +180,10 @@ class Background:
             self.proc.wait()
 
 
-def wait_tls_attached(agent, executable: Path | str, timeout: float = 10) -> None:
+TLS_ATTACH_TIMEOUT = float(os.environ.get("SONDE_TLS_ATTACH_TIMEOUT", "10"))
+
+
+def wait_tls_attached(agent, executable: Path | str, timeout: float = TLS_ATTACH_TIMEOUT) -> None:
     """Waits until the agent logged that its TLS uprobes are on this executable (or
     library). The agent finds the TLS functions of a newly exec'd program within a few
     tens of milliseconds, and a program that talks TLS before that is not seen from the

@@ -35,6 +35,8 @@ READY_TIMEOUT = float(os.environ.get("SONDE_READY_TIMEOUT", "90"))
 SPAN_TIMEOUT = float(os.environ.get("SONDE_SPAN_TIMEOUT", "10"))
 # After the expected spans have arrived, wait this long for extra (wrong) ones.
 SETTLE = float(os.environ.get("SONDE_SETTLE", "1.0"))
+# How long the agent may take to detach and flush after SIGINT.
+STOP_TIMEOUT = float(os.environ.get("SONDE_STOP_TIMEOUT", "30"))
 # The socket backend every Agent asks for (`--probe-backend`; unset: the agent's default,
 # auto), and the one its log must then say it attached. `cargo xtask vm-test` sets both:
 # auto on a kernel with kprobes must come out as kprobe, not fall back unseen.
@@ -297,7 +299,7 @@ class Agent:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode(errors="replace")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGINT, then wait: the agent must flush and exit 0."""
         if self.proc is None:
             return -1

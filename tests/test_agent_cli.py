@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from sonde_testlib import READY_TIMEOUT, require_root, sonde_bin
+from sonde_testlib import READY_TIMEOUT, STOP_TIMEOUT, require_root, sonde_bin
 
 
 def run(args, env=None, user=None, timeout=30):
@@ -184,7 +184,7 @@ def trace_one_request(agent_cmd, tmp_path, path):
         if server:
             server.kill()
         agent.send_signal(signal.SIGINT)
-        _, err = agent.communicate(timeout=30)
+        _, err = agent.communicate(timeout=STOP_TIMEOUT)
     kinds = sorted(
         s["kind"]
         for line in spans_file.read_text().splitlines()
