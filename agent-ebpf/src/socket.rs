@@ -144,7 +144,10 @@ pub fn classify(tgid: u32, fd: u32, conn_role: u32) -> Option<*mut SockInfo> {
             }
         }
         let k = key(tgid, fd);
-        let _ = SOCKETS.insert(k, &*info, 0);
+        // By reference: the helper reads the entry from map memory. Passed by value,
+        // it would be copied onto the stack first.
+        let entry: &SockInfo = &*info;
+        let _ = SOCKETS.insert(k, entry, 0);
         SOCKETS.get_ptr_mut(k)
     }
 }

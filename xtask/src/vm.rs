@@ -135,7 +135,9 @@ pub fn run_guests(
             }
             summary.push(line);
         }
-        summary.push(format!("Linux {kernel}: guest ran {wall} s, boot to power-off"));
+        summary.push(format!(
+            "Linux {kernel}: guest ran {wall} s, boot to power-off"
+        ));
         if let Err(e) = booted {
             failed.push(format!("Linux {kernel}: {e:#}"));
         }
@@ -238,8 +240,8 @@ fn read_outcome(results: &Path, name: &str) -> Result<u64, String> {
     match rc.trim() {
         "0" => Ok(seconds),
         code => {
-            let log = std::fs::read_to_string(results.join(format!("{name}.log")))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(results.join(format!("{name}.log"))).unwrap_or_default();
             let failures: Vec<&str> = log
                 .lines()
                 .filter(|l| l.starts_with("FAILED ") || l.starts_with("ERROR "))
