@@ -47,6 +47,17 @@ for a in "$@"; do
   esac
 done
 
+if [ "$backends" = bench ]; then
+  start=$(date +%s)
+  tests/.venv/bin/python bench/syscall_cost.py --hooks "$@" 2>&1 | tee "$results/$kernel-bench.log"
+  rc=${PIPESTATUS[0]}
+  echo "$rc" > "$results/$kernel-bench.rc"
+  echo $(( $(date +%s) - start )) > "$results/$kernel-bench.seconds"
+  sync
+  sleep 1
+  exit "$rc"
+fi
+
 first=1
 status=0
 IFS=, read -ra list <<<"$backends"

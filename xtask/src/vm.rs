@@ -59,6 +59,10 @@ pub struct VmArgs {
     /// Skip the release build (the guest runs the existing binary, or SONDE_BIN).
     #[arg(long)]
     no_build: bool,
+    /// Instead of the tests, measure what a syscall costs with each backend, and empty
+    /// kprobe, tracepoint and fentry programs (bench/syscall_cost.py --hooks; bpftrace).
+    #[arg(long)]
+    bench: bool,
     /// Extra arguments for pytest in the guest (e.g. `-- -k keepalive -x`).
     #[arg(last = true)]
     pytest_args: Vec<OsString>,
@@ -74,7 +78,11 @@ fn choice<'a>(value: &'a str, all: &[&'a str]) -> Vec<&'a str> {
 
 pub fn vm_test(root: &Path, a: &VmArgs) -> Result<()> {
     let kernels = choice(&a.kernel, KERNELS);
-    let backends = choice(&a.backend, BACKENDS);
+    let backends = if a.bench {
+        vec!["bench"]
+    } else {
+        choice(&a.backend, BACKENDS)
+    };
     if !a.skip_setup {
         crate::setup(root)?;
         crate::setup_tests(root)?;
@@ -197,7 +205,9 @@ fn guest_command(
         backends.join(","),
         "--".into(),
     ];
-    words.extend(TESTS.iter().map(|t| t.to_string()));
+    if backends != ["bench"] {
+        words.extend(TESTS.iter().map(|t| t.to_string()));
+    }
     words.extend(pytest_args.iter().map(|a| a.to_string_lossy().into_owned()));
     let script = words
         .iter()
