@@ -124,11 +124,14 @@ def bpftrace_hooks(n: int) -> list[tuple[str, str]]:
                         ("fentry", "kfunc:vmlinux:__x64_sys_write")]:
         p = subprocess.Popen([bt, "-e", f"{probe} {{ }} BEGIN {{ printf(\"ready\\n\"); }}"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = p.stdout.readline()
-        if "ready" not in line:
-            p.kill()
-            rest = line + p.stdout.read()
-            out.append((name, "does not load: " + " ".join(rest.split())[:300]))
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if line.strip() == "ready":
+                break
+        if not seen or seen[-1].strip() != "ready":
+            p.wait()
+            out.append((name, "does not load: " + " ".join("".join(seen).split())[:300]))
             continue
         _, pipe = measure(n)
         p.send_signal(signal.SIGINT)
@@ -147,6 +150,8 @@ def main() -> None:
         sys.exit("run as root: the agent loads eBPF programs")
     workdir = Path(tempfile.mkdtemp(prefix="sonde-syscall-cost-"))
     print(f"kernel {os.uname().release}, {args.pairs} pairs per round, best of 3", flush=True)
+    # A first round warms caches (and, under emulation, QEMU's translated code).
+    measure(args.pairs // 4, rounds=1)
     base_tcp, base_pipe = measure(args.pairs)
     print(f"  no agent:    {base_tcp:8.0f} ns per TCP syscall, {base_pipe:8.0f} ns per pipe syscall",
           flush=True)

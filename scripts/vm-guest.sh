@@ -25,7 +25,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # Output reaches the host console line by line, as it happens.
 export PYTHONUNBUFFERED=1
 # TCG runs several times slower than the host: give readiness and spans more time.
-export SONDE_READY_TIMEOUT="${SONDE_READY_TIMEOUT:-180}"
+export SONDE_READY_TIMEOUT="${SONDE_READY_TIMEOUT:-300}"
 export SONDE_SPAN_TIMEOUT="${SONDE_SPAN_TIMEOUT:-60}"
 export SONDE_TLS_ATTACH_TIMEOUT="${SONDE_TLS_ATTACH_TIMEOUT:-120}"
 export SONDE_STOP_TIMEOUT="${SONDE_STOP_TIMEOUT:-180}"
