@@ -30,6 +30,8 @@ export SONDE_SPAN_TIMEOUT="${SONDE_SPAN_TIMEOUT:-60}"
 export SONDE_TLS_ATTACH_TIMEOUT="${SONDE_TLS_ATTACH_TIMEOUT:-120}"
 export SONDE_STOP_TIMEOUT="${SONDE_STOP_TIMEOUT:-180}"
 export SONDE_RABBITMQ_START_TIMEOUT="${SONDE_RABBITMQ_START_TIMEOUT:-400}"
+# pytest-timeout's limit per test, fixtures included (the agent's start, RabbitMQ's).
+PYTEST_TIMEOUT="${SONDE_VM_PYTEST_TIMEOUT:-900}"
 # Loading the programs takes about a minute here: one agent for all modules.
 export SONDE_TEST_ONE_AGENT=1
 export HOME=/tmp/vm-home
@@ -75,7 +77,7 @@ for backend in "${list[@]}"; do
   echo "[vm-guest] $name: pytest ${args[*]}" >&2
   start=$(date +%s)
   SONDE_TEST_BACKEND="$backend" SONDE_TEST_EXPECT_BACKEND="$expect" \
-    tests/.venv/bin/python -m pytest -v -p no:cacheprovider \
+    tests/.venv/bin/python -m pytest -v -p no:cacheprovider -o timeout="$PYTEST_TIMEOUT" \
       --junitxml="$results/$name.xml" -o junit_suite_name="$name" \
       "${args[@]}" 2>&1 | tee "$results/$name.log"
   rc=${PIPESTATUS[0]}
