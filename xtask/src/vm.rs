@@ -40,7 +40,7 @@ pub const TESTS: &[&str] = &[
 ];
 
 /// Longest a guest may run, boot to power-off, before it is stopped as hung.
-const GUEST_TIMEOUT_SECONDS: u32 = 2700;
+const GUEST_TIMEOUT_SECONDS: u32 = 1800;
 /// vCPUs and memory of each guest.
 const GUEST_CPUS: &str = "2";
 const GUEST_MEMORY: &str = "4G";
