@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of sonde: installs what is missing (scripts/setup.sh and
 # scripts/setup-tests.sh: Python venv, Jaeger v2; scripts/setup-clients.sh: Node.js
-# and Go test clients), unit tests (cargo test), release
-# build, then the privileged integration and end-to-end suite (pytest tests/, as root).
+# and Go test clients; scripts/setup-vm.sh: QEMU, virtme-ng, Debian's 6.1 and 6.12
+# kernels), unit tests (cargo test), release build, the privileged integration and
+# end-to-end suite (pytest tests/, as root), then its subset on Debian's kernels in QEMU
+# (cargo xtask vm-test).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k keepalive -x
 set -euo pipefail
 
@@ -14,5 +16,6 @@ SUDO=()
 "${SUDO[@]}" "$ROOT/scripts/setup.sh"
 "${SUDO[@]}" "$ROOT/scripts/setup-tests.sh"
 "${SUDO[@]}" "$ROOT/scripts/setup-clients.sh"
+"${SUDO[@]}" "$ROOT/scripts/setup-vm.sh"
 cd "$ROOT"
 exec cargo xtask test --skip-setup -- "$@"

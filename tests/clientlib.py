@@ -177,7 +177,10 @@ class Background:
             self.proc.wait()
 
 
-def wait_tls_attached(agent, executable: Path | str, timeout: float = 10) -> None:
+TLS_ATTACH_TIMEOUT = float(os.environ.get("SONDE_TLS_ATTACH_TIMEOUT", "10"))
+
+
+def wait_tls_attached(agent, executable: Path | str, timeout: float = TLS_ATTACH_TIMEOUT) -> None:
     """Waits until the agent logged that its TLS uprobes are on this executable (or
     library). The agent finds the TLS functions of a newly exec'd program within a few
     tens of milliseconds, and a program that talks TLS before that is not seen from the
@@ -349,6 +352,10 @@ def check_https_pair(srv: Span, cli: Span, port: int, all_spans: list[Span], tim
 
 # ---------------------------------------------------------------- RabbitMQ
 
+# Erlang boots several times slower under emulation (vm-test).
+RABBITMQ_START_TIMEOUT = float(os.environ.get("SONDE_RABBITMQ_START_TIMEOUT", "90"))
+
+
 class RabbitMQ:
     """Our own RabbitMQ node (Debian's rabbitmq-server) on free ports, its data and logs in
     a temporary directory, no plugins; runs as the rabbitmq user through Debian's wrapper.
@@ -388,7 +395,7 @@ class RabbitMQ:
         return subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self.env(),
                               capture_output=True, text=True, timeout=timeout)
 
-    def start(self, timeout: float = 90) -> "RabbitMQ":
+    def start(self, timeout: float = RABBITMQ_START_TIMEOUT) -> "RabbitMQ":
         server = shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"
         if not os.path.exists(server):
             pytest.fail("rabbitmq-server is not installed (scripts/setup.sh installs it)", pytrace=False)
@@ -407,9 +414,11 @@ class RabbitMQ:
                 pytest.fail(f"rabbitmq-server exited with {self.proc.returncode}\n"
                             f"{self.log.read_text(errors='replace')[-4000:]}", pytrace=False)
             if time.monotonic() > deadline:
+                # stop() removes the directory the log is in.
+                log = self.log.read_text(errors="replace")[-4000:]
                 self.stop()
                 pytest.fail(f"rabbitmq-server did not listen on {self.port} within {timeout} s\n"
-                            f"{self.log.read_text(errors='replace')[-4000:]}", pytrace=False)
+                            f"{log}", pytrace=False)
             time.sleep(0.1)
         r = self.ctl("await_startup", timeout=timeout)
         if r.returncode != 0:

@@ -1,4 +1,5 @@
 """Fixtures for sonde's privileged tests. See sonde_testlib for the helpers."""
+import os
 import time
 
 import pytest
@@ -6,11 +7,18 @@ import pytest
 from sonde_testlib import HELLO, Agent, require_root, start_app, start_nginx, start_python_http_server
 
 
-@pytest.fixture(scope="module")
+def _agent_scope(fixture_name, config):
+    # Under emulation (vm-test) loading the programs takes about a minute: one agent
+    # serves every module there.
+    return "session" if os.environ.get("SONDE_TEST_ONE_AGENT") == "1" else "module"
+
+
+@pytest.fixture(scope=_agent_scope)
 def agent(tmp_path_factory):
     """One `sonde run --output otlp-json` for the module's tests (their spans are told
-    apart by the pids of each test's own processes). Teardown: SIGINT, the agent must
-    exit 0; the spans written by then are parsed."""
+    apart by the pids of each test's own processes), or for the whole session with
+    SONDE_TEST_ONE_AGENT=1. Teardown: SIGINT, the agent must exit 0; the spans written
+    by then are parsed."""
     require_root()
     a = Agent(tmp_path_factory.mktemp("agent"))
     a.start()

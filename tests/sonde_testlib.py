@@ -38,6 +38,13 @@ READY_TIMEOUT = float(os.environ.get("SONDE_READY_TIMEOUT", "90"))
 SPAN_TIMEOUT = float(os.environ.get("SONDE_SPAN_TIMEOUT", "10"))
 # After the expected spans have arrived, wait this long for extra (wrong) ones.
 SETTLE = float(os.environ.get("SONDE_SETTLE", "1.0"))
+# How long the agent may take to detach and flush after SIGINT.
+STOP_TIMEOUT = float(os.environ.get("SONDE_STOP_TIMEOUT", "30"))
+# The socket backend every Agent asks for (`--probe-backend`; unset: the agent's default,
+# auto), and the one its log must then say it attached. `cargo xtask vm-test` sets both:
+# auto on a kernel with kprobes must come out as kprobe, not fall back unseen.
+TEST_BACKEND = os.environ.get("SONDE_TEST_BACKEND", "")
+EXPECT_BACKEND = os.environ.get("SONDE_TEST_EXPECT_BACKEND", "")
 
 
 def require_root() -> None:
@@ -229,6 +236,8 @@ class Agent:
                "--admin-addr", f"127.0.0.1:{self.admin_port}"]
         if self.output == "otlp-json":
             cmd += ["--output-file", str(self.spans_file)]
+        if TEST_BACKEND and "--probe-backend" not in self.extra_args:
+            cmd += ["--probe-backend", TEST_BACKEND]
         return cmd + self.extra_args
 
     def stderr_tail(self, n: int = 6000) -> str:
@@ -255,6 +264,7 @@ class Agent:
             try:
                 with urllib.request.urlopen(self.admin + "/readyz", timeout=2) as r:
                     if r.status == 200:
+                        self._check_backend(cmd)
                         return self
                     last = f"HTTP {r.status}"
             except urllib.error.HTTPError as e:
@@ -268,6 +278,18 @@ class Agent:
             f"command: {' '.join(cmd)}\n--- agent stderr ---\n{self.stderr_tail()}",
             pytrace=False)
 
+    def _check_backend(self, cmd: list[str]) -> None:
+        """With SONDE_TEST_EXPECT_BACKEND set, the agent must have attached that backend
+        (its `probes attached` line says `backend=...`)."""
+        if not EXPECT_BACKEND:
+            return
+        err = self.stderr_path.read_text(errors="replace")
+        if f"backend={EXPECT_BACKEND}" not in err:
+            self.kill()
+            pytest.fail(f"agent did not attach backend={EXPECT_BACKEND} "
+                        f"(SONDE_TEST_EXPECT_BACKEND)\ncommand: {' '.join(cmd)}\n"
+                        f"--- agent stderr ---\n{self.stderr_tail()}", pytrace=False)
+
     def alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             pytest.fail(f"agent is not running (exit {self.proc.returncode if self.proc else None})\n"
@@ -280,7 +302,7 @@ class Agent:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode(errors="replace")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGINT, then wait: the agent must flush and exit 0."""
         if self.proc is None:
             return -1

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from sonde_testlib import require_root, sonde_bin
+from sonde_testlib import READY_TIMEOUT, STOP_TIMEOUT, require_root, sonde_bin
 
 
 def run(args, env=None, user=None, timeout=30):
@@ -157,7 +157,8 @@ def trace_one_request(agent_cmd, tmp_path, path):
         stderr=subprocess.PIPE, text=True)
     server = None
     try:
-        deadline = time.time() + 30
+        # Loading every program takes a minute or more under emulation (vm-test).
+        deadline = time.time() + READY_TIMEOUT
         while time.time() < deadline:
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1).status == 200:
@@ -183,7 +184,7 @@ def trace_one_request(agent_cmd, tmp_path, path):
         if server:
             server.kill()
         agent.send_signal(signal.SIGINT)
-        _, err = agent.communicate(timeout=30)
+        _, err = agent.communicate(timeout=STOP_TIMEOUT)
     kinds = sorted(
         s["kind"]
         for line in spans_file.read_text().splitlines()
@@ -215,5 +216,6 @@ def test_forced_kprobes_that_do_not_attach_are_an_error(tmp_path):
     script = tmp_path / "fake-kprobe.sh"
     script.write_text(FAKE_KPROBE_PMU)
     r = subprocess.run(["unshare", "-m", "bash", str(script), str(sonde_bin()), "run",
-                        "--probe-backend", "kprobe"], capture_output=True, text=True, timeout=60)
+                        "--probe-backend", "kprobe"], capture_output=True, text=True,
+                       timeout=max(60, READY_TIMEOUT))
     assert_refused(r, "kprobe __x64_sys_read")

@@ -301,6 +301,12 @@ impl Record {
         // of the payload array, and the helper checks the user address itself.
         unsafe {
             if captured > 0 {
+                // The same number (1..=MAX_PAYLOAD: user space keeps the cap at most
+                // MAX_PAYLOAD), bounded on the register handed to the helper. Linux 6.1's
+                // verifier does not carry a bound checked on one register over to the
+                // copy the compiler reloads from the stack, and refuses the program
+                // ("R2 min value is negative"); 6.12 and later do.
+                captured = ((captured - 1) & (MAX_PAYLOAD as u64 - 1)) + 1;
                 let dst = (&raw mut (*buf).payload).cast::<core::ffi::c_void>();
                 if bpf_probe_read_user(dst, captured as u32, src as *const core::ffi::c_void) != 0 {
                     count_lost(lost::USER_READ);

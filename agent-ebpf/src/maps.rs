@@ -31,6 +31,11 @@ pub static NEXT_MESSAGE: LruHashMap<u64, NextMessage> = LruHashMap::with_max_ent
 #[map(name = "SOCKETS")]
 pub static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
 
+/// Where a new `SOCKETS` entry is put together before it is inserted: off the stack,
+/// which kernels before 6.13 share between a program and the functions it calls.
+#[map(name = "SOCK_SCRATCH")]
+pub static SOCK_SCRATCH: PerCpuArray<SockInfo> = PerCpuArray::with_max_entries(1, 0);
+
 /// Arguments of a syscall in flight, by thread (pid_tgid), from enter to exit.
 #[map(name = "PENDING")]
 pub static PENDING: HashMap<u64, PendingCall> = HashMap::with_max_entries(16384, 0);

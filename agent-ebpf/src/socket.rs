@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
 use crate::{
     config::setting,
-    maps::{NEXT_MESSAGE, SOCKETS, count_lost},
+    maps::{NEXT_MESSAGE, SOCK_SCRATCH, SOCKETS, count_lost},
 };
 
 #[inline(always)]
@@ -69,66 +69,96 @@ fn tcp_sock_of_fd(fd: u32) -> Result<u64, ()> {
     Ok(sk)
 }
 
-/// Local and remote addresses of a TCP `struct sock`.
+/// Writes the local and remote addresses of a TCP `struct sock` into `t`, field by
+/// field: `t` is map memory, so no copy of the tuple goes through the stack.
+///
+/// # Safety
+/// `t` must point to a `SockTuple` in map memory, valid for the program run.
 #[inline(always)]
-fn tuple_of(sk: u64) -> Result<SockTuple, ()> {
-    let mut t = SockTuple {
-        family: read(sk, setting!(offsets.sk_family))?,
-        ..SockTuple::default()
-    };
-    t.sport = read(sk, setting!(offsets.sk_num))?;
+unsafe fn write_tuple(sk: u64, t: *mut SockTuple) -> Result<(), ()> {
+    let family: u16 = read(sk, setting!(offsets.sk_family))?;
+    let sport: u16 = read(sk, setting!(offsets.sk_num))?;
     let dport: u16 = read(sk, setting!(offsets.sk_dport))?;
-    t.dport = u16::from_be(dport);
-    if t.family == AF_INET {
+    let (saddr, daddr) = if family == AF_INET {
         let s: [u8; 4] = read(sk, setting!(offsets.sk_rcv_saddr))?;
         let d: [u8; 4] = read(sk, setting!(offsets.sk_daddr))?;
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
+        let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+        (saddr, daddr)
     } else {
-        t.saddr = read(sk, setting!(offsets.sk_v6_rcv_saddr))?;
-        t.daddr = read(sk, setting!(offsets.sk_v6_daddr))?;
+        (
+            read(sk, setting!(offsets.sk_v6_rcv_saddr))?,
+            read(sk, setting!(offsets.sk_v6_daddr))?,
+        )
+    };
+    // SAFETY: the caller's pointer; every field is written whole.
+    unsafe {
+        (*t).family = family;
+        (*t).sport = sport;
+        (*t).dport = u16::from_be(dport);
+        (*t)._pad = 0;
+        (*t).saddr = saddr;
+        (*t).daddr = daddr;
     }
-    Ok(t)
+    Ok(())
 }
 
 /// Looks at descriptor `fd` of the current task afresh and records the answer (socket
 /// or not) in `SOCKETS`. Returns the new entry, or None when the kernel reads failed.
+///
+/// The entry is built in this CPU's `SOCK_SCRATCH` slot rather than on the stack.
+/// Kernels before 6.13 (no private BPF stacks) allow a program and the functions it
+/// calls 512 bytes of stack together, and the TLS return probe reaches this through a
+/// function call: with the entry and its copies on the stack, 6.1 and 6.12 refused it
+/// ("combined stack size of 2 calls is 640").
 #[inline(always)]
-pub fn classify(tgid: u32, fd: u32, conn_role: u32) -> Option<SockInfo> {
-    let mut info = SockInfo {
-        role: conn_role,
-        ..SockInfo::default()
+pub fn classify(tgid: u32, fd: u32, conn_role: u32) -> Option<*mut SockInfo> {
+    let Some(info) = SOCK_SCRATCH.get_ptr_mut(0) else {
+        count_lost(lost::NO_SCRATCH);
+        return None;
     };
-    match tcp_sock_of_fd(fd) {
-        Ok(0) => {}
-        Ok(sk) => match tuple_of(sk) {
-            Ok(t) => {
-                info.tuple = t;
-                info.is_tcp = 1;
-            }
+    // SAFETY: this CPU's scratch slot, valid for the run; every field is set before
+    // the entry is inserted.
+    unsafe {
+        (*info).is_tcp = 0;
+        (*info).role = conn_role;
+        (*info).ingress_bytes = 0;
+        (*info).egress_bytes = 0;
+        (*info).is_tls = 0;
+        (*info)._pad = 0;
+        (*info).tls_ingress_bytes = 0;
+        (*info).tls_egress_bytes = 0;
+        (*info).tuple = SockTuple::default();
+        let tcp = match tcp_sock_of_fd(fd) {
+            Ok(0) => Ok(false),
+            Ok(sk) => write_tuple(sk, &raw mut (*info).tuple).map(|()| true),
+            Err(()) => Err(()),
+        };
+        match tcp {
+            Ok(true) => (*info).is_tcp = 1,
+            Ok(false) => {}
             Err(()) => {
                 count_lost(lost::KERNEL_READ);
                 return None;
             }
-        },
-        Err(()) => {
-            count_lost(lost::KERNEL_READ);
-            return None;
         }
+        let k = key(tgid, fd);
+        // By reference: the helper reads the entry from map memory. Passed by value,
+        // it would be copied onto the stack first.
+        let entry: &SockInfo = &*info;
+        let _ = SOCKETS.insert(k, entry, 0);
+        SOCKETS.get_ptr_mut(k)
     }
-    let _ = SOCKETS.insert(key(tgid, fd), info, 0);
-    Some(info)
 }
 
 /// The cached entry for (tgid, fd), looking the descriptor up on a miss.
 #[inline(always)]
 pub fn lookup(tgid: u32, fd: u32) -> Option<*mut SockInfo> {
-    let k = key(tgid, fd);
-    if let Some(p) = SOCKETS.get_ptr_mut(k) {
+    if let Some(p) = SOCKETS.get_ptr_mut(key(tgid, fd)) {
         return Some(p);
     }
-    classify(tgid, fd, role::UNKNOWN)?;
-    SOCKETS.get_ptr_mut(k)
+    classify(tgid, fd, role::UNKNOWN)
 }
 
 /// Forgets (tgid, fd): it was closed or replaced.

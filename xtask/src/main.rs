@@ -6,7 +6,9 @@
 //! cargo xtask run -- <args>       setup, build, then `sonde run <args>` as root
 //! cargo xtask lint                cargo fmt --check and clippy -D warnings, agent-ebpf and fuzz/ included
 //! cargo xtask fuzz [-s N] [T...]  build every fuzz target in fuzz/, run each (or T) N s (30)
-//! cargo xtask test                setup, lint, unit tests, fuzzing, release build, pytest on tests/
+//! cargo xtask test                setup, lint, unit tests, fuzzing, release build, pytest on tests/, vm-test
+//! cargo xtask vm-test [--kernel K] [--backend B] [-- pytest args]
+//!                                 a subset of tests/ on Debian's 6.1 and 6.12 kernels in QEMU (see vm.rs)
 //! cargo xtask bench -- [s] [c]    release build, then bench/http_overhead.sh
 //! ```
 //!
@@ -19,6 +21,8 @@ use std::process::{Command, ExitStatus};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 /// The nightly whose rustc is on LLVM 22, the LLVM that bpf-linker is built against.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
@@ -62,8 +66,13 @@ enum Cmd {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
-    /// Set up, lint, unit tests, fuzzing, release build, then the privileged pytest suite.
+    /// Set up, lint, unit tests, fuzzing, release build, the privileged pytest suite,
+    /// then its VM subset on Debian's kernels (vm-test).
     Test(TestArgs),
+    /// Boot Debian's 6.1 and 6.12 kernels in QEMU (virtme-ng, TCG) over this machine's
+    /// root filesystem and run a subset of the privileged suite in each, with the `auto`
+    /// backend (which must attach kprobes there) and with syscall tracepoints.
+    VmTest(vm::VmArgs),
     /// Release build, then bench/http_overhead.sh (traced against untraced, ratios):
     /// `cargo xtask bench -- [seconds] [connections]`.
     Bench {
@@ -90,9 +99,12 @@ struct TestArgs {
     /// Skip the release build (pytest then uses the existing binary, or SONDE_BIN).
     #[arg(long)]
     no_build: bool,
-    /// Skip the privileged pytest suite.
+    /// Skip the privileged pytest suite (and vm-test).
     #[arg(long)]
     no_integration: bool,
+    /// Skip vm-test (the suite's subset on Debian's kernels in QEMU).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for pytest (e.g. `-- -k keepalive -x`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pytest_args: Vec<OsString>,
@@ -121,6 +133,7 @@ fn real_main() -> Result<()> {
         Cmd::Lint => lint(&root),
         Cmd::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Cmd::Test(t) => test(&root, &t),
+        Cmd::VmTest(a) => vm::vm_test(&root, &a),
         Cmd::Bench { args } => {
             build(&root)?;
             step("bench/http_overhead.sh");
@@ -219,6 +232,14 @@ fn describe(cmd: &Command) -> String {
 fn setup(root: &Path) -> Result<()> {
     step("scripts/setup.sh");
     run(as_root(root.join("scripts/setup.sh")).current_dir(root))
+}
+
+/// What the privileged suite needs beyond setup.sh: the Python venv, Jaeger, the clients.
+fn setup_tests(root: &Path) -> Result<()> {
+    step("scripts/setup-tests.sh (Python venv, Jaeger)");
+    run(as_root(root.join("scripts/setup-tests.sh")).current_dir(root))?;
+    step("scripts/setup-clients.sh (pika, amqplib, Go test clients)");
+    run(as_root(root.join("scripts/setup-clients.sh")).current_dir(root))
 }
 
 /// `cargo <subcommand>` on agent-ebpf with the pinned nightly, for the BPF target, with
@@ -420,10 +441,10 @@ fn run_agent(root: &Path, args: Vec<OsString>) -> Result<()> {
 fn test(root: &Path, t: &TestArgs) -> Result<()> {
     if !t.skip_setup {
         setup(root)?;
-        step("scripts/setup-tests.sh (Python venv, Jaeger)");
-        run(as_root(root.join("scripts/setup-tests.sh")).current_dir(root))?;
-        step("scripts/setup-clients.sh (pika, amqplib, Go test clients)");
-        run(as_root(root.join("scripts/setup-clients.sh")).current_dir(root))?;
+        setup_tests(root)?;
+        if !t.no_integration && !t.no_vm {
+            vm::setup_vm(root, vm::KERNELS)?;
+        }
     }
     // A failing step does not stop the later ones (a lint error does not hide a failing
     // test): every summary is shown, and the run fails at the end.
@@ -456,6 +477,11 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
             build(root)?;
         }
         if let Err(e) = pytest(root, t) {
+            failed.push(format!("{e:#}"));
+        }
+        if !t.no_vm
+            && let Err(e) = vm::run_guests(root, vm::KERNELS, vm::BACKENDS, &[])
+        {
             failed.push(format!("{e:#}"));
         }
     }

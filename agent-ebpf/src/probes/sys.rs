@@ -265,10 +265,12 @@ fn exit_connect(ret: i64) {
     }
     let tgid = (pid_tgid >> 32) as u32;
     forget(tgid, pending.fd);
-    if let Some(info) = classify(tgid, pending.fd, role::CLIENT)
-        && info.is_tcp == 1
-    {
-        conn_event(kind, pid_tgid, pending.fd, &info, ret as i32);
+    if let Some(info) = classify(tgid, pending.fd, role::CLIENT) {
+        // SAFETY: a SOCKETS map value pointer, valid for this program run.
+        let info = unsafe { &*info };
+        if info.is_tcp == 1 {
+            conn_event(kind, pid_tgid, pending.fd, info, ret as i32);
+        }
     }
 }
 
@@ -283,10 +285,12 @@ fn exit_accept(ret: i64) {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = ret as u32;
     forget(tgid, fd);
-    if let Some(info) = classify(tgid, fd, role::SERVER)
-        && info.is_tcp == 1
-    {
-        conn_event(EventKind::Accept, pid_tgid, fd, &info, 0);
+    if let Some(info) = classify(tgid, fd, role::SERVER) {
+        // SAFETY: a SOCKETS map value pointer, valid for this program run.
+        let info = unsafe { &*info };
+        if info.is_tcp == 1 {
+            conn_event(EventKind::Accept, pid_tgid, fd, info, 0);
+        }
     }
 }
 
