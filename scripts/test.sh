@@ -2,9 +2,10 @@
 # Runs every test of sonde: installs what is missing (scripts/setup.sh and
 # scripts/setup-tests.sh: Python venv, Jaeger v2; scripts/setup-clients.sh: Node.js
 # and Go test clients; scripts/setup-vm.sh: QEMU, virtme-ng, Debian's 6.1 and 6.12
-# kernels), unit tests (cargo test), release build, the privileged integration and
-# end-to-end suite (pytest tests/, as root), then its subset on Debian's kernels in QEMU
-# (cargo xtask vm-test).
+# kernels, only for --vm), unit tests (cargo test), release build, the privileged
+# integration and end-to-end suite (pytest tests/, as root). The subset on Debian's
+# kernels in QEMU (cargo xtask vm-test) runs with `cargo xtask test --vm` or on its
+# own; it is not in CI yet (20-30 min per kernel under emulation, issue 14).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k keepalive -x
 set -euo pipefail
 
@@ -16,6 +17,5 @@ SUDO=()
 "${SUDO[@]}" "$ROOT/scripts/setup.sh"
 "${SUDO[@]}" "$ROOT/scripts/setup-tests.sh"
 "${SUDO[@]}" "$ROOT/scripts/setup-clients.sh"
-"${SUDO[@]}" "$ROOT/scripts/setup-vm.sh"
 cd "$ROOT"
 exec cargo xtask test --skip-setup -- "$@"
