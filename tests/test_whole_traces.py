@@ -19,25 +19,37 @@ def order_of(span):
     return span.attrs.get("order.id")
 
 
+def start_go(tmp_path, cert, agent):
+    """The chain's last service: Go net/http over crypto/tls (tests/go tls-server)."""
+    go = start_port_server([require_go(), "tls-server", "-cert", cert.cert, "-key", cert.key],
+                           tmp_path, "go tls-server")
+    wait_tls_attached(agent, require_go())
+    return go
+
+
+def post_orders(port: int) -> set[int]:
+    """Every order of ORDERS at once, each POSTed by its own curl; returns the curls' pids."""
+    curls = [subprocess.Popen(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+         "-H", "Content-Type: application/json", "--data", f'{{"order_id": "{o}"}}',
+         f"http://127.0.0.1:{port}/orders"], stdout=subprocess.PIPE, text=True)
+        for o in ORDERS]
+    codes = [c.communicate(timeout=60)[0] for c in curls]
+    assert codes == ["201"] * len(ORDERS), codes
+    return {c.pid for c in curls}
+
+
 def test_ten_orders_at_once_are_ten_whole_traces(tmp_path):
     cert = make_cert(tmp_path / "tls")
     agent = Agent(tmp_path / "agent")
     agent.start()
     go = shop = None
     try:
-        go = start_port_server([require_go(), "tls-server", "-cert", cert.cert, "-key", cert.key],
-                               tmp_path, "go tls-server")
-        wait_tls_attached(agent, require_go())
+        go = start_go(tmp_path, cert, agent)
         shop = start_port_server([PY, TESTS / "services" / "shop.py", cert.cert,
                                   f"https://127.0.0.1:{go.port}"], tmp_path, "shop.py")
-        curls = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-             "-H", "Content-Type: application/json", "--data", f'{{"order_id": "{o}"}}',
-             f"http://127.0.0.1:{shop.port}/orders"], stdout=subprocess.PIPE, text=True)
-            for o in ORDERS]
-        codes = [c.communicate(timeout=60)[0] for c in curls]
-        assert codes == ["201"] * len(ORDERS), codes
-        pids = {c.pid for c in curls} | shop.pids() | go.pids()
+        curls = post_orders(shop.port)
+        pids = curls | shop.pids() | go.pids()
         # curl, shop server, sleep, shop client, go server: 5 per order.
         spans = agent.wait_spans(pids, 5 * len(ORDERS), what="of the 10 orders")
         traces = {}
@@ -146,23 +158,15 @@ def test_event_loop_service_and_a_rabbitmq_hop(tmp_path):
     agent.start()
     go = shop = con = None
     try:
-        go = start_port_server([require_go(), "tls-server", "-cert", cert.cert, "-key", cert.key],
-                               tmp_path, "go tls-server")
-        wait_tls_attached(agent, require_go())
+        go = start_go(tmp_path, cert, agent)
         con = Background([PY, TESTS / "services" / "mes_consumer.py", rabbit.port, "orders", "order.created",
                           "mes", cert.cert, f"https://127.0.0.1:{go.port}", len(ORDERS)],
                          "mes_consumer.py").wait_ready()
         shop = start_port_server([PY, TESTS / "services" / "shop_asyncio.py", rabbit.port, "orders",
                                   "order.created"], tmp_path, "shop_asyncio.py")
-        curls = [subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-             "-H", "Content-Type: application/json", "--data", f'{{"order_id": "{o}"}}',
-             f"http://127.0.0.1:{shop.port}/orders"], stdout=subprocess.PIPE, text=True)
-            for o in ORDERS]
-        codes = [c.communicate(timeout=60)[0] for c in curls]
-        assert codes == ["201"] * len(ORDERS), codes
+        curls = post_orders(shop.port)
         con.finish()
-        pids = {c.pid for c in curls} | shop.pids() | go.pids() | {con.pid}
+        pids = curls | shop.pids() | go.pids() | {con.pid}
         # curl, shop server, publish, delivery, consumer's call, go server: 6 per order.
         spans = agent.wait_spans(pids, 6 * len(ORDERS), what="of the 10 orders")
         for order, t in check_one_trace_per_order(spans, 6, "through RabbitMQ").items():
@@ -198,9 +202,7 @@ def test_an_incoming_traceparent_is_continued_through_the_chain(tmp_path):
     go = shop = None
     trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
-        go = start_port_server([require_go(), "tls-server", "-cert", cert.cert, "-key", cert.key],
-                               tmp_path, "go tls-server")
-        wait_tls_attached(agent, require_go())
+        go = start_go(tmp_path, cert, agent)
         shop = start_port_server([PY, TESTS / "services" / "shop.py", cert.cert,
                                   f"https://127.0.0.1:{go.port}"], tmp_path, "shop.py")
         c = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
