@@ -741,6 +741,20 @@ impl Pipeline {
         self.inproc.find(pid, tid, at_ns, order_id, threads)
     }
 
+    /// Decides a call's parent from the in-process evidence, for good: ambiguous
+    /// evidence leaves it a root, counted.
+    fn decide_in_process(&mut self, id: SpanId, found: Found) {
+        let parent = match found {
+            Found::Parent(p) => Parent::Node(p),
+            Found::Nothing => Parent::Root,
+            Found::Ambiguous => {
+                Metrics::inc(&self.metrics.parent_ambiguous);
+                Parent::Root
+            }
+        };
+        self.graph.decide(id, parent);
+    }
+
     /// An HTTP request was read (server) or written (client) whole: its span id, its
     /// node in the trace graph, and what decides its parent.
     fn http_started(
@@ -763,7 +777,15 @@ impl Pipeline {
         let traceparent = ex.request.header("traceparent").and_then(parse_traceparent);
         let (method, target) = (ex.request.method.clone(), ex.request.target.clone());
         let (role, start_ns) = (ex.role, ex.request_start_ns);
-        let stall = http_span(&ex, origin.info, resource, self.mono_to_unix_ns, origin.tls);
+        let stall = self.opts.stall_timeout.is_some().then(|| {
+            Box::new(http_span(
+                &ex,
+                origin.info,
+                resource,
+                self.mono_to_unix_ns,
+                origin.tls,
+            ))
+        });
         let hold_ns = self.opts.link_hold.as_nanos() as u64;
         let peer_here = self.opts.link_remote_peers || self.local_addrs.peer_is_local(origin.info);
         // A call whose parent only its finished request can tell (an order id in a body
@@ -777,8 +799,7 @@ impl Pipeline {
             Role::Server => now_ns.saturating_add(hold_ns),
             Role::Client => now_ns.saturating_add(client_wait),
         };
-        self.graph
-            .open(id, start_ns, decide_by, Some(Box::new(stall)));
+        self.graph.open(id, start_ns, decide_by, stall);
         if let Some((trace_id, span_id, _)) = traceparent {
             self.graph.decide(id, Parent::Remote { trace_id, span_id });
         }
@@ -833,7 +854,10 @@ impl Pipeline {
         let order_id = crate::context::order::order_id_of_json(&delivery.message.body);
         let op = AmqpOperation::Delivery(delivery);
         let key = MessageKey::of(&op);
-        let stall = amqp_span(&op, origin.info, resource, self.mono_to_unix_ns);
+        let stall = self
+            .opts
+            .stall_timeout
+            .and_then(|_| amqp_span(&op, origin.info, resource, self.mono_to_unix_ns));
         let hold_ns = self.opts.message_hold.as_nanos() as u64;
         self.graph.open(
             id,
@@ -895,19 +919,13 @@ impl Pipeline {
                 Role::Client if self.graph.undecided(&id) => {
                     let order_id = order_id_of(&ex.request, &ex.request_body);
                     let tid = self.writer_at(origin.uid, ex.request_start_ns);
-                    match self.in_process_parent(
+                    let found = self.in_process_parent(
                         origin.pid,
                         tid,
                         ex.request_start_ns,
                         order_id.as_deref(),
-                    ) {
-                        Found::Parent(p) => self.graph.decide(id, Parent::Node(p)),
-                        Found::Nothing => self.graph.decide(id, Parent::Root),
-                        Found::Ambiguous => {
-                            Metrics::inc(&self.metrics.parent_ambiguous);
-                            self.graph.decide(id, Parent::Root);
-                        }
-                    }
+                    );
+                    self.decide_in_process(id, found);
                 }
                 Role::Client => {}
             }
@@ -957,14 +975,9 @@ impl Pipeline {
                 }
                 let tid = self.writer_at(origin.uid, p.start_ns);
                 let order_id = crate::context::order::order_id_of_json(&p.message.body);
-                match self.in_process_parent(origin.pid, tid, p.start_ns, order_id.as_deref()) {
-                    Found::Parent(parent) => self.graph.decide(id, Parent::Node(parent)),
-                    Found::Nothing => self.graph.decide(id, Parent::Root),
-                    Found::Ambiguous => {
-                        Metrics::inc(&self.metrics.parent_ambiguous);
-                        self.graph.decide(id, Parent::Root);
-                    }
-                }
+                let found =
+                    self.in_process_parent(origin.pid, tid, p.start_ns, order_id.as_deref());
+                self.decide_in_process(id, found);
                 let then = key.map_or(Then::Out, Then::Publish);
                 self.graph.finish(span, then, now_ns);
             }

@@ -84,8 +84,11 @@ impl Pipeline {
             args,
             resource: self.registry.resource(ppid),
         };
-        let template = self.program_span(pid, &program, None, ts_ns);
-        self.graph.open(id, ts_ns, ts_ns, Some(Box::new(template)));
+        let template = self
+            .opts
+            .stall_timeout
+            .map(|_| Box::new(self.program_span(pid, &program, None, ts_ns)));
+        self.graph.open(id, ts_ns, ts_ns, template);
         self.graph.decide(id, Parent::Node(parent));
         self.inproc.begin(pid, 0, id, ts_ns, None);
         self.programs.running.insert(pid, program);
