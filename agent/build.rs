@@ -21,11 +21,14 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )?;
-    let object = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("sonde-ebpf");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let skipped =
         std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skipped {
-        std::fs::write(&object, [])?;
+        // The main object and the injector's (`--inject-traceparent`).
+        for object in ["sonde-ebpf", "sonde-inject"] {
+            std::fs::write(out_dir.join(object), [])?;
+        }
     }
     Ok(())
 }

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # What the TLS and RabbitMQ integration tests need on top of scripts/setup-tests.sh:
-# pika in the tests' Python venv (tests/.venv), amqplib in tests/node (npm ci), and the
+# pika and grpcio in the tests' Python venv (tests/.venv), amqplib in tests/node (npm ci), and the
 # Go test program (tests/go: TLS HTTP server/client, AMQP publisher/consumer) built
 # into .tools/sonde-go-clients. Idempotent: each step is skipped when already done.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/tests/.venv"
-TOOLS="$ROOT/.tools"
 export PATH="/usr/local/go/bin:$PATH"
 
 log() { printf '[setup-clients] %s\n' "$*" >&2; }
@@ -22,6 +21,13 @@ if "$VENV/bin/python" -c "import pika" 2>/dev/null; then
 else
   log "pika: installing into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "pika>=1.3,<2"
+fi
+# grpcio: the gRPC client and server of tests/test_http2.py (tests/grpc/orders.py).
+if "$VENV/bin/python" -c "import grpc" 2>/dev/null; then
+  log "grpcio: present"
+else
+  log "grpcio: installing into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "grpcio>=1.60,<2"
 fi
 
 # -- Node.js: amqplib from tests/node/package-lock.json.
@@ -38,17 +44,7 @@ else
 fi
 
 # -- Go: one binary with every Go test program, rebuilt when its sources change.
-GO_DIR="$ROOT/tests/go"
-command -v go >/dev/null || { log "go is not installed (scripts/setup.sh)"; exit 1; }
-mkdir -p "$TOOLS"
-bin="$TOOLS/sonde-go-clients"
-gostamp="$TOOLS/sonde-go-clients.stamp"
-gowant="$(cd "$GO_DIR" && cat go.mod go.sum *.go | sha256sum | cut -d' ' -f1)"
-if [ -x "$bin" ] && [ -f "$gostamp" ] && [ "$(cat "$gostamp")" = "$gowant" ]; then
-  log "Go test program: present ($bin)"
-else
-  log "Go test program: building $bin"
-  (cd "$GO_DIR" && go build -trimpath -buildvcs=false -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
-  echo "$gowant" > "$gostamp"
-fi
+# shellcheck source=scripts/lib/go-build.sh
+. "$ROOT/scripts/lib/go-build.sh"
+go_build sonde-go-clients "$ROOT/tests/go" 0 "go.mod go.sum *.go" sonde-go-clients=.
 log "done"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the tests need on top of scripts/setup.sh: cargo-fuzz for the fuzz targets, a
-# Python venv at tests/.venv with pytest, and Jaeger v2 built into .tools/jaeger.
+# Python venv at tests/.venv with pytest, Debian's chromium, and Jaeger v2 built into
+# .tools/jaeger.
 # Idempotent.
 set -euo pipefail
 
@@ -11,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[setup-tests] %s\n' "$*" >&2; }
 
-PY_DEPS=(pytest pytest-timeout)
+PY_DEPS=(pytest pytest-timeout pyyaml)
 CARGO_FUZZ_VERSION="0.13.2"
 
 # cargo-fuzz builds on stable; the targets themselves build with setup.sh's pinned nightly.
@@ -24,8 +25,20 @@ install_cargo_fuzz() {
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 }
 
+# Headless Chromium for tests/test_orders.py (the journey page, with screenshots).
+# Recommended packages included: they bring the fonts the page is drawn with.
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1; then
+    log "chromium: present"
+    return
+  fi
+  log "chromium: installing Debian's package"
+  apt-get update -qq
+  apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium >/dev/null
+}
+
 venv_ok() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import pytest, pytest_timeout" 2>/dev/null
+  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import pytest, pytest_timeout, yaml" 2>/dev/null
 }
 
 make_venv() {
@@ -51,9 +64,14 @@ make_venv() {
   venv_ok || { log "Python venv: pytest still missing after install"; exit 1; }
 }
 
-# Real peers: nginx, RabbitMQ, tcpdump/tshark for captures, wrk and bc for bench/.
+# Real peers: nginx, RabbitMQ, tcpdump/tshark for captures, wrk and bc for bench/,
+# capsh (libcap2-bin) for the tests that take a capability away.
 SONDE_SETUP_TEST_PEERS=1 "$ROOT/scripts/setup.sh"
 install_cargo_fuzz
+install_chromium
 make_venv
 "$ROOT/scripts/build-jaeger.sh"
+"$ROOT/scripts/build-helm.sh"
+"$ROOT/scripts/build-oidc.sh"
+"$ROOT/scripts/setup-bench.sh"
 log "done"

@@ -28,7 +28,8 @@ apt_packages=(
 # The real peers the tests drive (nginx, RabbitMQ, capture tools...) are installed by
 # scripts/setup-tests.sh, so that running the agent does not pull them in.
 if [ "${SONDE_SETUP_TEST_PEERS:-0}" = 1 ]; then
-  apt_packages+=(nginx rabbitmq-server tshark tcpdump wrk openssl bc)
+  # libcap2-bin: capsh, to run the agent with the DaemonSet's capabilities only.
+  apt_packages+=(nginx rabbitmq-server tshark tcpdump wrk openssl bc libcap2-bin)
 fi
 
 install_debian() {

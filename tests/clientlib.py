@@ -281,8 +281,10 @@ def exactly(agent, pids, n: int, what: str) -> list[Span]:
 def check_https_span(s: Span, *, kind: int, method: str, path: str, route: str, status: int,
                      port: int, query: str | None = None, ua: str | None = None,
                      req_body: int | None = None, resp_body: int | None = None,
-                     error: bool | None = None, t0: int | None = None) -> None:
-    """One HTTP span over TLS: the same shape as over plain HTTP, with https as scheme."""
+                     error: bool | None = None, t0: int | None = None, version: str = "1.1",
+                     scheme: str = "https") -> None:
+    """One HTTP span over TLS: the same shape as over plain HTTP, with https as scheme
+    (HTTP/2: version "2"; h2c: scheme "http", no TLS)."""
     ctx = f"span {s}"
     name = f"{method} {route}"
     assert s.kind == kind, f"kind {s.kind} != {kind}: {ctx}"
@@ -296,21 +298,24 @@ def check_https_span(s: Span, *, kind: int, method: str, path: str, route: str, 
     want = {
         "http.request.method": method,
         "url.path": path,
-        "url.scheme": "https",
+        "url.scheme": scheme,
         "http.route": route,
         "http.response.status_code": status,
         "server.port": port,
         "network.peer.address": "127.0.0.1",
         "network.protocol.name": "http",
-        "network.protocol.version": "1.1",
-        "tls.established": True,
+        "network.protocol.version": version,
     }
+    if scheme == "https":
+        want["tls.established"] = True
+    else:
+        assert "tls.established" not in a, f"tls.established on plaintext: {ctx}"
     if query is not None:
         want["url.query"] = query
     if kind == SERVER:
         want["client.address"] = "127.0.0.1"
     else:
-        want["url.full"] = f"https://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
+        want["url.full"] = f"{scheme}://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
         want["network.peer.port"] = port
     if req_body is not None:
         want["http.request.body.size"] = req_body

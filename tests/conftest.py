@@ -4,7 +4,11 @@ import time
 
 import pytest
 
-from sonde_testlib import HELLO, Agent, require_root, start_app, start_nginx, start_python_http_server
+from sonde_testlib import (HELLO, Agent, backend_matrix, require_root, start_app, start_nginx,
+                           start_python_http_server)
+
+# SONDE_TEST_BACKENDS: every test of the `agent` fixture once per backend (vm-test --ci).
+BACKENDS = backend_matrix()
 
 
 def _agent_scope(fixture_name, config):
@@ -13,14 +17,17 @@ def _agent_scope(fixture_name, config):
     return "session" if os.environ.get("SONDE_TEST_ONE_AGENT") == "1" else "module"
 
 
-@pytest.fixture(scope=_agent_scope)
-def agent(tmp_path_factory):
+@pytest.fixture(scope=_agent_scope, params=BACKENDS or None,
+                ids=[b for b, _ in BACKENDS] or None)
+def agent(request, tmp_path_factory):
     """One `sonde run --output otlp-json` for the module's tests (their spans are told
     apart by the pids of each test's own processes), or for the whole session with
-    SONDE_TEST_ONE_AGENT=1. Teardown: SIGINT, the agent must exit 0; the spans written
-    by then are parsed."""
+    SONDE_TEST_ONE_AGENT=1 (one per backend of SONDE_TEST_BACKENDS). Teardown: SIGINT,
+    the agent must exit 0; the spans written by then are parsed."""
     require_root()
-    a = Agent(tmp_path_factory.mktemp("agent"))
+    backend, expect = getattr(request, "param", (None, None))
+    a = Agent(tmp_path_factory.mktemp(f"agent-{backend}" if backend else "agent"),
+              backend=backend, expect=expect)
     a.start()
     yield a
     code = a.stop()

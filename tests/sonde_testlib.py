@@ -47,6 +47,21 @@ TEST_BACKEND = os.environ.get("SONDE_TEST_BACKEND", "")
 EXPECT_BACKEND = os.environ.get("SONDE_TEST_EXPECT_BACKEND", "")
 
 
+def backend_matrix() -> list[tuple[str, str]]:
+    """SONDE_TEST_BACKENDS, e.g. `auto:kprobe,tracepoint:tracepoint`: the `agent` fixture
+    then runs each of its tests once per backend, with the backend its log must show, in
+    one pytest session (`cargo xtask vm-test --ci`: one Python start under emulation
+    instead of one per backend). Unset: [] (SONDE_TEST_BACKEND alone applies)."""
+    raw = os.environ.get("SONDE_TEST_BACKENDS", "").strip()
+    matrix = []
+    for item in filter(None, (i.strip() for i in raw.split(","))):
+        backend, sep, expect = item.partition(":")
+        if not backend or not sep or not expect:
+            raise ValueError(f"SONDE_TEST_BACKENDS: {item!r} is not BACKEND:EXPECTED (e.g. auto:kprobe)")
+        matrix.append((backend, expect))
+    return matrix
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail(
@@ -209,8 +224,12 @@ class Agent:
     """One `sonde run` process. output='otlp-json' writes to a file the tests read."""
 
     def __init__(self, workdir: Path, output: str = "otlp-json", args: list[str] | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, backend: str | None = None, expect: str | None = None):
         self.workdir = Path(workdir)
+        # --probe-backend, and the backend its log must say it attached (None: from
+        # SONDE_TEST_BACKEND and SONDE_TEST_EXPECT_BACKEND).
+        self.backend = TEST_BACKEND if backend is None else backend
+        self.expect = EXPECT_BACKEND if expect is None else expect
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.output = output
         self.spans_file = self.workdir / "spans.jsonl"
@@ -236,8 +255,8 @@ class Agent:
                "--admin-addr", f"127.0.0.1:{self.admin_port}"]
         if self.output == "otlp-json":
             cmd += ["--output-file", str(self.spans_file)]
-        if TEST_BACKEND and "--probe-backend" not in self.extra_args:
-            cmd += ["--probe-backend", TEST_BACKEND]
+        if self.backend and "--probe-backend" not in self.extra_args:
+            cmd += ["--probe-backend", self.backend]
         return cmd + self.extra_args
 
     def stderr_tail(self, n: int = 6000) -> str:
@@ -279,15 +298,15 @@ class Agent:
             pytrace=False)
 
     def _check_backend(self, cmd: list[str]) -> None:
-        """With SONDE_TEST_EXPECT_BACKEND set, the agent must have attached that backend
-        (its `probes attached` line says `backend=...`)."""
-        if not EXPECT_BACKEND:
+        """With an expected backend (SONDE_TEST_EXPECT_BACKEND, SONDE_TEST_BACKENDS), the
+        agent must have attached that one (its `probes attached` line says `backend=...`)."""
+        if not self.expect:
             return
         err = self.stderr_path.read_text(errors="replace")
-        if f"backend={EXPECT_BACKEND}" not in err:
+        if f"backend={self.expect}" not in err:
             self.kill()
-            pytest.fail(f"agent did not attach backend={EXPECT_BACKEND} "
-                        f"(SONDE_TEST_EXPECT_BACKEND)\ncommand: {' '.join(cmd)}\n"
+            pytest.fail(f"agent did not attach backend={self.expect} "
+                        f"(SONDE_TEST_EXPECT_BACKEND or SONDE_TEST_BACKENDS)\ncommand: {' '.join(cmd)}\n"
                         f"--- agent stderr ---\n{self.stderr_tail()}", pytrace=False)
 
     def alive(self) -> None:
@@ -572,3 +591,78 @@ def check_span(s: Span, *, kind: int, name: str, method: str, path: str, route: 
 
 def by_kind(spans: list[Span], kind: int) -> list[Span]:
     return [s for s in spans if s.kind == kind]
+
+
+# ---------------------------------------------------------------- cgroups (two "nodes")
+
+def cgroup2_root() -> Path:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    hybrid layout), from /proc/mounts."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Path(parts[1])
+    pytest.fail("no cgroup v2 mount in /proc/mounts: --cgroup needs cgroup v2", pytrace=False)
+
+
+class Cgroup:
+    """A cgroup v2 directory of the test's own, so that an agent started with
+    `--cgroup` sees only what runs in it: two of them stand for two nodes."""
+
+    def __init__(self, name: str, under: str | None = None):
+        """`under`: a relative path of cgroups inside the test's own, made too (the
+        kubelet's `kubepods.slice/.../cri-containerd-<id>.scope`, say); the process
+        goes into the last one."""
+        top = cgroup2_root() / f"sonde-test-{os.getpid()}-{name}"
+        self.path = top / under if under else top
+        self._made: list[Path] = []
+        for d in [*reversed(self.path.relative_to(top).parents), self.path.relative_to(top)]:
+            d = top / d
+            if not d.is_dir():
+                d.mkdir()
+                self._made.append(d)
+
+    def preexec(self) -> Callable[[], None]:
+        """For Popen's preexec_fn: the child moves itself into this cgroup before exec."""
+        procs = str(self.path / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return enter
+
+    def remove(self) -> None:
+        """Kills what is left in it and removes it."""
+        for _ in range(50):
+            try:
+                pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+            except FileNotFoundError:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for d in reversed(self._made):
+            if d != self.path:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+
+def metric(agent: "Agent", line_start: str) -> int:
+    """The integer value of the /metrics line that starts with `line_start` (a name
+    with its labels, as written)."""
+    status, text = agent.get("/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return int(line.split()[-1])
+    raise AssertionError(f"{line_start} not on /metrics:\n{text}")

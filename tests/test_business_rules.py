@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from sonde_testlib import (
 )
 
 UNTRACED = "untraced-curl"
+SERVICES = Path(__file__).resolve().parent / "services"
 
 CONFIG = """\
 # A config file as a user writes one: a custom attribute, defaults kept.
@@ -37,35 +39,23 @@ selection:
 """
 
 SERVER_CODE = r'''
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+sys.path.insert(0, SERVICES)
+from jsonhttp import JsonHandler, serve
 
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def send(self, code, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class H(JsonHandler):
     def do_GET(self):
-        self.send(200, {"ok": True, "status": "fine"})
+        self.answer(200, {"ok": True, "status": "fine"})
     def do_POST(self):
-        n = int(self.headers.get("Content-Length", "0"))
-        req = json.loads(self.rfile.read(n) or b"{}")
+        req = self.json_body()
         if self.path.startswith("/v2/"):
-            self.send(201, {"data": {"purchase": {"number": req["ref"], "total": 12.5}}})
+            self.answer(201, {"data": {"purchase": {"number": req["ref"], "total": 12.5}}})
         elif self.path == "/checkout":
-            self.send(201, {"customer": "c-1", "order": {"id": req["ref"], "status": "created"}})
+            self.answer(201, {"customer": "c-1", "order": {"id": req["ref"], "status": "created"}})
         else:
-            self.send(200, {"accepted": True})
+            self.answer(200, {"accepted": True})
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-print("PORT", srv.server_address[1], flush=True)
-srv.serve_forever()
+serve(H)
 '''
 
 
@@ -86,7 +76,7 @@ def agent(tmp_path_factory):
 def shop(agent, tmp_path_factory):
     work = tmp_path_factory.mktemp("shop")
     script = work / "shop.py"
-    script.write_text(SERVER_CODE)
+    script.write_text(f"SERVICES = {str(SERVICES)!r}\n" + SERVER_CODE)
     proc = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL, text=True)
     port = int(proc.stdout.readline().split()[1])

@@ -30,8 +30,13 @@ def jaeger_bin() -> Path:
 
 
 class Jaeger:
-    def __init__(self, workdir: Path):
+    """Jaeger v2 on free ports of 127.0.0.1. `config` (tests/jaeger/config.yaml by
+    default) takes its ports from the JAEGER_* variables; `env` adds more."""
+
+    def __init__(self, workdir: Path, config: Path | None = None, env: dict | None = None):
         self.workdir = workdir
+        self.config = config or TESTS / "jaeger" / "config.yaml"
+        self.extra_env = dict(env or {})
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.query_port = free_port()
@@ -56,8 +61,9 @@ class Jaeger:
             "JAEGER_QUERY_GRPC_ENDPOINT": f"127.0.0.1:{self.query_grpc_port}",
             "JAEGER_HEALTH_ENDPOINT": f"127.0.0.1:{self.health_port}",
         })
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
-            [str(jaeger_bin()), "--config", str(TESTS / "jaeger" / "config.yaml")],
+            [str(jaeger_bin()), "--config", str(self.config)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         for port in (self.grpc_port, self.http_port, self.query_port):
             wait_listening(port, self.proc, timeout=60, what="jaeger", log=self.log)

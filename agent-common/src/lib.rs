@@ -23,6 +23,10 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     pub const COUNTERS: &str = "COUNTERS";
     pub const NEXT_MESSAGE: &str = "NEXT_MESSAGE";
+    pub const INJECT_SOCKETS: &str = "INJECT_SOCKETS";
+    pub const INJECT_STATE: &str = "INJECT_STATE";
+    pub const INJECT_COUNTS: &str = "INJECT_COUNTS";
+    pub const INJECT_EVENTS: &str = "INJECT_EVENTS";
 }
 
 /// Global variables the loader sets before the programs are loaded.
@@ -51,6 +55,8 @@ pub enum EventKind {
     OwnConnect = 7,
     /// The agent closed one of its own TCP sockets ([`ConnEvent`]).
     OwnClose = 8,
+    /// The sk_msg program wrote a `traceparent` into a request ([`InjectEvent`]).
+    Inject = 9,
 }
 
 impl EventKind {
@@ -64,6 +70,7 @@ impl EventKind {
             6 => Self::Exit,
             7 => Self::OwnConnect,
             8 => Self::OwnClose,
+            9 => Self::Inject,
             _ => return None,
         })
     }
@@ -237,6 +244,93 @@ pub struct ConnEvent {
     pub ret: i32,
 }
 
+/// A `traceparent` the sk_msg program wrote into an outgoing request: the ids it
+/// drew, which the client span of that request takes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct InjectEvent {
+    /// `tgid`/`tid` of the writer; `fd` is 0 (sk_msg does not know it).
+    pub header: EventHeader,
+    /// The connection, as the writer sees it (local = `s*`).
+    pub tuple: SockTuple,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// HTTP: the request's number on its connection, counted from 0 since it was
+    /// established (every request head the program saw, injected or not). AMQP: the
+    /// basic.publish's number on its connection, counted the same way.
+    pub seq: u64,
+    /// An [`inject::PROTO_HTTP`] or [`inject::PROTO_AMQP`] value.
+    pub protocol: u32,
+    /// AMQP: the channel of the publish (0 for HTTP).
+    pub channel: u32,
+}
+
+/// traceparent injection (sock_ops + sk_msg).
+pub mod inject {
+    /// Plaintext HTTP/1.x requests.
+    pub const PROTO_HTTP: u32 = 1;
+    /// AMQP 0-9-1 basic.publish.
+    pub const PROTO_AMQP: u32 = 2;
+
+    /// Length of the header line written: `traceparent: 00-<32>-<16>-01\r\n`.
+    pub const HEADER_LEN: u32 = 70;
+    /// Length of the headers-table entry written into an AMQP content header:
+    /// shortstr `traceparent`, type `S`, long string `00-<32>-<16>-01`.
+    pub const AMQP_ENTRY_LEN: u32 = 72;
+    /// Most bytes of a request head the program reads; a longer head is left alone.
+    pub const MAX_HEAD: usize = 2048;
+
+    /// Outcome counters (per-CPU array `INJECT_COUNTS`), one slot each.
+    pub const INJECTED: u32 = 0;
+    /// The request carried a `traceparent` already: left as it is.
+    pub const ALREADY_PRESENT: u32 = 1;
+    /// The request head did not end in the write that started it: left alone, and
+    /// the connection is not rewritten any more (its request boundaries are unknown).
+    pub const SPLIT_HEAD: u32 = 2;
+    /// The connection's first bytes were a TLS record: never rewritten.
+    pub const TLS: u32 = 3;
+    /// The connection's first bytes were neither an HTTP/1.x request nor TLS.
+    pub const NOT_DETECTED: u32 = 4;
+    /// A chunked (or otherwise unsized) request body: this request was rewritten,
+    /// but where the next one starts is unknown, so the connection is left alone.
+    pub const UNSIZED_BODY: u32 = 5;
+    /// A request head longer than [`MAX_HEAD`].
+    pub const HEAD_TOO_LONG: u32 = 6;
+    /// Bytes where a request head had to start but none did (the connection is left
+    /// alone from there).
+    pub const LOST_SYNC: u32 = 7;
+    /// The kernel refused to make room for the header (bpf_msg_push_data failed).
+    pub const PUSH_FAILED: u32 = 8;
+    /// An AMQP publish left alone: a content header the injector does not rewrite
+    /// (continued property flags, lengths that do not add up), a publish whose content
+    /// header did not come before the next publish, or a protocol header other than
+    /// 0-9-1's (then the whole connection).
+    pub const AMQP_UNSUPPORTED: u32 = 9;
+    /// Connections established in the traced cgroups that the sockhash had no room for.
+    pub const SOCKHASH_FULL: u32 = 10;
+    /// A header was written but its ids could not be reported (`INJECT_EVENTS` full):
+    /// the other side continues a trace whose client span this agent lacks.
+    pub const EVENT_LOST: u32 = 11;
+    pub const COUNT: u32 = 12;
+
+    /// `reason` label of each slot of `sonde_inject_skipped_total`, by index
+    /// (slot 0 is `sonde_inject_injected_total`).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "injected",
+        "already_present",
+        "split_head",
+        "tls",
+        "not_detected",
+        "unsized_body",
+        "head_too_long",
+        "lost_sync",
+        "push_failed",
+        "amqp_unsupported",
+        "sockhash_full",
+        "event_lost",
+    ];
+}
+
 /// Bytes of a new program's command line carried by an exec event.
 pub const MAX_ARGS: usize = 256;
 /// Bytes of a new program's environment carried by an exec event (OTEL_SERVICE_NAME
@@ -321,6 +415,11 @@ pub struct ProbeConfig {
     /// Offset of `child_pid` in the sched/sched_process_fork record (its tracefs
     /// `format` file; the layout changed in Linux 6.x).
     pub fork_child_pid_offset: u32,
+    /// The injector's sampled flag: a traceparent it writes says sampled (`-01`) when
+    /// the 56 random bits of its trace id (the last 7 bytes, big-endian) are below
+    /// this, as the agent's sampling ratio decides a trace without an order id; `-00`
+    /// otherwise. `1 << 56` for a ratio of 1.
+    pub sample_below: u64,
 }
 
 /// Process filters of [`ProbeConfig::select`].
@@ -437,9 +536,10 @@ const _: () = assert!(core::mem::size_of::<SockTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 88);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<InjectEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 64 + MAX_ARGS + MAX_ENV);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 136);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 144);
 const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]
@@ -453,4 +553,5 @@ mod pod {
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for ProbeConfig {}
     unsafe impl aya::Pod for NextMessage {}
+    unsafe impl aya::Pod for InjectEvent {}
 }

@@ -61,6 +61,10 @@ pub struct PendingCall {
     pub ptr: u64,
     /// Buffer length or iovec count.
     pub count: u64,
+    /// For a call that sends, when it was made (the bytes leave for the peer from then
+    /// on, so a reply or a delivery on another CPU may be read before the call
+    /// returns); 0 for the rest, whose bytes are there when the call returns.
+    pub ts_ns: u64,
 }
 
 pub fn count_lost(cause: u32) {

@@ -10,8 +10,8 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,11 +163,57 @@ async fn write_response(
     stream.shutdown().await
 }
 
+/// The Kubernetes metadata's counters ([`crate::kubernetes`]).
+fn kubernetes_metrics(out: &mut String, k8s: &crate::kubernetes::K8sMetrics) {
+    let crate::kubernetes::K8sMetrics {
+        errors,
+        refreshes,
+        pods,
+        spans_without_pod,
+    } = k8s;
+    let name = "sonde_k8s_metadata_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Failed reads of this node's pods from the Kubernetes API server or kubelet, by \
+         reason: unauthorized (401), forbidden (403: RBAC), tls, unreachable, timeout, \
+         http_status, invalid_response, token (unreadable token file), config \
+         (kubernetes.enabled is true but sonde is not set up to reach the cluster).\n# TYPE {name} counter"
+    );
+    for reason in crate::kubernetes::ErrorReason::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\"}} {}",
+            reason.label(),
+            errors[reason as usize].load(Ordering::Relaxed)
+        );
+    }
+    let name = "sonde_k8s_metadata_refreshes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Successful reads of this node's pods.\n# TYPE {name} counter\n{name} {}",
+        refreshes.load(Ordering::Relaxed)
+    );
+    let name = "sonde_k8s_spans_without_pod_metadata_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Spans of processes in a pod's cgroup that left without the pod's metadata (the pod was not found yet).\n# TYPE {name} counter\n{name} {}",
+        spans_without_pod.load(Ordering::Relaxed)
+    );
+    let name = "sonde_k8s_pods";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Pods of this node in the metadata cache.\n# TYPE {name} gauge\n{name} {}",
+        pods.load(Ordering::Relaxed)
+    );
+}
+
 /// Every [`Metrics`] field, in the Prometheus text exposition format. The fields are
 /// destructured without `..`, so a new counter that is not exposed here does not
 /// compile.
 fn render_metrics(metrics: &Metrics) -> String {
     let Metrics {
+        tee,
+        kubernetes,
         events_seen,
         bytes_seen,
         events_lost,
@@ -178,6 +224,7 @@ fn render_metrics(metrics: &Metrics) -> String {
         spans_exported,
         spans_dropped,
         export_failures,
+        export_tls_failures,
         parse_failures,
         connections_tracked,
         connections_evicted,
@@ -190,9 +237,17 @@ fn render_metrics(metrics: &Metrics) -> String {
         parent_undecided,
         spans_stalled,
         process_spans,
+        sampling,
+        values_redacted,
+        inject_counts,
+        inject_unmatched,
+        inject_conflicts,
+        inject_active,
         ready,
         export_queue_spans,
         export_queue_bytes,
+        business,
+        bpf_programs,
     } = metrics;
     let mut out = String::with_capacity(2048);
     let mut counter = |name: &str, help: &str, value: &AtomicU64| {
@@ -297,6 +352,22 @@ fn render_metrics(metrics: &Metrics) -> String {
         "Calls and programs left without a parent: several requests of their process were in flight and nothing told them apart.",
         parent_ambiguous,
     );
+    let [injected, skipped @ ..] = inject_counts;
+    counter(
+        "sonde_inject_injected_total",
+        "Requests sent by traced processes into which the kernel wrote a traceparent header.",
+        injected,
+    );
+    counter(
+        "sonde_inject_unmatched_total",
+        "Injected traceparents whose ids no client span took (its trace lacks that span here).",
+        inject_unmatched,
+    );
+    counter(
+        "sonde_inject_trace_conflicts_total",
+        "Client spans with an injected traceparent put under a local parent in another trace than the one sent.",
+        inject_conflicts,
+    );
     counter(
         "sonde_parent_undecided_total",
         "Exchanges whose parent was not known within the decision window (or that were forgotten to bound memory): they started a trace of their own.",
@@ -313,9 +384,40 @@ fn render_metrics(metrics: &Metrics) -> String {
         process_spans,
     );
     counter(
+        "sonde_values_redacted_total",
+        "Attribute values (or parts of them) replaced by [REDACTED] because they held a secret or a payment card number.",
+        values_redacted,
+    );
+    counter(
         "sonde_message_starts_missed_total",
         "Messages that started in bytes the kernel did not copy, so the parser resynchronised.",
         message_starts_missed,
+    );
+    let h2 = &crate::protocols::http2::COUNTERS;
+    counter(
+        "sonde_http2_streams_dropped_total",
+        "HTTP/2 streams not followed because a connection had the most open streams followed at once.",
+        &h2.streams_dropped,
+    );
+    counter(
+        "sonde_http2_header_blocks_too_large_total",
+        "HTTP/2 header blocks larger than the parser decodes: their streams are not followed and the connection's header table becomes unknown.",
+        &h2.blocks_too_large,
+    );
+    counter(
+        "sonde_http2_header_blocks_undecodable_total",
+        "HTTP/2 header blocks HPACK could not decode: their streams are not followed and the connection's header table becomes unknown.",
+        &h2.blocks_undecodable,
+    );
+    counter(
+        "sonde_http2_sync_lost_total",
+        "HTTP/2 connection directions that lost their frame boundaries (bytes not captured, or not frames).",
+        &h2.sync_lost,
+    );
+    counter(
+        "sonde_http2_header_table_unknown_total",
+        "HTTP/2 requests and responses whose headers referred to header table entries sent before the agent watched the connection (spans marked sonde.http2.header_table_unknown).",
+        &h2.table_unknown,
     );
     let name = "sonde_spans_dropped_total";
     let _ = writeln!(
@@ -333,6 +435,24 @@ fn render_metrics(metrics: &Metrics) -> String {
             spans_dropped.get(reason)
         );
     }
+    sampling_metrics(&mut out, sampling);
+    let name = "sonde_export_tls_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Export attempts whose TLS handshake with the OTLP receiver failed, by \
+         cause: unknown_issuer (its certificate is not signed by a trusted CA), \
+         server_certificate_expired, server_name_mismatch, client_certificate_rejected (the \
+         receiver refused sonde's client certificate), other.\n# TYPE {name} counter"
+    );
+    for cause in crate::export::tls::TlsFailure::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{cause=\"{}\"}} {}",
+            cause.label(),
+            export_tls_failures[cause as usize].load(Ordering::Relaxed)
+        );
+    }
+    kubernetes_metrics(&mut out, kubernetes);
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,
@@ -364,13 +484,146 @@ fn render_metrics(metrics: &Metrics) -> String {
         "1 once every probe is attached.",
         u64::from(ready.load(Ordering::Relaxed)),
     );
+    if let Some(tee) = tee.get() {
+        let name = "sonde_tee_spans_written_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Spans written to the --tee-file copy.\n# TYPE {name} counter\n{name} {}",
+            tee.spans_exported.load(Ordering::Relaxed)
+        );
+        let name = "sonde_tee_spans_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Spans the --tee-file copy dropped, by reason (as sonde_spans_dropped_total).\n\
+             # TYPE {name} counter"
+        );
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                tee.spans_dropped.get(reason)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP sonde_build_info The running sonde's version.\n# TYPE sonde_build_info gauge\n\
          sonde_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
+    business.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP sonde_inject_skipped_total Requests or connections left as they were, by reason.\n\
+         # TYPE sonde_inject_skipped_total counter"
+    );
+    for (reason, value) in agent_common::inject::NAMES[1..].iter().zip(skipped) {
+        let _ = writeln!(
+            out,
+            "sonde_inject_skipped_total{{reason=\"{reason}\"}} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sonde_inject_active 1 while traceparent injection is attached.\n\
+         # TYPE sonde_inject_active gauge\nsonde_inject_active {}",
+        u8::from(inject_active.load(Ordering::Relaxed))
+    );
+    bpf_program_metrics(
+        &mut out,
+        &bpf_programs.lock().unwrap_or_else(PoisonError::into_inner),
+    );
     out
+}
+
+/// What the kernel says each of the agent's programs cost: it counts only while
+/// `kernel.bpf_stats_enabled` is 1 (off by default: the counting itself costs).
+fn bpf_program_metrics(out: &mut String, bpf: &crate::telemetry::BpfPrograms) {
+    let _ = writeln!(
+        out,
+        "# HELP sonde_bpf_stats_enabled 1 while the kernel counts eBPF run time \
+         (sysctl kernel.bpf_stats_enabled=1); the two metrics below grow only then.\n\
+         # TYPE sonde_bpf_stats_enabled gauge\nsonde_bpf_stats_enabled {}",
+        match bpf.stats_enabled {
+            Some(true) => "1",
+            Some(false) => "0",
+            None => "NaN",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sonde_bpf_program_run_seconds_total Time the kernel spent in each of the \
+         agent's eBPF programs.\n\
+         # TYPE sonde_bpf_program_run_seconds_total counter"
+    );
+    for p in &bpf.programs {
+        let _ = writeln!(
+            out,
+            "sonde_bpf_program_run_seconds_total{{program=\"{}\"}} {}",
+            p.name,
+            p.run_ns as f64 / 1e9
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sonde_bpf_program_runs_total Times each of the agent's eBPF programs ran.\n\
+         # TYPE sonde_bpf_program_runs_total counter"
+    );
+    for p in &bpf.programs {
+        let _ = writeln!(
+            out,
+            "sonde_bpf_program_runs_total{{program=\"{}\"}} {}",
+            p.name, p.runs
+        );
+    }
+}
+
+/// The sampling counters: one decision per order (or trace without an order id), by
+/// kind and reason, the spans the decisions dropped, and the holds ended early.
+fn sampling_metrics(out: &mut String, sampling: &crate::telemetry::Sampling) {
+    use crate::telemetry::{DecisionKind, SampleWhy};
+    let _ = writeln!(
+        out,
+        "# HELP sonde_sampling_decisions_total Orders (kind=order) and traces without an \
+         order id (kind=trace) kept or dropped by sampling, by reason: ratio (the hash of \
+         the id), parent (an incoming traceparent's sampled flag), error, stalled, slow \
+         (kept whatever the ratio), limit (the spans-per-second limit was spent); late=true: \
+         kept after its hold had already dropped some of its spans.\n\
+         # TYPE sonde_sampling_decisions_total counter"
+    );
+    for kind in DecisionKind::ALL {
+        for why in SampleWhy::ALL {
+            let (kept, dropped, late) = sampling.get(kind, why);
+            for (decision, late_label, n) in [
+                ("kept", "false", kept),
+                ("dropped", "false", dropped),
+                ("kept", "true", late),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "sonde_sampling_decisions_total{{kind=\"{}\",decision=\"{decision}\",reason=\"{}\",late=\"{late_label}\"}} {n}",
+                    kind.label(),
+                    why.label()
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sonde_sampling_spans_dropped_total Spans not exported because sampling \
+         dropped their order or trace.\n# TYPE sonde_sampling_spans_dropped_total counter\n\
+         sonde_sampling_spans_dropped_total {}",
+        sampling.spans_dropped_total()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sonde_sampling_holds_cut_total Holds of orders not kept (yet) ended early \
+         because too many spans waited.\n# TYPE sonde_sampling_holds_cut_total counter\n\
+         sonde_sampling_holds_cut_total {}",
+        sampling.hold_full_total()
+    );
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use agent_common::{NextMessage, framing};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     config::RunArgs,
@@ -22,7 +22,10 @@ use crate::{
     events::decode,
     export,
     pipeline::{MessageStart, MessageStartHook, Pipeline, PipelineOptions, monotonic_ns},
-    probes::{NextMessageMap, ProbeOptions, Probes, select::KernelSelection, tls::TlsTarget},
+    probes::{
+        NextMessageMap, ProbeOptions, Probes, inject::Injector, select::KernelSelection,
+        tls::TlsTarget,
+    },
     selection::{ProcessRules, read_facts},
     settings::Settings,
     telemetry::Metrics,
@@ -44,6 +47,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         settings.identity.clone(),
     ));
     let selection = kernel_selection(&args, &settings, &process_rules)?;
+    let mut sampling = settings.sampling.clone();
+    if let Some(ratio) = args.sample_ratio {
+        sampling.ratio = ratio;
+    }
+    if !sampling.keeps_all() {
+        info!(
+            ratio = sampling.ratio,
+            slow = ?sampling.slow,
+            limit = ?sampling.limit,
+            "sampling by order: orders with an error or a stall are kept whatever the ratio"
+        );
+    }
+    let inject_cgroups = selection.cgroups.clone();
+    // Every traceparent the kernel writes carries the ratio's decision for its trace id.
+    let inject_sample_below = crate::sampling::threshold(sampling.ratio);
     let metrics = Arc::new(Metrics::default());
     let output = args.out.resolve()?;
 
@@ -70,6 +88,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         selection,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
+    let mut injector = args
+        .inject_traceparent
+        .then(|| start_injector(&inject_cgroups, inject_sample_below, &metrics))
+        .flatten();
     let roots = Roots {
         rules: process_rules.clone(),
         ..Roots::default()
@@ -77,6 +99,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut discovery =
         Discovery::spawn(roots, metrics.clone()).context("cannot start the discovery thread")?;
     let mut discovering = true;
+    let mut tls_refused = false;
 
     let sink_exporter = exporter.clone();
     let pipeline_opts = PipelineOptions {
@@ -84,14 +107,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
         identify_off_thread: true,
         capture_cap: u64::from(args.payload_cap),
         stall_timeout: (!args.stall_timeout.is_zero()).then_some(args.stall_timeout),
-        business: Arc::new(crate::business::Rules::new(settings.business)),
+        business: Arc::new(
+            crate::business::Rules::new(settings.business)
+                .with_redaction(crate::business::Redactor::new(&settings.redaction)),
+        ),
         processes: process_rules.clone(),
+        sampling,
         ..Default::default()
     };
-    let sink = crate::selection::drop_ports(
-        process_rules.ports.clone(),
-        Box::new(move |span| sink_exporter.export(span)),
-    );
+    let observed = metrics.clone();
+    let exported: crate::pipeline::Sink = Box::new(move |span| {
+        observed.business.observe(&span);
+        sink_exporter.export(span)
+    });
+    // Pod metadata before the RED metrics see the span: service.name may change.
+    let exported = match crate::kubernetes::start(&settings.kubernetes, metrics.clone()) {
+        Some(enricher) => enricher.sink(exported),
+        None => exported,
+    };
+    let sink = crate::selection::drop_ports(process_rules.ports.clone(), exported);
     let mut pipeline = Pipeline::new(pipeline_opts, metrics.clone(), sink);
     match probes.take_next_message_map() {
         Ok(map) => pipeline.set_message_start_hook(announce_message_starts(map)),
@@ -108,11 +142,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     let mut last_rescan = std::time::Instant::now();
+    let mut last_program_times = std::time::Instant::now();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let more = drain(guard.get_inner_mut(), &mut pipeline, &metrics);
+                let more = drain(guard.get_inner_mut(), &mut injector, &mut pipeline, &metrics);
                 // New programs: their names and their TLS code, before they get far.
                 ask_about_new_processes(&mut pipeline, &discovery);
                 if more {
@@ -125,7 +160,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             found = discovery.next(), if discovering => match found {
                 Some(Found::Identity(answer)) => pipeline.identified(answer),
-                Some(Found::Tls(target)) => attach_tls(&mut probes, target),
+                Some(Found::Tls(target)) => attach_tls(&mut probes, target, &mut tls_refused),
                 Some(Found::Excluded(pid)) => probes.exclude(pid),
                 Some(Found::StartupScanned) => {
                     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -138,7 +173,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             },
             _ = tick.tick() => {
-                while drain(ring.get_mut(), &mut pipeline, &metrics) {
+                while drain(ring.get_mut(), &mut injector, &mut pipeline, &metrics) {
                     tokio::task::yield_now().await;
                 }
                 pipeline.tick(monotonic_ns());
@@ -148,6 +183,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     discovery.send(Request::Rescan(pipeline.active_processes()));
                 }
                 probes.publish(&metrics);
+                publish_injector(injector.as_ref(), &metrics);
+                if last_program_times.elapsed() >= PROGRAM_TIMES_INTERVAL {
+                    last_program_times = std::time::Instant::now();
+                    publish_program_times(&probes, injector.as_ref(), &metrics);
+                }
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -158,9 +198,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     probes.publish(&metrics);
+    publish_injector(injector.as_ref(), &metrics);
+    publish_program_times(&probes, injector.as_ref(), &metrics);
     let mut ring = ring.into_inner();
     probes.detach();
-    while drain(&mut ring, &mut pipeline, &metrics) {
+    while drain(&mut ring, &mut injector, &mut pipeline, &metrics) {
         tokio::task::yield_now().await;
     }
     // Names already read are used; the spans still waiting for one leave without it.
@@ -170,6 +212,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     drop(discovery);
+    drop(injector);
     pipeline.finish();
     drop(pipeline);
     drop(exporter);
@@ -266,11 +309,83 @@ fn announce_message_starts(mut map: NextMessageMap) -> MessageStartHook {
     })
 }
 
-fn attach_tls(probes: &mut Probes, target: TlsTarget) {
+/// Attaches the TLS uprobes to `target`. Once the kernel has refused a uprobe for want
+/// of CAP_SYS_ADMIN, TLS capture is off: said once, not tried again for every library.
+fn attach_tls(probes: &mut Probes, target: TlsTarget, refused: &mut bool) {
+    use crate::privileges::{Cap, Caps};
+    if *refused {
+        return;
+    }
     match probes.attach_tls(&target) {
         Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
+        Err(e)
+            if !Caps::current().has(Cap::SysAdmin) && e.to_string().contains("perf_event_open") =>
+        {
+            *refused = true;
+            error!(
+                capability = "CAP_SYS_ADMIN",
+                path = %target.path.display(),
+                error = %e,
+                "TLS capture is off: the kernel refused a uprobe and sonde lacks CAP_SYS_ADMIN, which this kernel requires for uprobes; HTTPS traffic stays encrypted to sonde (give the agent CAP_SYS_ADMIN to capture it)"
+            );
+        }
         Err(e) => {
             warn!(path = %target.path.display(), error = %e, "TLS uprobes not attached; this library's traffic stays encrypted to sonde")
+        }
+    }
+}
+
+/// Attaches traceparent injection; on failure says why once, and tracing goes on.
+fn start_injector(
+    cgroups: &[std::path::PathBuf],
+    sample_below: u64,
+    metrics: &Metrics,
+) -> Option<Injector> {
+    match Injector::start(cgroups, sample_below) {
+        Ok(injector) => {
+            metrics
+                .inject_active
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            info!(cgroups = ?injector.cgroups, "traceparent injection attached (HTTP/1.x requests, AMQP 0-9-1 publishes)");
+            Some(injector)
+        }
+        Err(e) => {
+            // The whole chain: the kernel's own reason is the last link.
+            let mut error = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                error.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            warn!(%error, "traceparent injection is off; tracing goes on without it");
+            None
+        }
+    }
+}
+
+/// How often the programs' run times are read (one system call per program).
+const PROGRAM_TIMES_INTERVAL: Duration = Duration::from_secs(1);
+
+fn publish_program_times(probes: &Probes, injector: Option<&Injector>, metrics: &Metrics) {
+    let mut programs = probes.program_times();
+    if let Some(injector) = injector {
+        programs.extend(injector.program_times());
+    }
+    let stats_enabled = crate::probes::bpf_stats_enabled();
+    let mut slot = metrics
+        .bpf_programs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *slot = crate::telemetry::BpfPrograms {
+        stats_enabled,
+        programs,
+    };
+}
+
+fn publish_injector(injector: Option<&Injector>, metrics: &Metrics) {
+    if let Some(injector) = injector {
+        for (slot, value) in metrics.inject_counts.iter().zip(injector.counts()) {
+            slot.store(value, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -278,9 +393,20 @@ fn attach_tls(probes: &mut Probes, target: TlsTarget) {
 /// Events handled before the loop gives the exporter a turn (one thread runs both).
 const DRAIN_BUDGET: usize = 2048;
 
-/// Handles up to [`DRAIN_BUDGET`] events; true when more are waiting.
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, metrics: &Metrics) -> bool {
+/// Handles up to [`DRAIN_BUDGET`] events; true when more are waiting. The injector's
+/// reports go first, before each event: one is committed before the write that
+/// carries its request returns, so it is visible by the time that write's event is.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    injector: &mut Option<Injector>,
+    pipeline: &mut Pipeline,
+    metrics: &Metrics,
+) -> bool {
     for _ in 0..DRAIN_BUDGET {
+        if let Some(injector) = injector.as_mut() {
+            let malformed = injector.drain(|event| pipeline.handle(event));
+            Metrics::add(&metrics.events_malformed, malformed);
+        }
         let Some(record) = ring.next() else {
             return false;
         };

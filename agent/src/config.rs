@@ -30,6 +30,9 @@ pub enum Command {
     Run(RunArgs),
     /// Turn a pcap or pcapng capture (tcpdump -w) into spans with the same pipeline.
     Replay(ReplayArgs),
+    /// Each order's journey, read back from Jaeger: `sonde orders ID...`, a summary
+    /// across orders (no id, `--since 1h`), or `--json`.
+    Orders(crate::orders::OrdersArgs),
 }
 
 /// Where spans go.
@@ -73,6 +76,28 @@ pub struct OutputArgs {
     #[arg(long, env = "SONDE_OTLP_CA_FILE")]
     pub otlp_ca_file: Option<PathBuf>,
 
+    /// Also write every exported span to this file as OTLP JSON lines (the format of
+    /// --output otlp-json, appended to), whatever --output is: a copy of what went to
+    /// the collector. It has its own queue, bounded like the main one; its counters are
+    /// sonde_tee_spans_written_total and sonde_tee_spans_dropped_total.
+    #[arg(long, env = "SONDE_TEE_FILE")]
+    pub tee_file: Option<PathBuf>,
+
+    /// PEM client certificate (chain) for mutual TLS with the OTLP receiver; needs
+    /// --otlp-client-key. Overrides OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE.
+    #[arg(long, env = "SONDE_OTLP_CLIENT_CERT")]
+    pub otlp_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --otlp-client-cert (PKCS#8, PKCS#1 or SEC1). Overrides
+    /// OTEL_EXPORTER_OTLP_CLIENT_KEY.
+    #[arg(long, env = "SONDE_OTLP_CLIENT_KEY")]
+    pub otlp_client_key: Option<PathBuf>,
+
+    /// Name the receiver's certificate must be valid for, instead of the endpoint's
+    /// host (e.g. when the endpoint is an IP address).
+    #[arg(long, env = "SONDE_OTLP_SERVER_NAME")]
+    pub otlp_server_name: Option<String>,
+
     /// Most MiB of spans (protobuf-encoded) waiting for export, retries included;
     /// spans beyond it are dropped and counted (reason queue_full).
     #[arg(long, env = "SONDE_EXPORT_QUEUE_MB", default_value_t = export::config::DEFAULT_QUEUE_MB)]
@@ -94,6 +119,9 @@ impl OutputArgs {
             headers: self.otlp_headers.clone(),
             timeout: None,
             ca_file: self.otlp_ca_file.clone(),
+            client_cert: self.otlp_client_cert.clone(),
+            client_key: self.otlp_client_key.clone(),
+            server_name: self.otlp_server_name.clone(),
         };
         let env: HashMap<String, String> = std::env::vars().collect();
         let configured = export::endpoint_configured(&env, &otlp);
@@ -115,7 +143,11 @@ impl OutputArgs {
             OutputKind::Otlp => Destination::Otlp(OtlpConfig::resolve(&env, &otlp)?),
         };
         let queue = QueueConfig::resolve(&env, self.export_queue_mb, self.export_max_age)?;
-        Ok(Output { destination, queue })
+        Ok(Output {
+            destination,
+            queue,
+            tee: self.tee_file.clone(),
+        })
     }
 }
 
@@ -151,6 +183,13 @@ pub struct RunArgs {
     /// sonde.stalled=true in its trace (0s: never).
     #[arg(long, env = "SONDE_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub stall_timeout: std::time::Duration,
+
+    /// Keep this share of orders (0 to 1), decided by a hash of the order id (of the
+    /// trace id without one), the same in every agent; orders with an error, a stall or
+    /// (with `sampling.slow` in the config file) slowness are kept whatever the ratio.
+    /// Overrides the config file's `sampling.ratio`.
+    #[arg(long, env = "SONDE_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub sample_ratio: Option<f64>,
     /// The config file (YAML): business rules, process selection and identity. Read and
     /// checked before anything is loaded into the kernel.
     #[arg(long, env = "SONDE_CONFIG")]
@@ -169,11 +208,30 @@ pub struct RunArgs {
     /// /sys/fs/cgroup/unified/shop.slice). Repeatable; decided in the kernel.
     #[arg(long = "cgroup", env = "SONDE_CGROUP", value_delimiter = ',')]
     pub cgroups: Vec<PathBuf>,
+
+    /// Write a W3C traceparent into the plaintext HTTP/1.x requests traced processes
+    /// send (cgroup sock_ops + sk_msg; needs CAP_NET_ADMIN), so that the agent on the
+    /// receiving node continues the trace. Without the capability, tracing goes on
+    /// without it.
+    #[arg(long, env = "SONDE_INJECT_TRACEPARENT")]
+    pub inject_traceparent: bool,
 }
 
 /// Largest ring buffer: the kernel sizes it in a u32 of bytes and limits one ring to
 /// a quarter of that.
 pub const MAX_RING_BUFFER_MB: u32 = 1024;
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not between 0 and 1"))
+    }
+}
 
 fn parse_ring_buffer_mb(s: &str) -> Result<u32, String> {
     let mb: u32 = s
@@ -217,7 +275,7 @@ mod tests {
         let argv = ["sonde", "run"].iter().chain(extra);
         match Cli::try_parse_from(argv)?.command {
             Command::Run(args) => Ok(args),
-            Command::Replay(_) => unreachable!("parsed `run`"),
+            Command::Replay(_) | Command::Orders(_) => unreachable!("parsed `run`"),
         }
     }
 

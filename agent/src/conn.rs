@@ -60,6 +60,8 @@ pub enum EndReason {
     CaptureEnd,
     /// The agent stopped.
     AgentStop,
+    /// HTTP/2: the stream was reset (RST_STREAM) before it ended; the connection goes on.
+    StreamReset,
 }
 
 impl EndReason {
@@ -72,6 +74,7 @@ impl EndReason {
             EndReason::Idle => "idle",
             EndReason::CaptureEnd => "capture_end",
             EndReason::AgentStop => "agent_stop",
+            EndReason::StreamReset => "stream_reset",
         }
     }
 

@@ -2,7 +2,8 @@
 //! unknown kind is rejected with a reason (and counted by the caller), never guessed at.
 
 use agent_common::{
-    ConnEvent, DataEvent, Direction, EventHeader, EventKind, ProcEvent, SockTuple, role,
+    ConnEvent, DataEvent, Direction, EventHeader, EventKind, InjectEvent, ProcEvent, SockTuple,
+    role,
 };
 use thiserror::Error;
 
@@ -70,6 +71,19 @@ pub enum Event<'a> {
         header: EventHeader,
         exit_code: i32,
     },
+    /// The injector wrote a `traceparent` with these ids into request `seq` (HTTP) or
+    /// basic.publish `seq` on `channel` (AMQP) of the connection `tuple` (as the
+    /// writer sees it).
+    Inject {
+        header: EventHeader,
+        tuple: SockTuple,
+        seq: u64,
+        /// An `agent_common::inject::PROTO_*` value.
+        protocol: u32,
+        channel: u32,
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+    },
 }
 
 impl Event<'_> {
@@ -82,7 +96,8 @@ impl Event<'_> {
             | Event::OwnConnect { header, .. }
             | Event::OwnClose { header, .. }
             | Event::Exec { header, .. }
-            | Event::Exit { header, .. } => header,
+            | Event::Exit { header, .. }
+            | Event::Inject { header, .. } => header,
         }
     }
 }
@@ -152,6 +167,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     header: c.header,
                     tuple: c.tuple,
                 },
+            })
+        }
+        EventKind::Inject => {
+            let i: InjectEvent = read(bytes, kind)?;
+            Ok(Event::Inject {
+                header: i.header,
+                tuple: i.tuple,
+                seq: i.seq,
+                protocol: i.protocol,
+                channel: i.channel,
+                trace_id: i.trace_id,
+                span_id: i.span_id,
             })
         }
         EventKind::Exec | EventKind::Exit => {

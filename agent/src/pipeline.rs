@@ -12,12 +12,8 @@
 
 mod process_spans;
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+use crate::{FastMap, FastSet};
+use std::{collections::VecDeque, net::IpAddr, sync::Arc, time::Duration};
 
 use agent_common::{DataEvent, Direction, SockTuple, SyscallId};
 use tracing::debug;
@@ -29,9 +25,10 @@ use crate::{
     },
     context::{
         ConnKey, Linker, MessageKey, MessageLinker,
+        injected::{Injected, Injections},
         inproc::{Found, InProcess},
         order::{OrderFill, order_id_of},
-        trace::{GraphOptions, Parent, TraceGraph},
+        trace::{GraphOptions, Parent, StallTemplate, TraceGraph},
         w3c::parse_traceparent,
     },
     events::{Event, direction},
@@ -43,6 +40,7 @@ use crate::{
         http::HttpExchange,
     },
     reassembly::Piece,
+    sampling::Sampler,
     spans::{Resource, Span, SpanId, SpanKind, amqp::amqp_span, http::http_span, new_span_id},
     telemetry::Metrics,
 };
@@ -88,6 +86,8 @@ pub struct PipelineOptions {
     pub business: Arc<crate::business::Rules>,
     /// Identity rules for naming processes (the config file's).
     pub processes: Arc<crate::selection::ProcessRules>,
+    /// Which orders leave the node (the config file's `sampling:`, `--sample-ratio`).
+    pub sampling: crate::sampling::SamplingConfig,
 }
 
 impl Default for PipelineOptions {
@@ -107,12 +107,28 @@ impl Default for PipelineOptions {
             order_hold: Duration::from_secs(1),
             business: Arc::default(),
             processes: Arc::default(),
+            sampling: Default::default(),
         }
     }
 }
 
 /// Where finished spans go.
 pub type Sink = Box<dyn FnMut(Span) + Send>;
+
+/// `sink` behind the redactor: every span leaves the pipeline through it, whichever
+/// exporter takes it.
+fn redacting(redactor: crate::business::Redactor, metrics: Arc<Metrics>, mut sink: Sink) -> Sink {
+    if !redactor.enabled() {
+        return sink;
+    }
+    Box::new(move |mut span| {
+        let changed = redactor.span(&mut span);
+        if changed > 0 {
+            Metrics::add(&metrics.values_redacted, changed);
+        }
+        sink(span);
+    })
+}
 
 /// Where the next message of a connection's direction starts, when that lies more than
 /// the capture cap beyond the bytes seen. The kernel then copies a window from there too.
@@ -190,13 +206,15 @@ pub struct Pipeline {
     graph: TraceGraph<Then>,
     inproc: InProcess,
     orders: OrderFill<()>,
+    /// `None` when everything is kept.
+    sampler: Option<Sampler>,
     /// Exchanges open per connection uid.
-    open: HashMap<u64, OpenExchanges>,
+    open: FastMap<u64, OpenExchanges>,
     next_uid: u64,
     /// Deliveries whose publish was not seen when they started: (key, span id, until).
     unlinked_deliveries: VecDeque<(MessageKey, SpanId, u64)>,
     /// Processes whose threads do not follow requests (Go): no thread evidence.
-    goroutines: HashSet<u32>,
+    goroutines: FastSet<u32>,
     programs: process_spans::Programs,
     own: OwnSockets,
     local_addrs: LocalAddrs,
@@ -207,10 +225,13 @@ pub struct Pipeline {
     last_ns: u64,
     last_conn_tick_ns: u64,
     on_message_start: Option<MessageStartHook>,
+    /// Ids the kernel wrote into requests, for their client spans.
+    injections: Injections,
 }
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, metrics: Arc<Metrics>, sink: Sink) -> Self {
+        let sink = redacting(opts.business.redactor().clone(), metrics.clone(), sink);
         let (mut registry, sink) = if opts.identify_off_thread {
             ProcessRegistry::off_thread(sink, metrics.clone())
         } else {
@@ -232,10 +253,18 @@ impl Pipeline {
             }),
             inproc: InProcess::new(2_000_000_000),
             orders: OrderFill::new(opts.order_hold.as_nanos() as u64, opts.max_pending_spans),
-            open: HashMap::new(),
+            sampler: (!opts.sampling.keeps_all()).then(|| {
+                Sampler::new(
+                    &opts.sampling,
+                    opts.stall_timeout,
+                    opts.max_pending_spans,
+                    metrics.clone(),
+                )
+            }),
+            open: FastMap::default(),
             next_uid: 0,
             unlinked_deliveries: VecDeque::new(),
-            goroutines: HashSet::new(),
+            goroutines: FastSet::default(),
             programs: process_spans::Programs::default(),
             opts,
             registry,
@@ -247,6 +276,7 @@ impl Pipeline {
             last_ns: 0,
             last_conn_tick_ns: 0,
             on_message_start: None,
+            injections: Injections::new(65536, 30_000_000_000),
         }
     }
 
@@ -321,6 +351,19 @@ impl Pipeline {
             } => {
                 self.registry.exec(h.tgid, &comm, &args, &env);
                 self.program_started(h.tgid, h.ts_ns, &comm, &args, (parent_tgid, parent_tid));
+            }
+            Event::Inject {
+                tuple,
+                seq,
+                channel,
+                trace_id,
+                span_id,
+                ..
+            } => {
+                let info = ConnInfo::from_tuple(&tuple);
+                let ids = Injected { trace_id, span_id };
+                self.injections
+                    .record(info.local, info.remote, seq, channel, ids, h.ts_ns);
             }
             Event::Exit { exit_code, .. } => {
                 for ended in self.conns.remove_process(h.tgid) {
@@ -468,13 +511,20 @@ impl Pipeline {
             &self.metrics.parent_undecided,
             counts.undecided + counts.evicted + counts.cycles,
         );
+        Metrics::add(&self.metrics.inject_conflicts, counts.inject_conflicts);
+        self.injections.expire(now_ns);
+        Metrics::add(
+            &self.metrics.inject_unmatched,
+            self.injections.take_unmatched(),
+        );
         self.inproc.expire(now_ns);
         self.pump(now_ns);
         let mut out = Vec::new();
         self.orders.release(now_ns, &mut out);
-        for (span, ()) in out {
-            (self.sink)(span);
+        if let Some(sampler) = &mut self.sampler {
+            sampler.expire(now_ns);
         }
+        self.leave(out, now_ns);
         // Parsers that wait for time (AMQP publishes waiting for a possible
         // basic.return) finish on idle connections; once a second is plenty.
         if now_ns.saturating_sub(self.last_conn_tick_ns) >= 1_000_000_000 {
@@ -517,8 +567,11 @@ impl Pipeline {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.metrics.spans_waiting.store(
-            (self.linker.len() + self.messages.waiting_len() + self.graph.len() + self.orders.len())
-                as u64,
+            (self.linker.len()
+                + self.messages.waiting_len()
+                + self.graph.len()
+                + self.orders.len()
+                + self.sampler.as_ref().map_or(0, Sampler::len)) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
@@ -554,8 +607,9 @@ impl Pipeline {
         }
         let mut out = Vec::new();
         self.orders.drain(&mut out);
-        for (span, ()) in out {
-            (self.sink)(span);
+        self.leave(out, now);
+        if let Some(sampler) = &mut self.sampler {
+            sampler.drain();
         }
         self.registry.finish();
     }
@@ -659,7 +713,7 @@ impl Pipeline {
         };
         let parsed = parser.take();
         if parser.verdict() == Verdict::Unknown {
-            debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is neither HTTP/1.x nor AMQP 0-9-1; ignored");
+            debug!(pid = tgid, fd, peer = %conn.info.remote, "connection is neither HTTP/1.x, HTTP/2 nor AMQP 0-9-1; ignored");
             conn.state.unparsed = true;
             conn.state.parser = None;
         }
@@ -765,7 +819,14 @@ impl Pipeline {
         resource: Arc<Resource>,
         now_ns: u64,
     ) {
-        let id = new_span_id();
+        // A request the kernel wrote a traceparent into: its span has those ids.
+        let injected = (ex.role == Role::Client)
+            .then(|| {
+                self.injections
+                    .take(origin.info.local, origin.info.remote, ex.seq, 0)
+            })
+            .flatten();
+        let id = injected.map_or_else(new_span_id, |i| i.span_id);
         let open = self.open.entry(origin.uid).or_default();
         if open.http.len() >= MAX_OPEN_PER_CONN
             && let Some((_, old)) = open.http.pop_front()
@@ -778,13 +839,22 @@ impl Pipeline {
         let (method, target) = (ex.request.method.clone(), ex.request.target.clone());
         let (role, start_ns) = (ex.role, ex.request_start_ns);
         let stall = self.opts.stall_timeout.is_some().then(|| {
-            Box::new(http_span(
-                &ex,
-                origin.info,
-                resource,
-                self.mono_to_unix_ns,
-                origin.tls,
-            ))
+            // Built only if the exchange hangs; with the business attributes the request
+            // has shown so far (its order id), so that a hanging order is found by its id
+            // while it hangs.
+            let mut head = ex.head_only();
+            head.request_body = if ex.request_body.is_empty() {
+                body.to_vec()
+            } else {
+                ex.request_body.clone()
+            };
+            let (info, tls, mono) = (*origin.info, origin.tls, self.mono_to_unix_ns);
+            let rules = Arc::clone(&self.opts.business);
+            Box::new(move || {
+                let mut span = http_span(&head, &info, resource, mono, tls);
+                crate::business::annotate_http(&rules, &head, &mut span);
+                span
+            }) as StallTemplate
         });
         let hold_ns = self.opts.link_hold.as_nanos() as u64;
         let peer_here = self.opts.link_remote_peers || self.local_addrs.peer_is_local(origin.info);
@@ -800,8 +870,14 @@ impl Pipeline {
             Role::Client => now_ns.saturating_add(client_wait),
         };
         self.graph.open(id, start_ns, decide_by, stall);
-        if let Some((trace_id, span_id, _)) = traceparent {
+        if let Some(i) = injected {
+            self.graph.set_root_trace(id, i.trace_id);
+        }
+        if let Some((trace_id, span_id, flags)) = traceparent {
             self.graph.decide(id, Parent::Remote { trace_id, span_id });
+            if let Some(sampler) = &mut self.sampler {
+                sampler.parent_flags(trace_id, flags);
+            }
         }
         let key = ConnKey::new(role, origin.info.local, origin.info.remote);
         match role {
@@ -852,19 +928,26 @@ impl Pipeline {
             .push_back(((delivery.channel, delivery.delivery_tag), id));
         let start_ns = delivery.start_ns;
         let order_id = crate::context::order::order_id_of_json(&delivery.message.body);
+        let traceparent = delivery
+            .message
+            .properties
+            .header("traceparent")
+            .and_then(parse_traceparent);
+        if let Some(sampler) = &mut self.sampler
+            && let Some((trace_id, _, flags)) = traceparent
+        {
+            sampler.parent_flags(trace_id, flags);
+        }
         let op = AmqpOperation::Delivery(delivery);
         let key = MessageKey::of(&op);
-        let stall = self
-            .opts
-            .stall_timeout
-            .and_then(|_| amqp_span(&op, origin.info, resource, self.mono_to_unix_ns));
+        let stall = self.opts.stall_timeout.and_then(|_| {
+            let mut span = amqp_span(&op, origin.info, resource, self.mono_to_unix_ns)?;
+            crate::business::annotate_amqp(&self.opts.business, &op, &mut span);
+            Some(Box::new(move || span) as StallTemplate)
+        });
         let hold_ns = self.opts.message_hold.as_nanos() as u64;
-        self.graph.open(
-            id,
-            start_ns,
-            now_ns.saturating_add(hold_ns),
-            stall.map(Box::new),
-        );
+        self.graph
+            .open(id, start_ns, now_ns.saturating_add(hold_ns), stall);
         // Its processing lasts until the ack; with no ack to wait for, it is not known
         // (no calls are put under it).
         self.inproc
@@ -877,6 +960,13 @@ impl Pipeline {
                 self.graph.decide(id, Parent::Remote { trace_id, span_id })
             }
             None => {
+                // A publish from another node is never seen here: unless it is seen
+                // before the hold ends, the message's traceparent (the producer span
+                // the other node's agent wrote, or the publisher's own) is the parent.
+                if let Some((trace_id, span_id, _)) = traceparent {
+                    self.graph
+                        .set_fallback(id, Parent::Remote { trace_id, span_id });
+                }
                 if let Some(k) = key {
                     if self.unlinked_deliveries.len() >= self.opts.max_pending_spans {
                         self.unlinked_deliveries.pop_front();
@@ -966,9 +1056,22 @@ impl Pipeline {
         let key = MessageKey::of(op);
         match op {
             AmqpOperation::Publish(p) if p.role == Role::Client => {
+                // A publish the kernel wrote a traceparent into: its span has those ids.
+                let injected = self.injections.take(
+                    origin.info.local,
+                    origin.info.remote,
+                    p.number,
+                    p.channel as u32,
+                );
+                if let Some(i) = injected {
+                    span.span_id = i.span_id;
+                }
                 // A publish: under what its process was handling when it was written.
                 let id = span.span_id;
                 self.graph.open(id, p.start_ns, now_ns, None);
+                if let Some(i) = injected {
+                    self.graph.set_root_trace(id, i.trace_id);
+                }
                 if let Some(span_id) = span.parent_span_id {
                     let trace_id = span.trace_id;
                     self.graph.decide(id, Parent::Remote { trace_id, span_id });
@@ -1066,11 +1169,26 @@ impl Pipeline {
         }
     }
 
-    /// The last stage before the sink: the order-id hold.
+    /// The last stages before the sink: the order-id hold, then sampling.
     fn hold(&mut self, span: Span, now_ns: u64) {
         let mut out = Vec::new();
         self.orders.push(span, (), now_ns, &mut out);
-        for (span, ()) in out {
+        self.leave(out, now_ns);
+    }
+
+    /// Spans past the order-id hold: through the sampler, if any, to the sink.
+    fn leave(&mut self, spans: Vec<(Span, ())>, now_ns: u64) {
+        let Some(sampler) = &mut self.sampler else {
+            for (span, ()) in spans {
+                (self.sink)(span);
+            }
+            return;
+        };
+        let mut out = Vec::new();
+        for (span, ()) in spans {
+            sampler.push(span, now_ns, &mut out);
+        }
+        for span in out {
             (self.sink)(span);
         }
     }
@@ -1110,7 +1228,7 @@ pub fn monotonic_ns() -> u64 {
 /// here (a port counted twice while two of the agent's sockets share it).
 #[derive(Default)]
 struct OwnSockets {
-    local_ports: HashMap<u16, u32>,
+    local_ports: FastMap<u16, u32>,
 }
 
 impl OwnSockets {
@@ -1137,7 +1255,7 @@ impl OwnSockets {
 /// This node's IP addresses, re-read now and then (interfaces come and go with pods).
 /// Only connections to one of them can have their other end traced here too.
 struct LocalAddrs {
-    addrs: HashSet<IpAddr>,
+    addrs: FastSet<IpAddr>,
     read_at: std::time::Instant,
 }
 
@@ -1145,7 +1263,7 @@ impl LocalAddrs {
     const REFRESH: Duration = Duration::from_secs(10);
 
     fn read() -> Self {
-        let mut addrs = HashSet::new();
+        let mut addrs = FastSet::default();
         let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
         // SAFETY: getifaddrs fills `list` with a linked list freed by freeifaddrs; the
         // sockaddr pointers are read according to their family.

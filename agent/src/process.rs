@@ -24,8 +24,8 @@
 //! exec'd another program (its comm is not the exec event's) keeps the exec event's
 //! identity. Replays and tests use [`ProcessRegistry::new`], which reads /proc itself.
 
+use crate::FastMap;
 use std::{
-    collections::HashMap,
     fs,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -92,6 +92,8 @@ struct ProcFacts {
     exe_path: Option<PathBuf>,
     comm: Option<String>,
     container_id: Option<String>,
+    /// `k8s.pod.uid`, when the process is in a pod's cgroup.
+    pod_uid: Option<String>,
     /// The executable is a Go program (it has a `.go.buildinfo` section).
     go: bool,
     cgroup: Option<String>,
@@ -153,6 +155,7 @@ impl Describer {
         if !dir.is_dir() {
             return None;
         }
+        let cgroups = fs::read_to_string(dir.join("cgroup")).ok();
         Some(ProcFacts {
             env: read_nul_separated(&dir.join("environ")),
             cmdline: read_nul_separated(&dir.join("cmdline")),
@@ -160,9 +163,10 @@ impl Describer {
             comm: fs::read_to_string(dir.join("comm"))
                 .map(|s| s.trim().to_owned())
                 .ok(),
-            container_id: container_id(&dir.join("cgroup")),
+            container_id: cgroups.as_deref().and_then(container_id_of),
+            pod_uid: cgroups.as_deref().and_then(pod_uid_of),
             go: is_go_program(&dir.join("exe")),
-            cgroup: fs::read_to_string(dir.join("cgroup")).ok().and_then(|t| {
+            cgroup: cgroups.as_deref().and_then(|t| {
                 t.lines()
                     .find_map(|l| l.strip_prefix("0::"))
                     .map(str::to_owned)
@@ -177,6 +181,7 @@ impl Describer {
             exe_path,
             mut comm,
             container_id,
+            pod_uid,
             go,
             cgroup,
         } = facts;
@@ -243,8 +248,9 @@ impl Describer {
                 attributes.push(kv);
             }
         }
-        let service_name = service_name
-            .or(rule_name)
+        let chosen = service_name.or(rule_name);
+        let generic_name = chosen.is_none();
+        let service_name = chosen
             .or_else(|| script_name(&executable_name, &cmdline))
             .unwrap_or_else(|| executable_name.clone());
 
@@ -261,6 +267,9 @@ impl Describer {
         if let Some(id) = container_id {
             attributes.push(KeyValue::new(res::CONTAINER_ID, id));
         }
+        if let Some(uid) = pod_uid {
+            attributes.push(KeyValue::new(res::K8S_POD_UID, uid));
+        }
         if go {
             attributes.push(KeyValue::new(RUNTIME_NAME, "go"));
         }
@@ -270,6 +279,7 @@ impl Describer {
             executable_name,
             host_name: self.host_name.clone(),
             attributes,
+            generic_name,
         }
     }
 }
@@ -282,7 +292,7 @@ struct Known {
 
 pub struct ProcessRegistry {
     describer: Describer,
-    known: HashMap<u32, Known>,
+    known: FastMap<u32, Known>,
     next_generation: u64,
     /// Set when /proc is read on the discovery thread.
     off_thread: Option<OffThread>,
@@ -307,7 +317,7 @@ impl ProcessRegistry {
     pub fn with_proc_root(root: impl Into<PathBuf>) -> Self {
         ProcessRegistry {
             describer: Describer::new(root),
-            known: HashMap::new(),
+            known: FastMap::default(),
             next_generation: 0,
             off_thread: None,
         }
@@ -320,7 +330,7 @@ impl ProcessRegistry {
     pub fn off_thread(sink: Sink, metrics: Arc<Metrics>) -> (Self, Sink) {
         let gate = Arc::new(Mutex::new(Gate {
             sink,
-            by_pid: HashMap::new(),
+            by_pid: FastMap::default(),
             waiting_spans: 0,
             metrics,
         }));
@@ -462,7 +472,7 @@ fn lock(gate: &Mutex<Gate>) -> std::sync::MutexGuard<'_, Gate> {
 /// built from a provisional identity the one /proc gave.
 struct Gate {
     sink: Sink,
-    by_pid: HashMap<u32, Vec<Identity>>,
+    by_pid: FastMap<u32, Vec<Identity>>,
     waiting_spans: usize,
     metrics: Arc<Metrics>,
 }
@@ -623,8 +633,31 @@ fn script_name(exe: &str, cmdline: &[String]) -> Option<String> {
 }
 
 /// A 64-hex-digit container id in the process's cgroup path (docker, containerd, cri-o).
-fn container_id(cgroup_file: &Path) -> Option<String> {
-    container_id_of(&fs::read_to_string(cgroup_file).ok()?)
+/// The uid of the Kubernetes pod whose cgroup holds the process, from the text of its
+/// /proc/PID/cgroup file: the kubelet names the pod's cgroup `pod<uid>` (cgroupfs
+/// driver, `/kubepods/burstable/pod<uid>/<container>`) or
+/// `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver).
+pub(crate) fn pod_uid_of(text: &str) -> Option<String> {
+    for line in text.lines() {
+        let path = line.rsplit(':').next().unwrap_or("");
+        for part in path.split('/') {
+            let part = part.strip_suffix(".slice").unwrap_or(part);
+            let Some(at) = part.rfind("pod") else {
+                continue;
+            };
+            let uid = part[at + 3..].replace('_', "-");
+            let groups: Vec<&str> = uid.split('-').collect();
+            let shape = groups.iter().map(|g| g.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12];
+            if shape
+                && groups
+                    .iter()
+                    .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Some(uid.to_ascii_lowercase());
+            }
+        }
+    }
+    None
 }
 
 /// The container id in the text of a /proc/PID/cgroup file.
@@ -645,6 +678,56 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+
+    /// /proc/PID/cgroup of containers in pods, as kubelets with each cgroup driver and
+    /// runtime write them (cgroup v2 unified, and a v1 hierarchy line).
+    #[test]
+    fn pod_uid_and_container_id_from_kubernetes_cgroups() {
+        let id = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa99887766554433221100";
+        let cases = [
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/cri-containerd-{id}.scope\n"
+            ),
+            format!(
+                "0::/kubepods.slice/kubepods-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/crio-{id}.scope\n"
+            ),
+            format!("0::/kubepods/besteffort/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{id}\n"),
+            format!(
+                "12:memory:/kubepods/burstable/pod0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0/{id}\n11:cpu:/\n"
+            ),
+            // dockershim / cri-dockerd under the systemd driver.
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/docker-{id}.scope\n"
+            ),
+            // cgroup v1 with the systemd driver, the unified line empty (hybrid layout).
+            format!(
+                "11:pids:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/cri-containerd-{id}.scope\n1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/cri-containerd-{id}.scope\n0::/\n"
+            ),
+            // A guaranteed pod (no QoS level in the path), cgroupfs driver, v1.
+            format!("4:cpu,cpuacct:/kubepods/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{id}\n"),
+        ];
+        for text in &cases {
+            assert_eq!(
+                pod_uid_of(text).as_deref(),
+                Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+                "{text}"
+            );
+            assert_eq!(container_id_of(text).as_deref(), Some(id), "{text}");
+        }
+        for text in [
+            "0::/system.slice/nginx.service\n",
+            "0::/user.slice/user-0.slice/session-3.scope\n",
+            "0::/kubepods.slice/kubepods-burstable.slice\n",
+            // Not a uid: a pod<...> part of the wrong shape.
+            "0::/kubepods/podcast-player/x\n",
+        ] {
+            assert_eq!(pod_uid_of(text), None, "{text}");
+        }
+        // A container outside Kubernetes has an id and no pod.
+        let docker = format!("0::/system.slice/docker-{id}.scope\n");
+        assert_eq!(container_id_of(&docker).as_deref(), Some(id));
+        assert_eq!(pod_uid_of(&docker), None);
+    }
 
     fn cmd(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| (*s).to_owned()).collect()
@@ -779,6 +862,7 @@ mod tests {
             executable_name: "python3.11".into(),
             host_name: "h".into(),
             attributes: vec![],
+            generic_name: false,
         }
     }
 

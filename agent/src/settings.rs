@@ -6,6 +6,9 @@
 //! selection: { exclude_comm: [...], cgroups: [...], exclude: [...] }   # crate::selection
 //! identity: [ { match: {...}, service_name: ..., attributes: {...} } ] # crate::selection
 //! business: { defaults: true, rules: [...] }                           # crate::business
+//! sampling: { ratio: 0.1, slow: 10s, hold: 35s, limit: 2000 }          # crate::sampling
+//! redaction: { enabled: true, names: [...], headers: [...] }           # crate::business::redact
+//! kubernetes: { enabled: auto, source: apiserver, refresh_interval: 60s } # crate::kubernetes
 //! ```
 //!
 //! Unknown keys, wrong types and bad rules are errors that name the file, the line and
@@ -16,7 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::{
-    business::BusinessConfig,
+    business::{BusinessConfig, RedactionConfig},
+    sampling::SamplingConfig,
     selection::{IdentityRule, SelectionConfig},
 };
 
@@ -30,6 +34,12 @@ pub struct Settings {
     pub identity: Vec<IdentityRule>,
     #[serde(default)]
     pub business: BusinessConfig,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+    #[serde(default)]
+    pub redaction: RedactionConfig,
+    #[serde(default)]
+    pub kubernetes: crate::kubernetes::KubernetesConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +72,11 @@ impl Settings {
         if text.trim().is_empty() {
             return Ok(Settings::default());
         }
-        serde_saphyr::from_str::<Option<Settings>>(text)
+        let settings = serde_saphyr::from_str::<Option<Settings>>(text)
             .map(Option::unwrap_or_default)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        settings.sampling.check()?;
+        Ok(settings)
     }
 
     /// The file at `path`, or the defaults without one.

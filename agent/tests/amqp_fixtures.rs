@@ -222,6 +222,7 @@ fn resource(name: String) -> Arc<Resource> {
         executable_name: "python3".into(),
         host_name: "test".into(),
         attributes: vec![],
+        generic_name: false,
     })
 }
 

@@ -933,3 +933,23 @@ fn the_binary_says_what_is_wrong_with_a_file_that_is_no_capture() {
         String::from_utf8_lossy(&run.stderr).contains("cannot open capture /nonexistent/x.pcap")
     );
 }
+
+#[test]
+fn a_grpcio_capture_gives_grpc_spans_with_the_status_from_the_trailers() {
+    let (spans, outcome) = replay(&fixture_dir().join("grpc_h2c.pcap"));
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert_eq!(spans.len(), 4);
+    let mut codes = Vec::new();
+    for s in &spans {
+        assert_eq!(string(s, semconv::NETWORK_PROTOCOL_VERSION), "2");
+        assert_eq!(string(s, "rpc.system"), "grpc");
+        assert_eq!(string(s, "rpc.service"), "sonde.test.Orders");
+        assert_eq!(string(s, "rpc.method"), "Get");
+        assert_eq!(string(s, semconv::URL_PATH), "/sonde.test.Orders/Get");
+        let code = int(s, "rpc.grpc.status_code");
+        assert_eq!(matches!(s.status, Status::Error(_)), code == "5", "{s:?}");
+        codes.push(code);
+    }
+    codes.sort();
+    assert_eq!(codes, ["0", "0", "5", "5"]);
+}

@@ -39,6 +39,7 @@ fn check(p: &AmqpParser, ops: &[AmqpOperation]) {
         executable_name: "fuzz".into(),
         host_name: "fuzz".into(),
         attributes: vec![],
+        generic_name: false,
     });
     for op in ops {
         match op {

@@ -64,6 +64,7 @@ fn decoded(record: &[u8]) -> Option<Event<'_>> {
             EventKind::Exec
         }
         Event::Exit { .. } => EventKind::Exit,
+        Event::Inject { .. } => EventKind::Inject,
     };
     assert_eq!(raw_kind, kind as u32);
     Some(narrowed(event))
@@ -83,7 +84,8 @@ fn narrowed(mut event: Event<'_>) -> Event<'_> {
         | Event::OwnConnect { header, .. }
         | Event::OwnClose { header, .. }
         | Event::Exec { header, .. }
-        | Event::Exit { header, .. } => header,
+        | Event::Exit { header, .. }
+        | Event::Inject { header, .. } => header,
     };
     header.tgid = NO_SUCH_PID + header.tgid % 4;
     header.fd %= 4;

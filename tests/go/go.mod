@@ -1,5 +1,5 @@
 module sonde.test/clients
 
-go 1.22
+go 1.24
 
 require github.com/rabbitmq/amqp091-go v1.16.0

@@ -5,6 +5,10 @@
 //	                                          prints "PORT n" once listening
 //	tls-client -ca C -base URL REQ...         HTTPS client, one keep-alive connection;
 //	                                          REQ is GET:/path or POST:/path:SIZE
+//	h2-server -cert C -key K | -h2c          HTTP server with Go's defaults: HTTP/2 over TLS
+//	                                          (ALPN), or h2c (prior knowledge) in plaintext
+//	h2-client -ca C -base URL -n N            HTTP/2 client with Go's defaults: one request,
+//	                                          then N concurrent ones on the same connection
 //	amqp-consume -url U -exchange E -type T -queue Q:KEY... -count N -ack manual|auto
 //	amqp-publish -url U -exchange E -type T -rk K -count N -size B -confirm -id PREFIX
 //
@@ -43,6 +47,10 @@ func main() {
 		tlsServer(args)
 	case "tls-client":
 		tlsClient(args)
+	case "h2-server":
+		h2Server(args)
+	case "h2-client":
+		h2Client(args)
 	case "amqp-publish":
 		amqpPublish(args)
 	case "amqp-consume":
@@ -71,7 +79,8 @@ func printJSON(v any) {
 
 // ---------------------------------------------------------------- HTTPS
 
-// noH2 turns HTTP/2 off on both sides: sonde parses HTTP/1.x only.
+// noH2Server turns HTTP/2 off: the HTTPS tests that use it are about HTTP/1.1 (h2-server
+// has Go's defaults).
 func noH2Server() map[string]func(*http.Server, *tls.Conn, http.Handler) {
 	return map[string]func(*http.Server, *tls.Conn, http.Handler){}
 }
@@ -82,6 +91,95 @@ func tlsServer(args []string) {
 	key := fs.String("key", "", "private key (PEM)")
 	fs.Parse(args)
 
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err, "listen")
+	srv := &http.Server{Handler: routes(), TLSNextProto: noH2Server(), ReadHeaderTimeout: 30 * time.Second}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	os.Stdout.Sync()
+	check(srv.ServeTLS(ln, *cert, *key), "serve")
+}
+
+// h2Server serves the same routes with Go's defaults: over TLS that is HTTP/2 for any
+// client that offers it; with -h2c, plaintext HTTP/2 with prior knowledge (and HTTP/1.1).
+func h2Server(args []string) {
+	fs := flag.NewFlagSet("h2-server", flag.ExitOnError)
+	cert := fs.String("cert", "", "certificate (PEM)")
+	key := fs.String("key", "", "private key (PEM)")
+	h2c := fs.Bool("h2c", false, "plaintext HTTP/2 (prior knowledge)")
+	fs.Parse(args)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err, "listen")
+	srv := &http.Server{Handler: routes(), ReadHeaderTimeout: 30 * time.Second}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	os.Stdout.Sync()
+	if *h2c {
+		var p http.Protocols
+		p.SetHTTP1(true)
+		p.SetUnencryptedHTTP2(true)
+		srv.Protocols = &p
+		check(srv.Serve(ln), "serve")
+	}
+	check(srv.ServeTLS(ln, *cert, *key), "serve")
+}
+
+// h2Client sends one request (the connection is made), then n concurrent ones, which
+// Go multiplexes on that connection as HTTP/2 streams.
+func h2Client(args []string) {
+	fs := flag.NewFlagSet("h2-client", flag.ExitOnError)
+	ca := fs.String("ca", "", "CA certificate (PEM)")
+	base := fs.String("base", "", "https://127.0.0.1:PORT")
+	n := fs.Int("n", 8, "concurrent requests after the first")
+	fs.Parse(args)
+
+	pem, err := os.ReadFile(*ca)
+	check(err, "read CA")
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		fail("no certificate in " + *ca)
+	}
+	// A TLS config of our own turns HTTP/2 off unless asked for: ask, as
+	// http.DefaultTransport does.
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
+	client := &http.Client{Transport: tr, Timeout: 60 * time.Second}
+
+	type result struct {
+		Path   string `json:"path"`
+		Status int    `json:"status"`
+		Proto  string `json:"proto"`
+		Reused bool   `json:"reused"`
+	}
+	get := func(path string) result {
+		reused := false
+		trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}
+		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace),
+			"GET", *base+path, nil)
+		check(err, "request")
+		req.Header.Set("User-Agent", "sonde-test-go-h2/1.0")
+		resp, err := client.Do(req)
+		check(err, path)
+		_, err = io.ReadAll(resp.Body)
+		check(err, "read body")
+		resp.Body.Close()
+		return result{path, resp.StatusCode, resp.Proto, reused}
+	}
+	out := []result{get("/orders/100")}
+	results := make(chan result, *n)
+	for i := 1; i <= *n; i++ {
+		path := fmt.Sprintf("/orders/%d", 100+i)
+		if i == *n {
+			path = "/missing"
+		}
+		go func() { results <- get(path) }()
+	}
+	for i := 0; i < *n; i++ {
+		out = append(out, <-results)
+	}
+	tr.CloseIdleConnections()
+	printJSON(map[string]any{"responses": out})
+}
+
+func routes() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /orders/{id}", func(w http.ResponseWriter, r *http.Request) {
 		body := []byte(fmt.Sprintf(`{"order_id":%q,"status":"created"}`, r.PathValue("id")))
@@ -116,13 +214,7 @@ func tlsServer(args []string) {
 	mux.HandleFunc("GET /boom", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "boom", http.StatusInternalServerError)
 	})
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	check(err, "listen")
-	srv := &http.Server{Handler: mux, TLSNextProto: noH2Server(), ReadHeaderTimeout: 30 * time.Second}
-	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
-	os.Stdout.Sync()
-	check(srv.ServeTLS(ln, *cert, *key), "serve")
+	return mux
 }
 
 func tlsClient(args []string) {

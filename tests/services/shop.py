@@ -9,33 +9,20 @@ GET DOWNSTREAM_BASE/orders/{id} over HTTPS (the downstream's certificate is CA),
 answers {"order_id": ..., "status": "accepted"}. GET /hang sleeps for the seconds in
 ?s= before answering (a stuck request).
 """
-import json
 import ssl
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from jsonhttp import JsonHandler, serve
 
 CA, BASE = sys.argv[1], sys.argv[2]
 CTX = ssl.create_default_context(cafile=CA)
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def answer(self, status, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class Handler(JsonHandler):
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/hang":
@@ -44,8 +31,7 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(404, {"error": "not found"})
 
     def do_POST(self):
-        n = int(self.headers.get("Content-Length", "0"))
-        order = json.loads(self.rfile.read(n) or b"{}")
+        order = self.json_body()
         oid = order.get("order_id")
         if self.path != "/orders" or not oid:
             return self.answer(400, {"error": "bad order"})
@@ -55,6 +41,4 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(201, {"order_id": oid, "status": "accepted"})
 
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(f"PORT {srv.server_address[1]}", flush=True)
-srv.serve_forever()
+serve(Handler)

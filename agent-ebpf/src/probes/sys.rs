@@ -11,7 +11,9 @@
 use agent_common::{Direction, EventKind, MAX_IOVECS, SyscallId, lost, role};
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
     macros::{kprobe, kretprobe, tracepoint},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
@@ -63,6 +65,11 @@ fn enter_io(call: SyscallId, fd: u64, ptr: u64, count: u64) {
         fd,
         ptr,
         count,
+        ts_ns: match direction {
+            // SAFETY: a helper without arguments.
+            Direction::Egress => unsafe { bpf_ktime_get_ns() },
+            Direction::Ingress => 0,
+        },
     };
     if PENDING.insert(pid_tgid, pending, 0).is_err() {
         count_lost(lost::MAP_FULL);
@@ -119,6 +126,13 @@ fn exit_io(ret: i64) {
     let len = ret as u64;
     let fd = pending.fd;
     let call = pending.call;
+    // Bytes received are there when the call returns; bytes sent leave from its start.
+    let ts_ns = if pending.ts_ns != 0 {
+        pending.ts_ns
+    } else {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    };
     if call == SyscallId::Read as u32 || call == SyscallId::Recvfrom as u32 {
         data_event(
             pid_tgid,
@@ -129,7 +143,7 @@ fn exit_io(ret: i64) {
             pending.ptr,
             len,
             false,
-            0,
+            ts_ns,
         );
     } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
         data_event(
@@ -141,7 +155,7 @@ fn exit_io(ret: i64) {
             pending.ptr,
             len,
             false,
-            0,
+            ts_ns,
         );
     } else if call == SyscallId::Sendfile as u32 {
         data_event(
@@ -153,7 +167,7 @@ fn exit_io(ret: i64) {
             0,
             len,
             false,
-            0,
+            ts_ns,
         );
     } else if call == SyscallId::Readv as u32 {
         iov_events(
@@ -165,6 +179,7 @@ fn exit_io(ret: i64) {
             pending.ptr,
             pending.count,
             len,
+            ts_ns,
         );
     } else if call == SyscallId::Writev as u32 {
         iov_events(
@@ -176,6 +191,7 @@ fn exit_io(ret: i64) {
             pending.ptr,
             pending.count,
             len,
+            ts_ns,
         );
     } else if call == SyscallId::Recvmsg as u32 || call == SyscallId::Sendmsg as u32 {
         // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (x86-64 and arm64 ABI).
@@ -188,7 +204,7 @@ fn exit_io(ret: i64) {
         } else {
             Direction::Egress
         };
-        iov_events(pid_tgid, fd, info, dir, call, iov, iovlen, len);
+        iov_events(pid_tgid, fd, info, dir, call, iov, iovlen, len, ts_ns);
     }
 }
 
@@ -206,6 +222,7 @@ fn iov_events(
     iov: u64,
     iovcnt: u64,
     total: u64,
+    ts_ns: u64,
 ) {
     let mut remaining = total;
     for i in 0..MAX_IOVECS as u64 {
@@ -218,12 +235,12 @@ fn iov_events(
             unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
         let n = if len < remaining { len } else { remaining };
         if n > 0 {
-            data_event(pid_tgid, fd, info, dir, call, base, n, false, 0);
+            data_event(pid_tgid, fd, info, dir, call, base, n, false, ts_ns);
         }
         remaining -= n;
     }
     if remaining > 0 {
-        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, 0);
+        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns);
     }
 }
 
@@ -242,6 +259,7 @@ fn enter_connect(fd: u64) {
         fd: fd as u32,
         ptr: 0,
         count: 0,
+        ts_ns: 0,
     };
     if PENDING.insert(pid_tgid, pending, 0).is_err() {
         count_lost(lost::MAP_FULL);

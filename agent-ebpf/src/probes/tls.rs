@@ -567,6 +567,12 @@ fn plaintext_event(pid_tgid: u64, fd_dir: u64, buf: u64, len: u64, ts_ns: u64) -
         Direction::Egress => SyscallId::TlsWrite,
         Direction::Ingress => SyscallId::TlsRead,
     };
+    let ts_ns = if ts_ns == 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        ts_ns
+    };
     data_event(
         pid_tgid,
         fd,

@@ -41,6 +41,14 @@ pub struct JsonPath {
 }
 
 impl JsonPath {
+    /// The name of the field the path ends in, unless it ends in an array index.
+    pub fn last_key(&self) -> Option<&str> {
+        match self.steps.last()? {
+            Step::Key(k) => Some(k),
+            Step::Index(_) | Step::AnyIndex => None,
+        }
+    }
+
     /// Parses a path, or says what is wrong with it.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (anywhere, mut rest) = match text.strip_prefix("..") {

@@ -16,6 +16,7 @@
 mod defaults;
 pub mod json;
 pub mod pattern;
+pub mod redact;
 mod rule;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use std::borrow::Cow;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
+pub use redact::{RedactionConfig, Redactor};
 pub use rule::{BusinessConfig, Rule};
 
 use crate::protocols::{
@@ -46,6 +48,8 @@ pub const MAX_VALUE_LEN: usize = 256;
 pub struct Rules {
     rules: Vec<Rule>,
     defaults: bool,
+    /// Asked before a value from a secret header, parameter or field is kept.
+    redactor: Redactor,
 }
 
 impl Default for Rules {
@@ -54,6 +58,7 @@ impl Default for Rules {
         Rules {
             rules: Vec::new(),
             defaults: true,
+            redactor: Redactor::default(),
         }
     }
 }
@@ -63,7 +68,19 @@ impl Rules {
         Rules {
             rules: config.rules,
             defaults: config.defaults,
+            redactor: Redactor::default(),
         }
+    }
+
+    /// What decides which values are secrets.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// The same rules with the config file's redaction instead of the built-in one.
+    pub fn with_redaction(mut self, redactor: Redactor) -> Self {
+        self.redactor = redactor;
+        self
     }
 
     fn all(&self) -> impl Iterator<Item = &Rule> {
@@ -125,6 +142,11 @@ pub fn apply(rules: &Rules, view: &ExchangeView<'_>) -> Vec<(&'static str, Value
             other => simple_source(other, rule, view),
         };
         if let Some(v) = value.and_then(|v| clean(&v)) {
+            let v = if rule.reads_secret(&rules.redactor) {
+                redact::REDACTED.to_owned()
+            } else {
+                v
+            };
             found.push((rule.attribute, Value::Str(v)));
         }
     }

@@ -68,6 +68,23 @@ pub enum Source {
     AmqpHeader(String),
 }
 
+impl Source {
+    /// Whether the value comes from a header, parameter or field the redactor calls
+    /// secret.
+    fn is_secret(&self, redactor: &super::Redactor) -> bool {
+        match self {
+            Source::Path { .. } => false,
+            Source::Query(name) => redactor.is_secret_name(name),
+            Source::Header { name, .. } | Source::AmqpHeader(name) => {
+                redactor.is_secret_header(name)
+            }
+            Source::Json { paths, .. } => paths
+                .iter()
+                .any(|p| p.last_key().is_some_and(|k| redactor.is_secret_name(k))),
+        }
+    }
+}
+
 /// A rule: where a value comes from, the attribute it becomes, and where it applies.
 #[derive(Clone, Debug)]
 pub struct Rule {
@@ -224,6 +241,11 @@ fn non_empty(what: &str, v: &str) -> Result<(), String> {
 }
 
 impl Rule {
+    /// Whether the rule's value comes from somewhere the redactor calls secret.
+    pub fn reads_secret(&self, redactor: &super::Redactor) -> bool {
+        self.source.is_secret(redactor)
+    }
+
     /// A rule with no restriction, for the defaults.
     pub(super) fn default_rule(attribute: &'static str, source: Source) -> Self {
         Rule {

@@ -48,6 +48,7 @@ impl Http {
             target: self.target.into(),
             version: 1,
             headers: self.req_headers.clone(),
+            header_table_unknown: false,
         };
         let response = ResponseHead {
             status: 200,

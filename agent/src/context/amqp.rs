@@ -35,8 +35,9 @@
 //! many held broker spans and as many waiting deliveries; past that the oldest go
 //! (a broker span leaves early, a delivery is forgotten).
 
+use crate::FastMap;
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     hash::{DefaultHasher, Hash, Hasher},
     time::Duration,
 };
@@ -176,14 +177,14 @@ pub struct MessageLinker {
     max_entries: usize,
     /// Producers by arrival sequence number, and their sequence numbers by fingerprint.
     producers: BTreeMap<u64, Producer>,
-    producers_by_fp: HashMap<u64, VecDeque<u64>>,
+    producers_by_fp: FastMap<u64, VecDeque<u64>>,
     waiting: BTreeMap<u64, Waiting>,
-    waiting_by_fp: HashMap<u64, VecDeque<u64>>,
+    waiting_by_fp: FastMap<u64, VecDeque<u64>>,
     /// Broker spans held, and deliveries waiting for theirs, likewise.
     routes: BTreeMap<u64, Route>,
-    routes_by_fp: HashMap<u64, VecDeque<u64>>,
+    routes_by_fp: FastMap<u64, VecDeque<u64>>,
     dispatched: BTreeMap<u64, Dispatched>,
-    dispatched_by_fp: HashMap<u64, VecDeque<u64>>,
+    dispatched_by_fp: FastMap<u64, VecDeque<u64>>,
     next_seq: u64,
 }
 
@@ -194,13 +195,13 @@ impl MessageLinker {
             remember_ns: remember.as_nanos() as u64,
             max_entries: max_entries.max(1),
             producers: BTreeMap::new(),
-            producers_by_fp: HashMap::new(),
+            producers_by_fp: FastMap::default(),
             waiting: BTreeMap::new(),
-            waiting_by_fp: HashMap::new(),
+            waiting_by_fp: FastMap::default(),
             routes: BTreeMap::new(),
-            routes_by_fp: HashMap::new(),
+            routes_by_fp: FastMap::default(),
             dispatched: BTreeMap::new(),
-            dispatched_by_fp: HashMap::new(),
+            dispatched_by_fp: FastMap::default(),
             next_seq: 0,
         }
     }
@@ -580,7 +581,7 @@ impl Route {
 }
 
 /// Removes `seq` from the queue of sequence numbers under `fp`.
-fn remove_seq(index: &mut HashMap<u64, VecDeque<u64>>, fp: u64, seq: u64) {
+fn remove_seq(index: &mut FastMap<u64, VecDeque<u64>>, fp: u64, seq: u64) {
     if let Some(q) = index.get_mut(&fp) {
         q.retain(|s| *s != seq);
         if q.is_empty() {
@@ -623,13 +624,11 @@ fn link(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::{
         conn::Role,
         protocols::amqp::{Delivery, DeliveryKind, Properties, Publish},
-        spans::{Resource, Status, new_span_id, new_trace_id},
+        spans::{new_span_id, new_trace_id},
     };
 
     fn message(id: &str, body: &[u8]) -> Message {
@@ -650,6 +649,7 @@ mod tests {
         MessageKey::of(&AmqpOperation::Publish(Publish {
             role: Role::Client,
             channel: 1,
+            number: 0,
             message: m,
             mandatory: false,
             start_ns: 0,
@@ -687,22 +687,8 @@ mod tests {
 
     fn span(kind: SpanKind, start: u64) -> Span {
         Span {
-            trace_id: new_trace_id(),
-            span_id: new_span_id(),
-            parent_span_id: None,
-            name: "x".into(),
             kind,
-            start_unix_nanos: start,
-            end_unix_nanos: start + 1,
-            attributes: vec![],
-            status: Status::Unset,
-            resource: Arc::new(Resource {
-                service_name: "s".into(),
-                pid: 1,
-                executable_name: "s".into(),
-                host_name: "h".into(),
-                attributes: vec![],
-            }),
+            ..crate::spans::test_span(new_trace_id(), new_span_id(), start, start + 1)
         }
     }
 

@@ -10,8 +10,9 @@
 //! for the other, matched by connection, method and request-target, first in first
 //! out (keep-alive, pipelining). Memory is bounded: past `max_pending` the oldest go.
 
+use crate::FastMap;
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     time::Duration,
 };
@@ -53,7 +54,7 @@ struct Pending {
 pub struct Linker {
     hold_ns: u64,
     max_pending: usize,
-    by_conn: HashMap<ConnKey, VecDeque<u64>>,
+    by_conn: FastMap<ConnKey, VecDeque<u64>>,
     pending: BTreeMap<u64, (ConnKey, Pending)>,
     next_seq: u64,
 }
@@ -70,7 +71,7 @@ impl Linker {
         Linker {
             hold_ns: hold.as_nanos() as u64,
             max_pending: max_pending.max(1),
-            by_conn: HashMap::new(),
+            by_conn: FastMap::default(),
             pending: BTreeMap::new(),
             next_seq: 0,
         }

@@ -15,7 +15,8 @@
 //! Anything else with more than one in flight is ambiguous: no parent, counted. Never
 //! a guess.
 
-use std::collections::{HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::VecDeque;
 
 use crate::spans::SpanId;
 
@@ -46,7 +47,7 @@ pub enum Found {
 
 /// See the module documentation.
 pub struct InProcess {
-    by_pid: HashMap<u32, VecDeque<Incoming>>,
+    by_pid: FastMap<u32, VecDeque<Incoming>>,
     /// How long an ended exchange stays, for calls whose events arrive late.
     keep_ns: u64,
 }
@@ -54,7 +55,7 @@ pub struct InProcess {
 impl InProcess {
     pub fn new(keep_ns: u64) -> Self {
         InProcess {
-            by_pid: HashMap::new(),
+            by_pid: FastMap::default(),
             keep_ns,
         }
     }

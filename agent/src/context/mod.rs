@@ -6,6 +6,8 @@
 //!   requests start: the server span is the client span's child (rule 2);
 //! - [`amqp`]: each RabbitMQ delivery (and the broker's route span) made the child of
 //!   the publish that carried the same message (rule 2);
+//! - [`injected`]: the ids the kernel wrote into a request (`--inject-traceparent`),
+//!   which its client span takes, so that the receiving agent's rule 1 continues it;
 //! - [`inproc`]: the request or delivery a service was handling when it made a call or
 //!   started a program (rule 3);
 //! - [`trace`]: the graph those decisions make, which gives every span its trace once
@@ -14,6 +16,7 @@
 
 pub mod amqp;
 pub mod http;
+pub mod injected;
 pub mod inproc;
 pub mod order;
 pub mod trace;

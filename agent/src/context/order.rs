@@ -8,7 +8,8 @@
 //! before the id was first seen keep lacking it. Only the id travels: `order.status`
 //! stays on the spans whose payload said it.
 
-use std::collections::{HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::VecDeque;
 
 use crate::spans::{KeyValue, Span, TraceId, Value};
 
@@ -24,7 +25,7 @@ const MAX_TRACES: usize = 100_000;
 pub struct OrderFill<T> {
     hold_ns: u64,
     waiting: VecDeque<(u64, Span, T)>,
-    ids: HashMap<TraceId, String>,
+    ids: FastMap<TraceId, String>,
     /// Traces in the order their id was learnt, to forget the oldest.
     learnt: VecDeque<TraceId>,
     max_waiting: usize,
@@ -35,7 +36,7 @@ impl<T> OrderFill<T> {
         OrderFill {
             hold_ns,
             waiting: VecDeque::new(),
-            ids: HashMap::new(),
+            ids: FastMap::default(),
             learnt: VecDeque::new(),
             max_waiting: max_waiting.max(1),
         }

@@ -15,12 +15,17 @@
 //! operation in the same trace, with its own span id, marked `sonde.stalled`, ending
 //! when it was noticed. The ordinary span follows when the exchange ends.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::spans::{KeyValue, Span, SpanId, TraceId, new_span_id, new_trace_id};
 
 /// sonde's attribute on a span exported while its exchange still hangs: `true`.
 pub const STALLED: &str = "sonde.stalled";
+/// Makes the span a node shows if it hangs: called only when it does (most exchanges
+/// end in time, and building a span costs as much as the exchange's own).
+pub type StallTemplate = Box<dyn FnOnce() -> Span + Send>;
+
 /// How long the stalled exchange had waited when its stalled span was made, in ms.
 pub const STALLED_FOR_MS: &str = "sonde.stalled.for_ms";
 
@@ -57,6 +62,9 @@ pub struct GraphCounts {
     pub cycles: u64,
     /// Stalled spans made.
     pub stalled: u64,
+    /// Spans whose request carried a traceparent the kernel wrote, put under a parent
+    /// in another trace than the one written (the receiving side continues that one).
+    pub inject_conflicts: u64,
 }
 
 struct Node<T> {
@@ -70,14 +78,20 @@ struct Node<T> {
     open: bool,
     start_ns: u64,
     /// What a stalled span of this node looks like, while it is open and not stalled.
-    stall: Option<Box<Span>>,
+    stall: Option<StallTemplate>,
+    /// The trace this node starts when it is a root: the one the kernel wrote into its
+    /// request (`--inject-traceparent`); a new one otherwise.
+    root_trace: Option<TraceId>,
+    /// The parent decided when no better evidence came before the deadline (a
+    /// delivery's `traceparent`, when the publish is not seen here): Root otherwise.
+    fallback: Option<Parent>,
 }
 
 /// See the module documentation. `T` travels with each span: what the pipeline does
 /// with it once its trace is known.
 pub struct TraceGraph<T> {
     opts: GraphOptions,
-    nodes: HashMap<SpanId, Node<T>>,
+    nodes: FastMap<SpanId, Node<T>>,
     /// (deadline, node) of the decisions.
     made: BTreeSet<(u64, SpanId)>,
     /// Every node in the order it was made, for the cap (trimmed of forgotten ones).
@@ -94,7 +108,7 @@ impl<T> TraceGraph<T> {
     pub fn new(opts: GraphOptions) -> Self {
         TraceGraph {
             opts,
-            nodes: HashMap::new(),
+            nodes: FastMap::default(),
             made: BTreeSet::new(),
             age: VecDeque::new(),
             closed: VecDeque::new(),
@@ -114,7 +128,13 @@ impl<T> TraceGraph<T> {
 
     /// An exchange started at `start_ns`; undecided at `decide_by_ns`, it becomes a
     /// root. `stall` is its span as it would be shown if it hung.
-    pub fn open(&mut self, id: SpanId, start_ns: u64, decide_by_ns: u64, stall: Option<Box<Span>>) {
+    pub fn open(
+        &mut self,
+        id: SpanId,
+        start_ns: u64,
+        decide_by_ns: u64,
+        stall: Option<StallTemplate>,
+    ) {
         if self.nodes.contains_key(&id) {
             return;
         }
@@ -137,10 +157,27 @@ impl<T> TraceGraph<T> {
                 open: true,
                 start_ns,
                 stall,
+                root_trace: None,
+                fallback: None,
             },
         );
         self.made.insert((decide_by_ns, id));
         self.age.push_back(id);
+    }
+
+    /// The node's request carried `trace` to the other side (the kernel wrote it): as
+    /// a root, it starts that trace.
+    pub fn set_root_trace(&mut self, id: SpanId, trace: TraceId) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.root_trace = Some(trace);
+        }
+    }
+
+    /// The parent the node gets at its deadline if nothing decided it before.
+    pub fn set_fallback(&mut self, id: SpanId, parent: Parent) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.fallback = Some(parent);
+        }
     }
 
     /// Whether the node exists and its parent is still undecided.
@@ -244,8 +281,13 @@ impl<T> TraceGraph<T> {
             }
             self.made.pop_first();
             if self.undecided(&id) {
-                self.counts.undecided += 1;
-                self.decide(id, Parent::Root);
+                match self.nodes.get_mut(&id).and_then(|n| n.fallback.take()) {
+                    Some(parent) => self.decide(id, parent),
+                    None => {
+                        self.counts.undecided += 1;
+                        self.decide(id, Parent::Root);
+                    }
+                }
             }
         }
         while let Some(&(due, id)) = self.stalls.front() {
@@ -260,7 +302,7 @@ impl<T> TraceGraph<T> {
                 continue;
             };
             let waited_ns = now_ns.saturating_sub(node.start_ns);
-            let mut span = *template;
+            let mut span = template();
             span.span_id = new_span_id();
             span.end_unix_nanos = span.start_unix_nanos.saturating_add(waited_ns);
             span.attributes.push(KeyValue::new(STALLED, true));
@@ -348,9 +390,10 @@ impl<T> TraceGraph<T> {
             if node.trace.is_some() {
                 continue;
             }
+            let root_trace = node.root_trace;
             let (trace, parent_span) = match node.parent {
                 None => continue,
-                Some(Parent::Root) => (new_trace_id(), None),
+                Some(Parent::Root) => (root_trace.unwrap_or_else(new_trace_id), None),
                 Some(Parent::Remote { trace_id, span_id }) => (trace_id, Some(span_id)),
                 Some(Parent::Node(p)) => match self.nodes.get_mut(&p) {
                     Some(parent) => match parent.trace {
@@ -367,6 +410,9 @@ impl<T> TraceGraph<T> {
                     None => (new_trace_id(), None),
                 },
             };
+            if root_trace.is_some_and(|t| t != trace) {
+                self.counts.inject_conflicts += 1;
+            }
             let node = self.nodes.get_mut(&id).expect("looked up above");
             node.trace = Some(trace);
             node.parent_span = parent_span;
@@ -386,30 +432,10 @@ fn fill(mut span: Span, trace: TraceId, parent: Option<SpanId>) -> Span {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::spans::{Resource, SpanKind, Status};
 
     fn span(id: SpanId) -> Span {
-        Span {
-            trace_id: [9; 16],
-            span_id: id,
-            parent_span_id: None,
-            name: "GET /".into(),
-            kind: SpanKind::Server,
-            start_unix_nanos: 1,
-            end_unix_nanos: 2,
-            attributes: vec![],
-            status: Status::Unset,
-            resource: Arc::new(Resource {
-                service_name: "s".into(),
-                pid: 1,
-                executable_name: "s".into(),
-                host_name: "h".into(),
-                attributes: vec![],
-            }),
-        }
+        crate::spans::test_span([9; 16], id, 1, 2)
     }
 
     fn graph() -> TraceGraph<()> {
@@ -423,6 +449,37 @@ mod tests {
     const A: SpanId = [1; 8];
     const B: SpanId = [2; 8];
     const C: SpanId = [3; 8];
+
+    #[test]
+    fn a_root_with_an_injected_trace_starts_that_trace_and_a_conflict_is_counted() {
+        let injected: TraceId = [7; 16];
+        let mut g = graph();
+        // A client span whose request carried `injected`, with no parent here.
+        g.open(A, 0, 500, None);
+        g.set_root_trace(A, injected);
+        g.decide(A, Parent::Root);
+        g.finish(span(A), (), 10);
+        let out = g.take();
+        assert_eq!(
+            (out[0].0.trace_id, out[0].0.parent_span_id),
+            (injected, None)
+        );
+        // One under a local parent in another trace: that parent wins, and it counts.
+        g.open(B, 20, 500, None);
+        g.decide(
+            B,
+            Parent::Remote {
+                trace_id: [8; 16],
+                span_id: [8; 8],
+            },
+        );
+        g.open(C, 30, 500, None);
+        g.set_root_trace(C, injected);
+        g.decide(C, Parent::Node(B));
+        g.finish(span(C), (), 40);
+        assert_eq!(g.take()[0].0.trace_id, [8; 16]);
+        assert_eq!(g.take_counts().inject_conflicts, 1);
+    }
 
     #[test]
     fn children_wait_for_the_trace_of_their_root_and_share_it() {
@@ -501,7 +558,7 @@ mod tests {
         let mut g = graph();
         g.open(A, 0, 0, None);
         g.decide(A, Parent::Root);
-        g.open(B, 100, 100, Some(Box::new(span(B))));
+        g.open(B, 100, 100, Some(Box::new(|| span(B))));
         g.decide(B, Parent::Node(A));
         g.tick(1_099, |_| ());
         assert!(g.take().is_empty());

@@ -58,6 +58,13 @@ pub struct OtlpOptions {
     pub timeout: Option<Duration>,
     /// PEM file of extra CA certificates to trust (an internal CA, say).
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS, with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// The name the receiver's certificate must be valid for, when it is not the
+    /// endpoint's host (an IP address, or a name behind a load balancer).
+    pub server_name: Option<String>,
 }
 
 /// Batching, after the `OTEL_BSP_*` variables.
@@ -173,6 +180,10 @@ pub struct OtlpConfig {
     /// Per export attempt.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_auth: Option<ClientAuth>,
+    /// Checked against the receiver's certificate instead of the endpoint's host.
+    pub server_name: Option<String>,
     pub batch: BatchConfig,
     pub retry: RetryConfig,
 }
@@ -186,10 +197,19 @@ impl std::fmt::Debug for OtlpConfig {
             .field("header_names", &header_names)
             .field("timeout", &self.timeout)
             .field("ca_file", &self.ca_file)
+            .field("client_auth", &self.client_auth)
+            .field("server_name", &self.server_name)
             .field("batch", &self.batch)
             .field("retry", &self.retry)
             .finish()
     }
+}
+
+/// The files of a client certificate for mutual TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
@@ -281,6 +301,48 @@ impl OtlpConfig {
                 .map(PathBuf::from)
         });
 
+        let path_var =
+            |names: [&str; 2]| get(names[0]).or_else(|| get(names[1])).map(PathBuf::from);
+        let client_cert = cli.client_cert.clone().or_else(|| {
+            path_var([
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ])
+        });
+        let client_key = cli.client_key.clone().or_else(|| {
+            path_var([
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ])
+        });
+        let client_auth = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => Some(ClientAuth { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(ExportError::ClientAuthHalf("a client key")),
+            (None, Some(_)) => return Err(ExportError::ClientAuthHalf("a client certificate")),
+        };
+        let server_name = cli
+            .server_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        if !endpoint.starts_with("https:") {
+            let tls_setting = [
+                (ca_file.is_some(), "a CA file"),
+                (client_auth.is_some(), "a client certificate"),
+                (server_name.is_some(), "a server name"),
+            ]
+            .into_iter()
+            .find_map(|(set, what)| set.then_some(what));
+            if let Some(what) = tls_setting {
+                return Err(ExportError::TlsWithoutHttps {
+                    endpoint: endpoint.clone(),
+                    setting: what,
+                });
+            }
+        }
+
         let defaults = BatchConfig::default();
         let max_export_batch_size = count_var(&get, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?
             .unwrap_or(defaults.max_export_batch_size);
@@ -293,6 +355,8 @@ impl OtlpConfig {
             headers,
             timeout,
             ca_file,
+            client_auth,
+            server_name,
             batch: BatchConfig {
                 max_export_batch_size,
                 scheduled_delay,
@@ -493,6 +557,7 @@ mod tests {
             headers: Some("x-team=support".to_owned()),
             timeout: Some(Duration::from_secs(3)),
             ca_file: Some(PathBuf::from("/etc/sonde/ca.pem")),
+            ..Default::default()
         };
         let e = env(&[
             (
@@ -519,6 +584,53 @@ mod tests {
         );
         assert_eq!(c.timeout, Duration::from_secs(3));
         assert_eq!(c.ca_file, Some(PathBuf::from("/etc/sonde/ca.pem")));
+    }
+
+    #[test]
+    fn mutual_tls_files_from_flags_or_the_environment() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://jaeger:4317"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/env/client.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/env/client.key"),
+        ]);
+        let c = OtlpConfig::resolve(&e, &OtlpOptions::default()).unwrap();
+        assert_eq!(
+            c.client_auth,
+            Some(ClientAuth {
+                cert: "/env/client.pem".into(),
+                key: "/env/client.key".into()
+            })
+        );
+        let cli = OtlpOptions {
+            client_cert: Some("/cli/c.pem".into()),
+            client_key: Some("/cli/c.key".into()),
+            server_name: Some(" otlp.internal ".into()),
+            ..Default::default()
+        };
+        let c = OtlpConfig::resolve(&e, &cli).unwrap();
+        assert_eq!(c.client_auth.unwrap().cert, PathBuf::from("/cli/c.pem"));
+        assert_eq!(c.server_name.as_deref(), Some("otlp.internal"));
+    }
+
+    #[test]
+    fn half_a_client_identity_or_tls_settings_for_plain_http_are_errors() {
+        let half = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://jaeger:4317"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(half.contains("client key is missing"), "{half}");
+        let plain = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            plain.contains("not https") && plain.contains("CA file"),
+            "{plain}"
+        );
     }
 
     #[test]
@@ -657,7 +769,7 @@ mod tests {
             let cli = Cli::try_parse_from(["sonde", "run"].iter().chain(args))?;
             match cli.command {
                 Command::Run(run) => Ok(run.out),
-                Command::Replay(_) => unreachable!("parsed a run"),
+                Command::Replay(_) | Command::Orders(_) => unreachable!("parsed a run"),
             }
         };
         let defaults = run(&[]).unwrap();

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::config::RetryConfig;
 use super::queue::{Entry, Outcome, Queue};
+use super::tls::TlsFailure;
 use super::transport::{SendError, Transport};
 use super::{EncodedSpan, Pause, otlp};
 use crate::spans::Resource;
@@ -71,6 +72,10 @@ pub(super) async fn run(mut d: Delivery) {
                 Err(error) => error,
             };
             Metrics::inc(&d.metrics.export_failures);
+            let tls_failure = TlsFailure::classify(&error.to_string());
+            if let Some(cause) = tls_failure {
+                Metrics::inc(&d.metrics.export_tls_failures[cause as usize]);
+            }
             let retry_after = match error {
                 SendError::Permanent(reason) => {
                     failing_since = None;
@@ -93,12 +98,22 @@ pub(super) async fn run(mut d: Delivery) {
                 } => {
                     if failing_since.is_none() {
                         failing_since = Some(Instant::now());
-                        warn!(
-                            %reason,
-                            max_age = ?d.max_age,
-                            "OTLP export failed; spans stay queued and are retried until the \
-                             receiver answers or they pass the age bound"
-                        );
+                        if let Some(cause) = tls_failure {
+                            error!(
+                                cause = cause.label(),
+                                %reason,
+                                "OTLP export failed in the TLS handshake: {}; spans stay \
+                                 queued until the queue is full or they pass the age bound",
+                                cause.hint()
+                            );
+                        } else {
+                            warn!(
+                                %reason,
+                                max_age = ?d.max_age,
+                                "OTLP export failed; spans stay queued and are retried until the \
+                                 receiver answers or they pass the age bound"
+                            );
+                        }
                     } else {
                         debug!(%reason, "OTLP export failed again");
                     }
@@ -303,6 +318,7 @@ mod tests {
             executable_name: name.to_owned(),
             host_name: "node".to_owned(),
             attributes: vec![],
+            generic_name: false,
         })
     }
 

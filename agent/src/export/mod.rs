@@ -14,6 +14,10 @@
 //! old. Every span is counted exactly once: `spans_exported`, or `spans_dropped` with
 //! its reason (queue full, expired, rejected by the receiver, write failed, or still
 //! queued when shutdown ran out of time).
+//!
+//! With a tee file ([`Output::tee`]) every span is also written there as OTLP JSON
+//! lines, through a second queue and task of its own with its own counters
+//! ([`Metrics::tee`]): a copy of what went to the collector, for a script to read.
 
 pub mod config;
 mod deliver;
@@ -22,7 +26,9 @@ mod queue;
 pub mod stdout;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 mod transport;
+pub(crate) use tls::root_store;
 
 use std::fs::File;
 use std::future::Future;
@@ -51,6 +57,8 @@ use transport::Transport;
 pub struct Output {
     pub destination: Destination,
     pub queue: QueueConfig,
+    /// Also write every span to this file, as for [`Destination::OtlpJson`].
+    pub tee: Option<PathBuf>,
 }
 
 /// Where spans go.
@@ -97,6 +105,30 @@ pub enum ExportError {
     CaFile { path: PathBuf, reason: String },
     #[error("cannot set up TLS for OTLP export: {0}")]
     Tls(String),
+    #[error(
+        "mutual TLS needs a client certificate and its key, and {0} is missing: set both \
+         --otlp-client-cert and --otlp-client-key (or OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE \
+         and OTEL_EXPORTER_OTLP_CLIENT_KEY)"
+    )]
+    ClientAuthHalf(&'static str),
+    #[error(
+        "{setting} is set for OTLP export, but the endpoint {endpoint} is not https: use an \
+         https:// endpoint for TLS"
+    )]
+    TlsWithoutHttps {
+        endpoint: String,
+        setting: &'static str,
+    },
+    #[error(
+        "cannot use the client certificate {} and key {}: {reason}",
+        cert.display(),
+        key.display()
+    )]
+    ClientCert {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     #[error("the exporter must be started from inside a tokio runtime")]
     NoRuntime,
 }
@@ -127,7 +159,7 @@ impl ExporterHandle {
 /// The running export task; [`Exporter::shutdown`] flushes and stops it. Dropped
 /// without a shutdown, it closes the queue and lets the task finish on its own.
 pub struct Exporter {
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     intake: Arc<dyn Intake>,
 }
 
@@ -137,11 +169,16 @@ impl Exporter {
     /// are counted as dropped (`shutdown`).
     pub async fn shutdown(mut self, deadline: Duration) {
         self.intake.close();
-        if tokio::time::timeout(deadline, &mut self.task)
-            .await
-            .is_err()
-        {
-            self.task.abort();
+        let tasks = &mut self.tasks;
+        let all = async move {
+            for task in tasks.iter_mut() {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            for task in &self.tasks {
+                task.abort();
+            }
             let lost = self.intake.abandon();
             warn!(
                 lost,
@@ -181,22 +218,23 @@ fn spawn_pausing_with(
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
     let immediate = BatchConfig::default().max_export_batch_size;
     let limits = output.queue;
+    // The copy's queue is opened first: a tee file that cannot be opened stops the
+    // agent before anything else starts.
+    let tee = match output.tee {
+        Some(path) => {
+            let own = Arc::new(Metrics::default());
+            let _ = metrics.tee.set(Arc::clone(&own));
+            Some(json_file(&runtime, path, limits.clone(), immediate, own)?)
+        }
+        None => None,
+    };
     let (intake, task): (Arc<dyn Intake>, _) = match output.destination {
         Destination::Stdout => {
             let queue = Arc::new(Queue::<Line>::new(limits, immediate, metrics));
             let task = runtime.spawn(write_lines(Arc::clone(&queue)));
             (queue, task)
         }
-        Destination::OtlpJson { path } => {
-            let file = File::options()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|error| ExportError::OpenFile { path, error })?;
-            let queue = Arc::new(Queue::<OtlpItem>::new(limits, immediate, metrics));
-            let task = runtime.spawn(write_json(Arc::clone(&queue), Arc::new(file)));
-            (queue, task)
-        }
+        Destination::OtlpJson { path } => json_file(&runtime, path, limits, immediate, metrics)?,
         Destination::Otlp(config) => {
             let transport = Transport::new(&config)?;
             let max_age = limits.max_age;
@@ -217,12 +255,60 @@ fn spawn_pausing_with(
             (queue, task)
         }
     };
+    let mut tasks = vec![task];
+    let intake = match tee {
+        Some((copy, copy_task)) => {
+            tasks.push(copy_task);
+            Arc::new(Tee { main: intake, copy }) as Arc<dyn Intake>
+        }
+        None => intake,
+    };
     Ok((
         ExporterHandle {
             intake: Arc::clone(&intake),
         },
-        Exporter { task, intake },
+        Exporter { tasks, intake },
     ))
+}
+
+/// An OTLP JSON lines file and the task that writes its queue.
+fn json_file(
+    runtime: &tokio::runtime::Handle,
+    path: PathBuf,
+    limits: QueueConfig,
+    immediate: usize,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<dyn Intake>, JoinHandle<()>), ExportError> {
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|error| ExportError::OpenFile { path, error })?;
+    let queue = Arc::new(Queue::<OtlpItem>::new(limits, immediate, metrics));
+    let task = runtime.spawn(write_json(Arc::clone(&queue), Arc::new(file)));
+    Ok((queue, task))
+}
+
+/// Every span to the main output and a copy to the tee file, each with its own queue.
+struct Tee {
+    main: Arc<dyn Intake>,
+    copy: Arc<dyn Intake>,
+}
+
+impl Intake for Tee {
+    fn offer(&self, span: Span, wait: bool) {
+        self.copy.offer(span.clone(), wait);
+        self.main.offer(span, wait);
+    }
+
+    fn close(&self) {
+        self.main.close();
+        self.copy.close();
+    }
+
+    fn abandon(&self) -> u64 {
+        self.main.abandon() + self.copy.abandon()
+    }
 }
 
 /// The queue as the handle sees it, whatever form its sink sends spans in.

@@ -269,6 +269,7 @@ mod tests {
                 // Repeats a fixed field: must not override it.
                 SpanKv::new(SERVICE_NAME, "impostor"),
             ],
+            generic_name: false,
         })
     }
 

@@ -192,6 +192,7 @@ mod tests {
                 executable_name: "python3".to_owned(),
                 host_name: "node-1".to_owned(),
                 attributes: vec![],
+                generic_name: false,
             }),
         }
     }

@@ -37,6 +37,7 @@ fn spans_from(first: u8, n: u8) -> Vec<Span> {
         executable_name: "python3".to_owned(),
         host_name: "node-1".to_owned(),
         attributes: vec![],
+        generic_name: false,
     });
     (first..first + n)
         .map(|i| Span {
@@ -61,6 +62,8 @@ fn otlp_config(protocol: Protocol, endpoint: String) -> OtlpConfig {
         headers: vec![("x-tenant".to_owned(), "shop".to_owned())],
         timeout: Duration::from_secs(5),
         ca_file: None,
+        client_auth: None,
+        server_name: None,
         batch: BatchConfig {
             max_export_batch_size: 64,
             scheduled_delay: Duration::from_millis(20),
@@ -83,6 +86,7 @@ fn roomy() -> QueueConfig {
 
 fn to(destination: Destination) -> Output {
     Output {
+        tee: None,
         destination,
         queue: roomy(),
     }
@@ -357,6 +361,7 @@ async fn spans_past_the_age_bound_are_dropped_as_expired_and_the_rest_delivered(
     let addr = unused_addr().await;
     let metrics = Arc::new(Metrics::default());
     let output = Output {
+        tee: None,
         destination: Destination::Otlp(otlp_config(
             Protocol::HttpProtobuf,
             format!("http://{addr}/v1/traces"),
@@ -399,6 +404,7 @@ async fn the_byte_bound_drops_and_counts_what_does_not_fit_without_blocking() {
     let size = OtlpItem::prepare(spans(1).remove(0)).1;
     let metrics = Arc::new(Metrics::default());
     let output = Output {
+        tee: None,
         destination: Destination::Otlp(otlp_config(
             Protocol::HttpProtobuf,
             format!("http://{addr}/v1/traces"),
@@ -445,6 +451,7 @@ async fn a_producer_that_can_wait_loses_nothing_to_a_small_queue() {
     let mut config = otlp_config(Protocol::HttpProtobuf, format!("{base}/v1/traces"));
     config.batch.max_export_batch_size = 2;
     let output = Output {
+        tee: None,
         destination: Destination::Otlp(config),
         queue: QueueConfig {
             max_bytes: 3 * size,
@@ -882,13 +889,18 @@ async fn shutdown_with_the_receiver_down_keeps_retrying_until_the_deadline() {
 }
 
 /// Exports 3 spans to an https receiver, trusting the test CA or not; answers
-/// (spans exported, spans dropped as expired).
-async fn export_over_tls(protocol: Protocol, endpoint: String, trust_test_ca: bool) -> (u64, u64) {
+/// (spans exported, spans dropped as expired, failures counted as an unknown issuer).
+async fn export_over_tls(
+    protocol: Protocol,
+    endpoint: String,
+    trust_test_ca: bool,
+) -> (u64, u64, bool) {
     let metrics = Arc::new(Metrics::default());
     let mut config = otlp_config(protocol, endpoint);
     config.ca_file = trust_test_ca.then(|| testdata("ca.pem"));
     // An untrusted server is retried like one that is down, until the spans expire.
     let output = Output {
+        tee: None,
         destination: Destination::Otlp(config),
         queue: QueueConfig {
             max_age: Duration::from_millis(300),
@@ -904,9 +916,11 @@ async fn export_over_tls(protocol: Protocol, endpoint: String, trust_test_ca: bo
         metrics.spans_dropped.total(),
         dropped(&metrics, DropReason::Expired)
     );
+    let unknown_issuer = crate::export::tls::TlsFailure::UnknownIssuer as usize;
     (
         count(&metrics.spans_exported),
         dropped(&metrics, DropReason::Expired),
+        count(&metrics.export_tls_failures[unknown_issuer]) > 0,
     )
 }
 
@@ -915,7 +929,7 @@ async fn grpc_over_tls_verifies_the_server_against_the_configured_roots() {
     let (receiver, endpoint) = grpc_receiver_with(0, true).await;
     assert_eq!(
         export_over_tls(Protocol::Grpc, endpoint.clone(), false).await,
-        (0, 3)
+        (0, 3, true)
     );
     assert!(
         receiver.requests.lock().unwrap().is_empty(),
@@ -923,7 +937,7 @@ async fn grpc_over_tls_verifies_the_server_against_the_configured_roots() {
     );
     assert_eq!(
         export_over_tls(Protocol::Grpc, endpoint, true).await,
-        (3, 0)
+        (3, 0, false)
     );
     assert_eq!(span_ids(&receiver.requests.lock().unwrap()).len(), 3);
 }
@@ -934,7 +948,7 @@ async fn http_over_tls_verifies_the_server_against_the_configured_roots() {
     let endpoint = format!("{base}/v1/traces");
     assert_eq!(
         export_over_tls(Protocol::HttpProtobuf, endpoint.clone(), false).await,
-        (0, 3)
+        (0, 3, true)
     );
     assert!(
         posts.lock().unwrap().is_empty(),
@@ -942,7 +956,7 @@ async fn http_over_tls_verifies_the_server_against_the_configured_roots() {
     );
     assert_eq!(
         export_over_tls(Protocol::HttpProtobuf, endpoint, true).await,
-        (3, 0)
+        (3, 0, false)
     );
     assert_eq!(posts.lock().unwrap().len(), 1);
 }
@@ -1028,4 +1042,74 @@ fn spawning_outside_a_runtime_says_so() {
         .err()
         .unwrap();
     assert!(matches!(err, ExportError::NoRuntime));
+}
+
+fn span_ids_in(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let requests: Vec<ExportTraceServiceRequest> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let mut ids: Vec<String> = span_ids(&requests)
+        .into_iter()
+        .map(|id| format!("{id:?}"))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_tee_file_gets_every_span_the_main_output_gets_each_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (main, copy) = (dir.path().join("main.jsonl"), dir.path().join("copy.jsonl"));
+    let metrics = Arc::new(Metrics::default());
+    let mut output = to(Destination::OtlpJson { path: main.clone() });
+    output.tee = Some(copy.clone());
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
+    for span in spans(5) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(count(&metrics.spans_exported), 5);
+    let tee = metrics
+        .tee
+        .get()
+        .expect("the tee's counters are registered");
+    assert_eq!(count(&tee.spans_exported), 5);
+    assert_eq!(span_ids_in(&main).len(), 5);
+    assert_eq!(span_ids_in(&main), span_ids_in(&copy));
+}
+
+#[tokio::test]
+async fn a_failing_tee_file_loses_nothing_of_the_main_output_and_counts_its_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("main.jsonl");
+    let metrics = Arc::new(Metrics::default());
+    let mut output = to(Destination::OtlpJson { path: main.clone() });
+    output.tee = Some(PathBuf::from("/dev/full"));
+    let (handle, exporter) = spawn(output, Arc::clone(&metrics)).unwrap();
+    for span in spans(3) {
+        handle.export(span);
+    }
+    exporter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(count(&metrics.spans_exported), 3);
+    assert_eq!(dropped(&metrics, DropReason::WriteFailed), 0);
+    let tee = metrics.tee.get().unwrap();
+    assert_eq!(dropped(tee, DropReason::WriteFailed), 3);
+    assert_eq!(span_ids_in(&main).len(), 3);
+}
+
+#[test]
+fn an_unopenable_tee_file_is_a_clear_error() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut output = to(Destination::Stdout);
+    output.tee = Some(PathBuf::from("/nonexistent-dir/copy.jsonl"));
+    let err = spawn(output, Arc::new(Metrics::default()))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("/nonexistent-dir/copy.jsonl"),
+        "{err}"
+    );
 }

@@ -1,9 +1,7 @@
 //! Sending one `ExportTraceServiceRequest`, already encoded: OTLP/gRPC on tonic (the
 //! call opentelemetry-proto's generated client makes, with the bytes passed through
-//! as they are), or OTLP/HTTP protobuf with reqwest. Both over rustls
-//! (ring provider) with the trusted roots set here, explicitly: the system's store
-//! (honouring SSL_CERT_FILE / SSL_CERT_DIR), or Mozilla's bundle when the system has
-//! none (a distroless container), plus an optional CA file.
+//! as they are), or OTLP/HTTP protobuf with reqwest. Both over rustls (ring
+//! provider) with the roots, client certificate and server name [`super::tls`] reads.
 //!
 //! A send answers whether a failure is worth retrying, as the OTLP specification
 //! says: gRPC `CANCELLED`, `DEADLINE_EXCEEDED`, `ABORTED`, `OUT_OF_RANGE`,
@@ -12,23 +10,19 @@
 //! answer in time. The delay a receiver asks for (`RetryInfo`, `Retry-After` in
 //! seconds or as a date) comes along. Retrying is the caller's.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;
-use tracing::warn;
 
 use super::ExportError;
 use super::config::{OtlpConfig, Protocol};
+use super::tls::{self, Identity};
 
 const USER_AGENT: &str = concat!("sonde/", env!("CARGO_PKG_VERSION"));
 /// The OTLP trace service's one method.
@@ -114,9 +108,13 @@ impl Transport {
         };
         let https = config.endpoint.starts_with("https:");
         let roots = if https {
-            root_store(config.ca_file.as_deref())?
+            tls::root_store(config.ca_file.as_deref())?
         } else {
             RootCertStore::empty()
+        };
+        let identity = match (&config.client_auth, https) {
+            (Some(auth), true) => Some(Identity::load(auth)?),
+            _ => None,
         };
         match config.protocol {
             Protocol::Grpc => {
@@ -127,8 +125,18 @@ impl Transport {
                     .timeout(config.timeout)
                     .connect_timeout(config.timeout);
                 if https {
+                    let mut tls_config = ClientTlsConfig::new().trust_anchors(roots.roots);
+                    if let Some(id) = &identity {
+                        tls_config = tls_config.identity(tonic::transport::Identity::from_pem(
+                            &id.cert_pem,
+                            &id.key_pem,
+                        ));
+                    }
+                    if let Some(name) = &config.server_name {
+                        tls_config = tls_config.domain_name(name.clone());
+                    }
                     endpoint = endpoint
-                        .tls_config(ClientTlsConfig::new().trust_anchors(roots.roots))
+                        .tls_config(tls_config)
                         .map_err(|e| ExportError::Tls(e.to_string()))?;
                 }
                 let metadata = config
@@ -170,13 +178,7 @@ impl Transport {
                         }
                     }
                 }
-                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| ExportError::Tls(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+                let tls = tls::client_config(config, roots, identity.as_ref())?;
                 let client = reqwest::Client::builder()
                     .tls_backend_preconfigured(tls)
                     .user_agent(USER_AGENT)
@@ -200,7 +202,7 @@ impl Transport {
                 }
                 // A channel that cannot connect says so here, as UNAVAILABLE.
                 if let Err(error) = client.ready().await {
-                    return Err(grpc_error(&tonic::Status::unavailable(error.to_string())));
+                    return Err(grpc_error(&tonic::Status::unavailable(error_chain(&error))));
                 }
                 let codec =
                     tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default();
@@ -267,10 +269,23 @@ fn delivered(response: ExportTraceServiceResponse) -> Delivered {
 }
 
 /// The codes the OTLP specification calls retryable, with the server's `RetryInfo`.
-/// Connection failures reach us as `Unavailable`.
+/// Connection failures reach us as `Unavailable`; a TLS failure after the handshake
+/// (a client certificate the receiver refuses, which TLS 1.3 reports only then) comes
+/// as `Unknown: transport error` with the cause below it, and is retried too, like a
+/// receiver that cannot be reached.
 fn grpc_error(status: &tonic::Status) -> SendError {
     use tonic::Code;
-    let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    let mut reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        reason.push_str(": ");
+        reason.push_str(&error_chain(source));
+    }
+    if super::tls::TlsFailure::classify(&reason).is_some() {
+        return SendError::Transient {
+            reason,
+            retry_after: None,
+        };
+    }
     let retry_after = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
@@ -313,36 +328,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, ExportError> {
-    let mut store = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    store.add_parsable_certificates(native.certs);
-    if store.is_empty() {
-        warn!(
-            errors = ?native.errors,
-            "no CA certificates in the system store; trusting the bundled Mozilla roots"
-        );
-        store.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
-    }
-    if let Some(path) = ca_file {
-        let unreadable = |reason: String| ExportError::CaFile {
-            path: path.to_owned(),
-            reason,
-        };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| unreadable(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| unreadable(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(unreadable("no PEM certificate in it".to_owned()));
-        }
-        for cert in certs {
-            store.add(cert).map_err(|e| unreadable(e.to_string()))?;
-        }
-    }
-    Ok(store)
 }
 
 #[cfg(test)]
@@ -415,22 +400,5 @@ mod tests {
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
-    }
-
-    #[test]
-    fn https_endpoint_gets_roots_even_without_a_system_store() {
-        let store = root_store(None).unwrap();
-        assert!(!store.is_empty());
-    }
-
-    #[test]
-    fn a_ca_file_without_certificates_is_refused_with_its_path() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), "not a certificate\n").unwrap();
-        let err = root_store(Some(file.path())).unwrap_err();
-        assert!(
-            err.to_string().contains(&file.path().display().to_string()),
-            "{err}"
-        );
     }
 }

@@ -8,7 +8,8 @@
 //! The program's own span is in flight for everything it does in turn: a program it
 //! runs (`sh -c` running the slicer) and the calls it makes are its children.
 
-use std::{collections::HashMap, sync::Arc};
+use crate::FastMap;
+use std::sync::Arc;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
@@ -38,7 +39,7 @@ struct Program {
 /// Programs running under a request, by process id.
 #[derive(Default)]
 pub(super) struct Programs {
-    running: HashMap<u32, Program>,
+    running: FastMap<u32, Program>,
 }
 
 impl Pipeline {
@@ -84,10 +85,10 @@ impl Pipeline {
             args,
             resource: self.registry.resource(ppid),
         };
-        let template = self
-            .opts
-            .stall_timeout
-            .map(|_| Box::new(self.program_span(pid, &program, None, ts_ns)));
+        let template = self.opts.stall_timeout.map(|_| {
+            let span = self.program_span(pid, &program, None, ts_ns);
+            Box::new(move || span) as crate::context::trace::StallTemplate
+        });
         self.graph.open(id, ts_ns, ts_ns, template);
         self.graph.decide(id, Parent::Node(parent));
         self.inproc.begin(pid, 0, id, ts_ns, None);

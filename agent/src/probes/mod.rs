@@ -6,6 +6,7 @@
 //! is reported by name.
 
 pub mod btf;
+pub mod inject;
 pub mod select;
 pub mod tls;
 
@@ -53,11 +54,13 @@ impl fmt::Display for Backend {
 #[derive(Debug, Error)]
 pub enum ProbeError {
     #[error(
-        "sonde needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN, to load \
-         eBPF programs (this process has effective uid {uid}); run it with sudo, or give the \
-         container `privileged: true` as deploy/ does"
+        "sonde needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load its eBPF \
+         programs, and this process lacks {missing} (effective uid {uid}); run it with sudo, \
+         or give the container CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN (TLS capture), \
+         CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH as deploy/kubernetes/sonde-daemonset.yaml \
+         does (README, \"Security\")"
     )]
-    NotPrivileged { uid: u32 },
+    NotPrivileged { uid: u32, missing: &'static str },
     #[error(
         "the kernel has no tracefs at {TRACEFS} and mounting it failed ({0}); sonde needs \
          CONFIG_TRACING and permission to mount tracefs (or mount it yourself: \
@@ -240,6 +243,8 @@ impl Probes {
             wakeup_bytes: opts.wakeup_bytes,
             select,
             fork_child_pid_offset,
+            // The injector's own; the main object does not read it.
+            sample_below: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(agent_common::globals::CONFIG, &config, true)
@@ -316,6 +321,11 @@ impl Probes {
         for (slot, value) in metrics.kernel_counters.iter().zip(self.counters()) {
             slot.store(value, Relaxed);
         }
+    }
+
+    /// Run time and count of each loaded program (see [`program_times`]).
+    pub fn program_times(&self) -> Vec<crate::telemetry::ProgramTime> {
+        program_times(&self.ebpf)
     }
 
     /// Leaves process `pid` alone from now on (a config file rule excludes it).
@@ -405,26 +415,20 @@ fn sum_per_cpu<const N: usize>(array: &PerCpuArray<MapData, u64>) -> [u64; N] {
     sums
 }
 
+/// Fails naming the capability without which nothing loads; says which features are
+/// off for the other missing ones.
 fn check_privileges() -> Result<(), ProbeError> {
-    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return Ok(());
+    let caps = crate::privileges::Caps::current();
+    if let Some(missing) = caps.missing_for_loading() {
+        // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        return Err(ProbeError::NotPrivileged {
+            uid,
+            missing: missing.name(),
+        });
     }
-    // Not root: accept the capability set that suffices.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let caps = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    const CAP_SYS_ADMIN: u64 = 1 << 21;
-    const CAP_PERFMON: u64 = 1 << 38;
-    const CAP_BPF: u64 = 1 << 39;
-    if caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0) {
-        return Ok(());
-    }
-    Err(ProbeError::NotPrivileged { uid })
+    caps.report();
+    Ok(())
 }
 
 fn raise_memlock_limit() {
@@ -498,6 +502,28 @@ fn choose_backend(requested: Backend) -> Result<Backend, ProbeError> {
 }
 
 /// The program `name` of the object, as the program type `P` it must be.
+/// Run time and count the kernel keeps for each loaded program of `ebpf`: they grow
+/// only while `kernel.bpf_stats_enabled` is 1. Programs not loaded (the backend not
+/// chosen) are left out.
+pub fn program_times(ebpf: &Ebpf) -> Vec<crate::telemetry::ProgramTime> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(crate::telemetry::ProgramTime {
+                name: name.to_owned(),
+                run_ns: info.run_time().as_nanos() as u64,
+                runs: info.run_count(),
+            })
+        })
+        .collect()
+}
+
+/// `kernel.bpf_stats_enabled`, if it can be read.
+pub fn bpf_stats_enabled() -> Option<bool> {
+    let v = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+    Some(v.trim() != "0")
+}
+
 fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,

@@ -4,7 +4,7 @@
 
 use agent_common::Direction;
 
-use super::{Parsed, ProtocolParser, amqp::AmqpParser, http::HttpParser};
+use super::{Parsed, ProtocolParser, amqp::AmqpParser, http::HttpParser, http2::Http2Parser};
 use crate::conn::EndReason;
 
 /// The parser of one connection: every protocol's until one recognises the bytes, then
@@ -31,10 +31,11 @@ impl Default for ConnParser {
 }
 
 impl ConnParser {
-    /// Every protocol sonde parses: HTTP/1.x and AMQP 0-9-1.
+    /// Every protocol sonde parses: HTTP/1.x, HTTP/2 and AMQP 0-9-1.
     pub fn new() -> Self {
         Self::with(vec![
             Box::new(HttpParser::new()),
+            Box::new(Http2Parser::new()),
             Box::new(AmqpParser::new()),
         ])
     }
@@ -175,6 +176,31 @@ mod tests {
         );
         assert_eq!(p.verdict(), Verdict::Unknown);
         assert!(p.take().is_empty());
+    }
+
+    #[test]
+    fn the_http2_preface_picks_the_http2_parser() {
+        let mut p = ConnParser::new();
+        p.feed(Direction::Egress, crate::protocols::http2::PREFACE, 1);
+        assert_eq!(p.verdict(), Verdict::Known);
+        // SETTINGS (empty), then a HEADERS frame: GET / (static table).
+        p.feed(
+            Direction::Egress,
+            b"\0\0\0\x04\0\0\0\0\0\0\0\x02\x01\x05\0\0\0\x01\x82\x84",
+            2,
+        );
+        p.feed(Direction::Ingress, b"\0\0\x01\x01\x05\0\0\0\x01\x88", 3);
+        match &p.take()[..] {
+            [Parsed::Started(_), Parsed::Http(ex)] => {
+                assert_eq!(
+                    (ex.request.method.as_str(), ex.request.target.as_str()),
+                    ("GET", "/")
+                );
+                assert_eq!(ex.request.version, 2);
+                assert_eq!(ex.response.as_ref().map(|r| r.status), Some(200));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod detect;
 pub mod http;
+pub mod http2;
 
 use agent_common::Direction;
 

@@ -453,6 +453,7 @@ impl Replayer {
                 executable_name: String::new(),
                 host_name: ip.to_string(),
                 attributes: Vec::new(),
+                generic_name: false,
             },
         );
         self.pids.insert(service, pid);

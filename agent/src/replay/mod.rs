@@ -202,16 +202,21 @@ pub fn replay_reader(
 pub struct Rules {
     pub business: Arc<crate::business::Rules>,
     pub processes: Arc<ProcessRules>,
+    pub sampling: crate::sampling::SamplingConfig,
 }
 
 impl Rules {
     pub fn from_settings(settings: &Settings) -> Self {
         Rules {
-            business: Arc::new(crate::business::Rules::new(settings.business.clone())),
+            business: Arc::new(
+                crate::business::Rules::new(settings.business.clone())
+                    .with_redaction(crate::business::Redactor::new(&settings.redaction)),
+            ),
             processes: Arc::new(ProcessRules::new(
                 &settings.selection,
                 settings.identity.clone(),
             )),
+            sampling: settings.sampling.clone(),
         }
     }
 }
@@ -238,6 +243,7 @@ pub fn replay_with(
             link_remote_peers: true,
             business: rules.business,
             processes: rules.processes,
+            sampling: rules.sampling,
             ..PipelineOptions::default()
         },
         metrics,

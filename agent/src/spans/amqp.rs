@@ -480,6 +480,7 @@ mod tests {
             executable_name: "python3".into(),
             host_name: "node".into(),
             attributes: vec![],
+            generic_name: false,
         })
     }
 
@@ -501,6 +502,7 @@ mod tests {
         Publish {
             role: Role::Client,
             channel: 1,
+            number: 0,
             message: m,
             mandatory: false,
             start_ns: 1_000,

@@ -13,8 +13,8 @@ use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::route::template_route;
 use super::{
-    INCOMPLETE, INCOMPLETE_REASON, KeyValue, Resource, Span, SpanKind, Status, new_span_id,
-    new_trace_id,
+    HEADER_TABLE_UNKNOWN, INCOMPLETE, INCOMPLETE_REASON, KeyValue, Resource, Span, SpanKind,
+    Status, new_span_id, new_trace_id,
 };
 use crate::conn::{ConnInfo, Role};
 use crate::context::w3c::parse_traceparent;
@@ -39,9 +39,14 @@ pub fn http_span(
     let route = target.path.map(template_route);
     let known = KNOWN_METHODS.contains(&req.method.as_str());
     let method = if known { req.method.as_str() } else { "_OTHER" };
+    // HTTP/2 on a connection whose header table is unknown: no method to report.
+    let method_seen = !req.method.is_empty();
 
-    let mut attrs = vec![KeyValue::new(semconv::HTTP_REQUEST_METHOD, method)];
-    if !known {
+    let mut attrs = Vec::with_capacity(24);
+    if method_seen {
+        attrs.push(KeyValue::new(semconv::HTTP_REQUEST_METHOD, method));
+    }
+    if !known && method_seen {
         attrs.push(KeyValue::new(
             semconv::HTTP_REQUEST_METHOD_ORIGINAL,
             req.method.as_str(),
@@ -66,9 +71,11 @@ pub fn http_span(
         Role::Server => conn.local,
         Role::Client => conn.remote,
     };
-    let authority = target
-        .authority
-        .or_else(|| req.header("host").filter(|h| !h.is_empty()));
+    let authority = target.authority.or_else(|| {
+        req.header("host")
+            .or_else(|| req.header(":authority"))
+            .filter(|h| !h.is_empty())
+    });
     let (server_address, server_port) = match authority.map(split_host_port) {
         Some((host, port)) => (host.to_owned(), port.unwrap_or(own_end.port())),
         None => (own_end.ip().to_string(), own_end.port()),
@@ -102,8 +109,18 @@ pub fn http_span(
     attrs.push(KeyValue::new(semconv::NETWORK_PROTOCOL_NAME, "http"));
     attrs.push(KeyValue::new(
         semconv::NETWORK_PROTOCOL_VERSION,
-        format!("1.{}", req.version),
+        match req.version {
+            2 => "2".to_owned(),
+            minor => format!("1.{minor}"),
+        },
     ));
+    if req.header_table_unknown {
+        attrs.push(KeyValue::new(HEADER_TABLE_UNKNOWN, true));
+    }
+    let grpc = Grpc::of(ex);
+    if let Some(g) = &grpc {
+        g.attributes(&mut attrs);
+    }
     if let Some(agent) = req.header("user-agent") {
         attrs.push(KeyValue::new(semconv::USER_AGENT_ORIGINAL, agent));
     }
@@ -112,7 +129,7 @@ pub fn http_span(
         ex.request_body_size,
     ));
 
-    let status = match &ex.response {
+    let mut status = match &ex.response {
         // The exchange was cut short (see below), which is not an error in itself.
         None => Status::Unset,
         Some(resp) => {
@@ -134,15 +151,32 @@ pub fn http_span(
         }
     };
 
+    // gRPC reports its outcome in its status, whatever the HTTP status: non-zero is an
+    // error on both sides.
+    if let Some(code) = grpc.as_ref().and_then(|g| g.status)
+        && code != 0
+        && status == Status::Unset
+    {
+        attrs.push(KeyValue::new(semconv::ERROR_TYPE, code.to_string()));
+        status = Status::Error(format!("gRPC status {code}"));
+    }
+
     if let Some(reason) = ex.incomplete {
         attrs.push(KeyValue::new(INCOMPLETE, true));
         attrs.push(KeyValue::new(INCOMPLETE_REASON, reason.as_str()));
     }
 
     let name_method = if known { req.method.as_str() } else { "HTTP" };
-    let name = match &route {
-        Some(route) => format!("{name_method} {route}"),
-        None => name_method.to_owned(),
+    let name = match (&grpc, &route) {
+        (
+            Some(Grpc {
+                service_method: Some((service, method)),
+                ..
+            }),
+            _,
+        ) => format!("{service}/{method}"),
+        (_, Some(route)) => format!("{name_method} {route}"),
+        (_, None) => name_method.to_owned(),
     };
     let (trace_id, parent_span_id) = match req.header("traceparent").and_then(parse_traceparent) {
         Some((trace, parent, _flags)) => (trace, Some(parent)),
@@ -168,6 +202,53 @@ pub fn http_span(
         attributes: attrs,
         status,
         resource,
+    }
+}
+
+/// What a gRPC call's span says beyond HTTP.
+struct Grpc<'a> {
+    /// From the path `/package.Service/Method`.
+    service_method: Option<(&'a str, &'a str)>,
+    /// `grpc-status` from the trailers (or a trailers-only response).
+    status: Option<i64>,
+}
+
+impl<'a> Grpc<'a> {
+    /// The names the gRPC conventions used until the RPC conventions were reworked
+    /// (`rpc.system.name`, a fully-qualified `rpc.method`): what Jaeger users and the
+    /// dashboards built on them query today.
+    #[allow(deprecated)]
+    fn attributes(&self, attrs: &mut Vec<KeyValue>) {
+        attrs.push(KeyValue::new(semconv::RPC_SYSTEM, "grpc"));
+        if let Some((service, method)) = self.service_method {
+            attrs.push(KeyValue::new(semconv::RPC_SERVICE, service));
+            attrs.push(KeyValue::new(semconv::RPC_METHOD, method));
+        }
+        if let Some(code) = self.status {
+            attrs.push(KeyValue::new(semconv::RPC_GRPC_STATUS_CODE, code));
+        }
+    }
+
+    /// Some when the request's content-type is gRPC's.
+    fn of(ex: &'a HttpExchange) -> Option<Self> {
+        let ct = ex.request.header("content-type")?;
+        if !ct.starts_with("application/grpc") {
+            return None;
+        }
+        let path = ex.request.target.split('?').next().unwrap_or_default();
+        let service_method = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'));
+        let status = ex
+            .response
+            .as_ref()
+            .and_then(|r| r.header("grpc-status"))
+            .and_then(|s| s.trim().parse().ok());
+        Some(Grpc {
+            service_method,
+            status,
+        })
     }
 }
 
@@ -197,6 +278,10 @@ impl<'a> Target<'a> {
             query: None,
             path_and_query: "",
         };
+        if raw.is_empty() {
+            // An HTTP/2 path that could not be decoded.
+            return t;
+        }
         let lower = raw.get(..8).unwrap_or(raw).to_ascii_lowercase();
         let rest = if lower.starts_with("http://") {
             t.scheme = "http";
@@ -278,6 +363,7 @@ mod tests {
             executable_name: "python3".into(),
             host_name: "node".into(),
             attributes: vec![],
+            generic_name: false,
         })
     }
 
@@ -306,6 +392,7 @@ mod tests {
                     .iter()
                     .map(|(n, v)| ((*n).into(), (*v).into()))
                     .collect(),
+                header_table_unknown: false,
             },
             response: status.map(|status| ResponseHead {
                 status,
@@ -584,5 +671,60 @@ mod tests {
         assert_eq!(split_host_port("[::1]:81"), ("::1", Some(81)));
         assert_eq!(split_host_port("[::1]"), ("::1", None));
         assert_eq!(split_host_port("::1"), ("::1", None));
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn grpc_calls_get_rpc_attributes_and_a_non_zero_status_is_an_error() {
+        for role in [Role::Server, Role::Client] {
+            let mut ex = exchange(
+                role,
+                "POST",
+                "/shop.v1.Orders/Get",
+                &[
+                    (":authority", "mes.local:50051"),
+                    ("content-type", "application/grpc+proto"),
+                ],
+                Some(200),
+            );
+            ex.request.version = 2;
+            let resp = ex.response.as_mut().unwrap();
+            resp.headers.push(("grpc-status".into(), "5".into()));
+            let span = http_span(&ex, &conn(), resource(), 0, false);
+            assert_eq!(span.name, "shop.v1.Orders/Get");
+            assert_eq!(str_attr(&span, semconv::RPC_SYSTEM), Some("grpc"));
+            assert_eq!(
+                str_attr(&span, semconv::RPC_SERVICE),
+                Some("shop.v1.Orders")
+            );
+            assert_eq!(str_attr(&span, semconv::RPC_METHOD), Some("Get"));
+            assert_eq!(int_attr(&span, semconv::RPC_GRPC_STATUS_CODE), Some(5));
+            assert_eq!(
+                str_attr(&span, semconv::NETWORK_PROTOCOL_VERSION),
+                Some("2")
+            );
+            assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("mes.local"));
+            assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(50051));
+            assert!(matches!(span.status, Status::Error(_)), "{role:?}");
+
+            let resp = ex.response.as_mut().unwrap();
+            resp.headers.last_mut().unwrap().1 = "0".into();
+            let span = http_span(&ex, &conn(), resource(), 0, false);
+            assert_eq!(span.status, Status::Unset);
+        }
+    }
+
+    #[test]
+    fn an_unknown_header_table_reports_no_method_or_path() {
+        let mut ex = exchange(Role::Server, "", "", &[], Some(200));
+        ex.request.version = 2;
+        ex.request.header_table_unknown = true;
+        let span = http_span(&ex, &conn(), resource(), 0, false);
+        assert_eq!(span.name, "HTTP");
+        assert_eq!(str_attr(&span, semconv::HTTP_REQUEST_METHOD), None);
+        assert_eq!(str_attr(&span, semconv::URL_PATH), None);
+        assert!(span.attributes.iter().any(
+            |kv| kv.key == HEADER_TABLE_UNKNOWN && kv.value == crate::spans::Value::Bool(true)
+        ));
     }
 }

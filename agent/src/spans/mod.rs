@@ -14,8 +14,14 @@ use std::sync::Arc;
 /// cut short): `true`. The span ends at the last byte seen.
 pub const INCOMPLETE: &str = "sonde.incomplete";
 /// Why the exchange never finished: `connection_closed`, `process_exit`, `evicted`
-/// (the connection table was full), `idle`, `capture_end` or `agent_stop`.
+/// (the connection table was full), `idle`, `capture_end`, `agent_stop` or
+/// `stream_reset` (an HTTP/2 stream reset by either end).
 pub const INCOMPLETE_REASON: &str = "sonde.incomplete.reason";
+
+/// sonde's attribute on an HTTP/2 span whose request headers referred to HPACK table
+/// entries sent before the agent watched the connection: `true`. What they held is
+/// missing (the method or path too, when they were among them).
+pub const HEADER_TABLE_UNKNOWN: &str = "sonde.http2.header_table_unknown";
 
 /// 16-byte W3C trace id.
 pub type TraceId = [u8; 16];
@@ -144,6 +150,10 @@ pub struct Resource {
     pub host_name: String,
     /// Further resource attributes (container, Kubernetes, command line...).
     pub attributes: Vec<KeyValue>,
+    /// `service_name` is sonde's own guess (the script or executable name), not the
+    /// process's OTEL_SERVICE_NAME or an identity rule's: a Kubernetes workload's name
+    /// ([`crate::kubernetes`]) replaces it.
+    pub generic_name: bool,
 }
 
 /// A finished span.
@@ -170,6 +180,31 @@ impl Span {
             .iter()
             .find(|kv| kv.key == key)
             .map(|kv| &kv.value)
+    }
+}
+
+/// A plain server span for unit tests: the given ids, start and end, no attributes,
+/// service `s`.
+#[cfg(test)]
+pub fn test_span(trace_id: TraceId, span_id: SpanId, start: u64, end: u64) -> Span {
+    Span {
+        trace_id,
+        span_id,
+        parent_span_id: None,
+        name: "GET /".into(),
+        kind: SpanKind::Server,
+        start_unix_nanos: start,
+        end_unix_nanos: end,
+        attributes: vec![],
+        status: Status::Unset,
+        resource: Arc::new(Resource {
+            service_name: "s".into(),
+            pid: 1,
+            executable_name: "s".into(),
+            host_name: "h".into(),
+            attributes: vec![],
+            generic_name: false,
+        }),
     }
 }
 

@@ -15,6 +15,8 @@ pub(super) enum ContentOf {
     Publish {
         mandatory: bool,
         seq: Option<u64>,
+        /// The publish's number on the connection.
+        number: u64,
     },
     Deliver {
         consumer_tag: String,
@@ -515,10 +517,15 @@ impl AmqpParser {
         let (vhost, user) = (self.vhost.clone(), self.user.clone());
         match c.of {
             ContentOf::Return => {}
-            ContentOf::Publish { mandatory, seq } => {
+            ContentOf::Publish {
+                mandatory,
+                seq,
+                number,
+            } => {
                 let publish = Publish {
                     role,
                     channel: channel_id,
+                    number,
                     message: c.message,
                     mandatory,
                     start_ns: c.start_ns,

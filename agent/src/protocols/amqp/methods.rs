@@ -270,6 +270,8 @@ impl AmqpParser {
             |s: &Self, q: &amq_protocol::types::ShortString| s.queue_name(channel_id, q.as_str());
         match m {
             basic::AMQPMethod::Publish(p) if from_client => {
+                let number = self.publishes;
+                self.publishes += 1;
                 let Some(ch) = self.channel(channel_id) else {
                     return;
                 };
@@ -291,6 +293,7 @@ impl AmqpParser {
                     ContentOf::Publish {
                         mandatory: p.mandatory,
                         seq,
+                        number,
                     },
                     message,
                     ts_ns,

@@ -62,7 +62,8 @@ mod frames;
 mod methods;
 pub mod operations;
 
-use std::collections::{HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::VecDeque;
 
 use agent_common::Direction;
 
@@ -125,9 +126,11 @@ pub struct AmqpParser {
     user: Option<String>,
     /// `frame_max` from connection.tune-ok (0: no limit).
     frame_max: Option<u32>,
-    channels: HashMap<u16, Channel>,
-    consumers: HashMap<(u16, String), Consumer>,
+    channels: FastMap<u16, Channel>,
+    consumers: FastMap<(u16, String), Consumer>,
     open_operations: usize,
+    /// basic.publish methods the client sent so far.
+    publishes: u64,
     finished: VecDeque<AmqpOperation>,
     /// Deliveries a consumer began since the last take, at most [`MAX_FINISHED`].
     started: Vec<super::Started>,
@@ -149,9 +152,10 @@ impl AmqpParser {
             vhost: None,
             user: None,
             frame_max: None,
-            channels: HashMap::new(),
-            consumers: HashMap::new(),
+            channels: FastMap::default(),
+            consumers: FastMap::default(),
             open_operations: 0,
+            publishes: 0,
             finished: VecDeque::new(),
             started: Vec::new(),
             closed: false,

@@ -110,6 +110,9 @@ pub struct Publish {
     /// The traced process's side of the connection.
     pub role: Role,
     pub channel: u16,
+    /// The basic.publish's number on its connection, from 0 (every one the client
+    /// sent, whatever its channel): the injector numbers them the same way.
+    pub number: u64,
     pub message: Message,
     pub mandatory: bool,
     /// Monotonic ns of the read or write that carried basic.publish.

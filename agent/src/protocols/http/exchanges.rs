@@ -265,6 +265,7 @@ pub(super) fn placeholder_head() -> RequestHead {
         target: String::new(),
         version: 1,
         headers: Vec::new(),
+        header_table_unknown: false,
     }
 }
 
@@ -274,6 +275,26 @@ impl HttpExchange {
         HttpExchange {
             seq,
             ..HttpExchange::new(role, request, request_start_ns)
+        }
+    }
+
+    /// The same exchange without its captured body bytes (their sizes stay): what a
+    /// span of it needs, cheap to keep while the exchange is open.
+    pub fn head_only(&self) -> HttpExchange {
+        HttpExchange {
+            role: self.role,
+            seq: self.seq,
+            request: self.request.clone(),
+            response: self.response.clone(),
+            request_start_ns: self.request_start_ns,
+            request_end_ns: self.request_end_ns,
+            response_start_ns: self.response_start_ns,
+            response_end_ns: self.response_end_ns,
+            request_body_size: self.request_body_size,
+            response_body_size: self.response_body_size,
+            request_body: Vec::new(),
+            response_body: Vec::new(),
+            incomplete: self.incomplete,
         }
     }
 

@@ -31,11 +31,15 @@ pub struct RequestHead {
     pub method: String,
     /// The raw request-target: origin form (`/a?b`), absolute form, authority form or `*`.
     pub target: String,
-    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1, 2 for HTTP/2.
     pub version: u8,
     /// Lower-case names, values as sent (lossily decoded as UTF-8), in order; at most
-    /// [`MAX_KEPT_HEADERS`] of them.
+    /// [`MAX_KEPT_HEADERS`] of them. HTTP/2 keeps its pseudo-headers (`:authority`...).
     pub headers: Vec<(String, String)>,
+    /// HTTP/2 on a connection whose HPACK table is unknown (it predates the agent):
+    /// some fields referred to entries that are unknown and are missing here; the
+    /// method or target is empty when it was one of them.
+    pub header_table_unknown: bool,
 }
 
 /// A response's head.
@@ -43,9 +47,9 @@ pub struct RequestHead {
 pub struct ResponseHead {
     pub status: u16,
     pub reason: String,
-    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    /// As in [`RequestHead::version`].
     pub version: u8,
-    /// As in [`RequestHead::headers`].
+    /// As in [`RequestHead::headers`]; HTTP/2 trailers follow the headers.
     pub headers: Vec<(String, String)>,
 }
 
@@ -255,6 +259,7 @@ pub fn parse_request(buf: &[u8]) -> Option<(RequestHead, FramingHeaders)> {
         target: req.path?.to_owned(),
         version: req.version?,
         headers: kept_headers(req.headers),
+        header_table_unknown: false,
     };
     Some((head, framing_headers(req.headers)))
 }
