@@ -1,8 +1,10 @@
 //! Writing events into the ring buffer.
 //!
-//! Wake-ups are batched: a submit only wakes the reader once `wakeup_bytes` are
-//! waiting; below that the reader drains the buffer on its own short timer, which
-//! saves a wake-up per event under load.
+//! Wake-ups are batched: a submit wakes the reader only when it takes the bytes
+//! waiting past a multiple of `wakeup_bytes`; between those the reader drains the
+//! buffer on its own short timer. Waking on every submit once the buffer is past the
+//! mark (as this did before) costs a wake-up per event exactly when the reader is
+//! behind (an irq_work inside the traced call, and the reader woken again and again).
 
 use agent_common::{
     ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, NextMessage, ProcEvent,
@@ -22,9 +24,16 @@ use crate::{
     socket,
 };
 
+/// The flags for submitting `size` more bytes: a wake-up when they take the bytes
+/// waiting past the next multiple of `wakeup_bytes`, none otherwise.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= setting!(wakeup_bytes) {
+fn wakeup_flags(size: u64) -> u64 {
+    let mark = setting!(wakeup_bytes);
+    if mark == 0 {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    }
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if waiting / mark != (waiting + size) / mark {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -50,7 +59,10 @@ fn header_at(kind: EventKind, pid_tgid: u64, fd: u32, ts_ns: u64) -> EventHeader
 
 #[inline(always)]
 fn output<T>(event: &T) {
-    if EVENTS.output::<T>(event, wakeup_flags()).is_err() {
+    if EVENTS
+        .output::<T>(event, wakeup_flags(core::mem::size_of::<T>() as u64))
+        .is_err()
+    {
         count_lost(lost::RINGBUF_FULL);
     }
 }
@@ -139,7 +151,7 @@ pub fn proc_event(
     let flags = if kind == EventKind::Exec {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
-        wakeup_flags()
+        wakeup_flags(core::mem::size_of::<ProcEvent>() as u64)
     };
     entry.submit(flags);
 }
@@ -339,7 +351,7 @@ impl Record {
             let flags = if self.wake {
                 BPF_RB_FORCE_WAKEUP as u64
             } else {
-                wakeup_flags()
+                wakeup_flags(size)
             };
             let ret = bpf_ringbuf_output(
                 (&raw const EVENTS).cast_mut().cast(),

@@ -221,8 +221,41 @@ fn sonde_bin(root: &Path) -> PathBuf {
     target_dir(root).join("release/sonde")
 }
 
+/// Prints a step's heading with the space left on the disk: a run that fills the disk
+/// (CI's machine may have little) shows where it did.
 fn step(what: &str) {
-    eprintln!("\n==> xtask: {what}");
+    match free_gib() {
+        Some(free) => eprintln!("\n==> xtask: {what} ({free:.1} GiB free)"),
+        None => eprintln!("\n==> xtask: {what}"),
+    }
+}
+
+/// Free space on the working directory's file system, from `df` (no libc dependency).
+fn free_gib() -> Option<f64> {
+    let out = Command::new("df").args(["-Pk", "."]).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let kib: f64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
+/// In CI (`SONDE_CI=1`, set by .ci/run) a build tree no later step uses is removed as
+/// soon as its step is done: a fresh machine may not have room for all of them at once.
+fn drop_when_ci(dir: &Path) {
+    if std::env::var_os("SONDE_CI").is_some_and(|v| v == "1") && dir.exists() {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => eprintln!(
+                "xtask: SONDE_CI=1: removed {} (no later step uses it)",
+                dir.display()
+            ),
+            Err(e) => eprintln!("xtask: SONDE_CI=1: could not remove {}: {e}", dir.display()),
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -562,6 +595,8 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
         ])) {
             failed.push(format!("unit tests: {e:#}"));
         }
+        // Lint and unit tests were the debug tree's only users.
+        drop_when_ci(&target_dir(root).join("debug"));
     }
     if !t.no_unit
         && !t.no_fuzz
@@ -569,6 +604,8 @@ fn test(root: &Path, t: &TestArgs) -> Result<()> {
     {
         failed.push(format!("fuzz: {e:#}"));
     }
+    // The sanitized fuzz builds are the largest tree; the release build comes next.
+    drop_when_ci(&target_dir(root).join("fuzz"));
     if !t.no_integration {
         if !t.no_build {
             build(root)?;
