@@ -133,6 +133,43 @@ macro_rules! ctx_field {
     };
 }
 
+/// The socket's tuple, as the SOCKETS map keys it, from a context that has the
+/// addresses and ports (`bpf_sock_ops` and `sk_msg_md` name them alike). A macro, not
+/// a function: each context type must be read at constant offsets of its own.
+macro_rules! ctx_tuple {
+    ($ctx:expr) => {{
+        let family = ctx_field!($ctx, family);
+        let local_port = ctx_field!($ctx, local_port);
+        let remote_port_raw = ctx_field!($ctx, remote_port);
+        let mut key = SockTuple {
+            family: family as u16,
+            sport: local_port as u16,
+            dport: remote_port(remote_port_raw),
+            ..SockTuple::default()
+        };
+        if family == AF_INET6 as u32 {
+            key.saddr = ip6_bytes([
+                ctx_field!($ctx, local_ip6[0]),
+                ctx_field!($ctx, local_ip6[1]),
+                ctx_field!($ctx, local_ip6[2]),
+                ctx_field!($ctx, local_ip6[3]),
+            ]);
+            key.daddr = ip6_bytes([
+                ctx_field!($ctx, remote_ip6[0]),
+                ctx_field!($ctx, remote_ip6[1]),
+                ctx_field!($ctx, remote_ip6[2]),
+                ctx_field!($ctx, remote_ip6[3]),
+            ]);
+        } else {
+            let local = ctx_field!($ctx, local_ip4);
+            let remote = ctx_field!($ctx, remote_ip4);
+            key.saddr[..4].copy_from_slice(&local.to_ne_bytes());
+            key.daddr[..4].copy_from_slice(&remote.to_ne_bytes());
+        }
+        key
+    }};
+}
+
 /// sock_ops, attached to the traced cgroups: `struct bpf_sock_ops`. On
 /// BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB (a connect() completed) the socket goes into
 /// the sockhash, whose sk_msg program then sees what it sends.
@@ -142,34 +179,7 @@ pub fn inject_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let ops = ctx.ops;
-    let family = ctx_field!(ops, family);
-    let local_port = ctx_field!(ops, local_port);
-    let remote_port_raw = ctx_field!(ops, remote_port);
-    let mut key = SockTuple {
-        family: family as u16,
-        sport: local_port as u16,
-        dport: remote_port(remote_port_raw),
-        ..SockTuple::default()
-    };
-    if family == AF_INET6 as u32 {
-        key.saddr = ip6_bytes([
-            ctx_field!(ops, local_ip6[0]),
-            ctx_field!(ops, local_ip6[1]),
-            ctx_field!(ops, local_ip6[2]),
-            ctx_field!(ops, local_ip6[3]),
-        ]);
-        key.daddr = ip6_bytes([
-            ctx_field!(ops, remote_ip6[0]),
-            ctx_field!(ops, remote_ip6[1]),
-            ctx_field!(ops, remote_ip6[2]),
-            ctx_field!(ops, remote_ip6[3]),
-        ]);
-    } else {
-        let local = ctx_field!(ops, local_ip4);
-        let remote = ctx_field!(ops, remote_ip4);
-        key.saddr[..4].copy_from_slice(&local.to_ne_bytes());
-        key.daddr[..4].copy_from_slice(&remote.to_ne_bytes());
-    }
+    let key = ctx_tuple!(ops);
     if INJECT_STATE
         .insert(key, InjectState::default(), BPF_ANY as u64)
         .is_err()
@@ -223,35 +233,7 @@ pub fn inject_msg(ctx: SkMsgContext) -> u32 {
 
 #[inline(always)]
 fn msg_key(msg: *const sk_msg_md) -> SockTuple {
-    let family = ctx_field!(msg, family);
-    let local_port = ctx_field!(msg, local_port);
-    let remote_port_raw = ctx_field!(msg, remote_port);
-    let mut key = SockTuple {
-        family: family as u16,
-        sport: local_port as u16,
-        dport: remote_port(remote_port_raw),
-        ..SockTuple::default()
-    };
-    if family == AF_INET6 as u32 {
-        key.saddr = ip6_bytes([
-            ctx_field!(msg, local_ip6[0]),
-            ctx_field!(msg, local_ip6[1]),
-            ctx_field!(msg, local_ip6[2]),
-            ctx_field!(msg, local_ip6[3]),
-        ]);
-        key.daddr = ip6_bytes([
-            ctx_field!(msg, remote_ip6[0]),
-            ctx_field!(msg, remote_ip6[1]),
-            ctx_field!(msg, remote_ip6[2]),
-            ctx_field!(msg, remote_ip6[3]),
-        ]);
-    } else {
-        let local = ctx_field!(msg, local_ip4);
-        let remote = ctx_field!(msg, remote_ip4);
-        key.saddr[..4].copy_from_slice(&local.to_ne_bytes());
-        key.daddr[..4].copy_from_slice(&remote.to_ne_bytes());
-    }
-    key
+    ctx_tuple!(msg)
 }
 
 /// Copies the first `len` bytes (1 to MAX_HEAD) of the message at `data` into `buf`.
