@@ -173,8 +173,14 @@ def test_a_bad_certificate_is_a_clear_error_and_a_counter_and_spans_wait(
             app.stop()
         failures = tls_failures(agent)
         assert all(v == 0 for k, v in failures.items() if k != cause), failures
-        log = re.sub(r"\x1b\[[0-9;]*m", "", agent.stderr_path.read_text(errors="replace"))
-        lines = [ln for ln in log.splitlines() if "TLS handshake" in ln]
+        # The counter is raised just before the line is logged; give the log a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            log = re.sub(r"\x1b\[[0-9;]*m", "", agent.stderr_path.read_text(errors="replace"))
+            lines = [ln for ln in log.splitlines() if "TLS handshake" in ln]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert lines, f"{case}: no TLS error in the log:\n{log[-3000:]}"
         assert f'cause="{cause}"' in lines[0] and hint in lines[0], lines[0]
         m = metrics_of(agent)

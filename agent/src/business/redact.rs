@@ -580,12 +580,35 @@ fn url_passwords(text: &str, cuts: &mut Vec<(usize, usize)>) {
 
 /// Runs of 13 to 19 digits (single spaces or dashes between groups) that are card
 /// numbers. Every run of consecutive groups is tried, longest first, so that a card
-/// number next to another number is still found.
-fn card_numbers(b: &[u8], cuts: &mut Vec<(usize, usize)>) {
+/// number next to another number is still found. Digits that touch a letter are part
+/// of an identifier, not a number (`42ea` in a UUID, a container id's hex), and a
+/// UUID's groups are never a card number, even when they are all digits.
+fn card_numbers(text: &[u8], cuts: &mut Vec<(usize, usize)>) {
+    // UUIDs become letters in a copy, so that their digits touch a letter below.
+    let mut masked = None;
+    let mut p = 0;
+    while p < text.len() {
+        let boundary = p == 0 || !text[p - 1].is_ascii_alphanumeric();
+        match uuid_at(text, p).filter(|_| boundary) {
+            Some(len) => {
+                masked.get_or_insert_with(|| text.to_vec())[p..p + len].fill(b'u');
+                p += len;
+            }
+            None => p += 1,
+        }
+    }
+    let b = masked.as_deref().unwrap_or(text);
     let mut i = 0;
     while i < b.len() {
         if !b[i].is_ascii_digit() {
             i += 1;
+            continue;
+        }
+        if i > 0 && b[i - 1].is_ascii_alphabetic() {
+            // Inside a word: skip the rest of it.
+            while i < b.len() && b[i].is_ascii_alphanumeric() {
+                i += 1;
+            }
             continue;
         }
         // Groups of digits separated by one space or dash.
@@ -596,11 +619,20 @@ fn card_numbers(b: &[u8], cuts: &mut Vec<(usize, usize)>) {
             while k < b.len() && b[k].is_ascii_digit() {
                 k += 1;
             }
+            if k < b.len() && b[k].is_ascii_alphabetic() {
+                // This group runs into a word; the run ends before it.
+                break;
+            }
             groups.push((start, k));
             if k + 1 < b.len() && matches!(b[k], b' ' | b'-') && b[k + 1].is_ascii_digit() {
                 k += 1;
             } else {
                 break;
+            }
+        }
+        if groups.is_empty() {
+            while k < b.len() && b[k].is_ascii_alphanumeric() {
+                k += 1;
             }
         }
         let mut g = 0;
@@ -625,6 +657,29 @@ fn card_numbers(b: &[u8], cuts: &mut Vec<(usize, usize)>) {
             }
         }
         i = k.max(i + 1);
+    }
+}
+
+/// The length of the UUID (8-4-4-4-12 hex digits, not inside a longer word) at `at`.
+fn uuid_at(b: &[u8], at: usize) -> Option<usize> {
+    const SHAPE: [usize; 5] = [8, 4, 4, 4, 12];
+    let mut k = at;
+    for (n, &len) in SHAPE.iter().enumerate() {
+        if n > 0 {
+            if b.get(k) != Some(&b'-') {
+                return None;
+            }
+            k += 1;
+        }
+        let end = k + len;
+        if end > b.len() || !b[k..end].iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        k = end;
+    }
+    match b.get(k) {
+        Some(c) if c.is_ascii_alphanumeric() => None,
+        _ => Some(k - at),
     }
 }
 
@@ -741,6 +796,53 @@ mod tests {
             "+1 212 555 0100",
         ] {
             assert_eq!(red(not), not);
+        }
+        // A card number beside punctuation or an underscore is still one.
+        assert_eq!(red("pan_4111111111111111;"), "pan_[REDACTED];");
+    }
+
+    #[test]
+    fn identifiers_are_not_card_numbers() {
+        // A pod's UID whose first groups are a valid Visa number by Luhn (a CI run
+        // exported `[REDACTED]ea-bcc2-e1a03085f5fb` as k8s.pod.uid).
+        let uid = "48792796-1689-42ea-bcc2-e1a03085f5fb";
+        assert!(is_card_number(b"48792796168942"));
+        assert_eq!(red(uid), uid);
+        assert_eq!(red(&format!("pod {uid} ready")), format!("pod {uid} ready"));
+        // All-digit UUID groups, hex ids that start or end with digits.
+        for id in [
+            "41111111-1111-1111-4111-111111111111",
+            "4111111111111111abc",
+            "abc4111111111111111",
+            "22530b3f845d4b97aeb2225bbbf4d5fc1dd9f30453ec45bba4111111111111111",
+        ] {
+            assert_eq!(red(id), id);
+        }
+        // Many random-looking UUIDs: none changes.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut hex = String::new();
+            for _ in 0..32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mostly digits, so that long digit runs are common.
+                let d = (x % 13) as u8;
+                hex.push(if d < 10 {
+                    (b'0' + d) as char
+                } else {
+                    (b'a' + d - 10) as char
+                });
+            }
+            let uuid = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            );
+            assert_eq!(r().text(&uuid), None, "{uuid}");
         }
     }
 

@@ -41,6 +41,11 @@ pub(super) async fn run(mut d: Delivery) {
     let mut backoff = Backoff::new(d.retry.clone());
     // Since when the receiver has been failing, to say so once and once when it is back.
     let mut failing_since: Option<Instant> = None;
+    // Whether this outage's TLS cause has been logged: a refused client certificate can
+    // first show as a closed connection (TLS 1.3 reports it after the handshake, and the
+    // HTTP/2 connection may end before the alert is read), and only a later attempt
+    // names the cause.
+    let mut tls_logged = false;
     while let Some(entries) = d.queue.next_batch(d.delay).await {
         let mut batch = Batch::new(entries);
         loop {
@@ -96,24 +101,27 @@ pub(super) async fn run(mut d: Delivery) {
                     reason,
                     retry_after,
                 } => {
-                    if failing_since.is_none() {
+                    let first = failing_since.is_none();
+                    if first {
                         failing_since = Some(Instant::now());
-                        if let Some(cause) = tls_failure {
-                            error!(
-                                cause = cause.label(),
-                                %reason,
-                                "OTLP export failed in the TLS handshake: {}; spans stay \
-                                 queued until the queue is full or they pass the age bound",
-                                cause.hint()
-                            );
-                        } else {
-                            warn!(
-                                %reason,
-                                max_age = ?d.max_age,
-                                "OTLP export failed; spans stay queued and are retried until the \
-                                 receiver answers or they pass the age bound"
-                            );
-                        }
+                        tls_logged = false;
+                    }
+                    if let (Some(cause), false) = (tls_failure, tls_logged) {
+                        tls_logged = true;
+                        error!(
+                            cause = cause.label(),
+                            %reason,
+                            "OTLP export failed in the TLS handshake: {}; spans stay \
+                             queued until the queue is full or they pass the age bound",
+                            cause.hint()
+                        );
+                    } else if first {
+                        warn!(
+                            %reason,
+                            max_age = ?d.max_age,
+                            "OTLP export failed; spans stay queued and are retried until the \
+                             receiver answers or they pass the age bound"
+                        );
                     } else {
                         debug!(%reason, "OTLP export failed again");
                     }
