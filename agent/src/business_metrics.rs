@@ -9,12 +9,12 @@
 //! that would make another are counted under labels all `_other`, and counted in
 //! `sonde_metric_series_folded_total{family}`.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
+use crate::FastMap;
 use crate::spans::route::{is_identifier, template_route};
 use crate::spans::{Span, SpanKind, Status, Value};
 
@@ -53,25 +53,55 @@ impl Red {
     }
 }
 
-/// Label values of one series, in the family's label order.
-type Labels = Vec<String>;
+/// Label values of one series, in the family's label order, each ended by a NUL (a
+/// NUL inside a value becomes U+FFFD): one string, so that a span's series is found
+/// by a key built in a reused buffer, without an allocation per span. Ordered as the
+/// list of values would be.
+type Labels = String;
 
 #[derive(Debug, Default)]
 struct Family {
-    series: HashMap<Labels, Red>,
+    series: FastMap<Labels, Red>,
     folded: u64,
 }
 
 impl Family {
-    fn observe(&mut self, labels: Labels, seconds: f64, error: bool) {
-        let key = if self.series.contains_key(&labels) || self.series.len() < MAX_SERIES {
-            labels
+    fn observe(&mut self, labels: &str, seconds: f64, error: bool) {
+        if let Some(red) = self.series.get_mut(labels) {
+            red.observe(seconds, error);
+            return;
+        }
+        let key = if self.series.len() < MAX_SERIES {
+            labels.to_owned()
         } else {
             self.folded += 1;
-            vec![OTHER.to_owned(); labels.len()]
+            let n = labels.matches('\0').count();
+            format!("{OTHER}\0").repeat(n)
         };
         self.series.entry(key).or_default().observe(seconds, error);
     }
+}
+
+/// Appends one label value and its NUL to `key`.
+fn push_label(key: &mut String, value: &str) {
+    if value.contains('\0') {
+        key.push_str(&value.replace('\0', "\u{fffd}"));
+    } else {
+        key.push_str(value);
+    }
+    key.push('\0');
+}
+
+/// Appends `text` folded by [`fold_ids`] as a label value.
+fn push_folded(key: &mut String, text: &str, order_id: Option<&str>) {
+    let at = key.len();
+    fold_ids_into(text, order_id, key);
+    if key[at..].contains('\0') {
+        let value = key[at..].replace('\0', "\u{fffd}");
+        key.truncate(at);
+        key.push_str(&value);
+    }
+    key.push('\0');
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +109,8 @@ struct Families {
     http: Family,
     messaging: Family,
     stages: Family,
+    /// The key being built for the span observed (see [`Labels`]).
+    key: String,
 }
 
 /// The business metrics; [`observe`](Self::observe) each exported span.
@@ -121,31 +153,39 @@ fn str_attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
 /// `text` with `order_id` as `{order.id}` and each id-like segment (between `/`, `:`,
 /// `.`) as `{id}`.
 pub fn fold_ids(text: &str, order_id: Option<&str>) -> String {
-    let text = match order_id.filter(|o| !o.is_empty()) {
-        Some(o) => text.replace(o, "{order.id}"),
-        None => text.to_owned(),
-    };
     let mut out = String::with_capacity(text.len());
-    let mut segment = String::new();
-    let flush = |segment: &mut String, out: &mut String| {
+    fold_ids_into(text, order_id, &mut out);
+    out
+}
+
+/// [`fold_ids`], appended to `out`.
+fn fold_ids_into(text: &str, order_id: Option<&str>, out: &mut String) {
+    let replaced;
+    let text = match order_id.filter(|o| !o.is_empty() && text.contains(*o)) {
+        Some(o) => {
+            replaced = text.replace(o, "{order.id}");
+            replaced.as_str()
+        }
+        None => text,
+    };
+    let flush = |segment: &str, out: &mut String| {
         if segment.starts_with("amq.gen-") || (is_identifier(segment) && !segment.contains('{')) {
             out.push_str("{id}");
         } else {
             out.push_str(segment);
         }
-        segment.clear();
     };
-    for c in text.chars() {
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        let segment = &text[start..i];
         // `amq.gen-...` (a server-named queue) is one segment, dots and all.
         if c == ':' || (matches!(c, '/' | '.') && !segment.starts_with("amq")) {
-            flush(&mut segment, &mut out);
+            flush(segment, out);
             out.push(c);
-        } else {
-            segment.push(c);
+            start = i + c.len_utf8();
         }
     }
-    flush(&mut segment, &mut out);
-    out
+    flush(&text[start..], out);
 }
 
 impl BusinessMetrics {
@@ -160,11 +200,13 @@ impl BusinessMetrics {
         }
         let seconds = span.end_unix_nanos.saturating_sub(span.start_unix_nanos) as f64 / 1e9;
         let error = matches!(span.status, Status::Error(_));
-        let service = span.resource.service_name.clone();
+        let service = span.resource.service_name.as_str();
         let order_id = str_attr(span, "order.id");
-        let Ok(mut f) = self.0.lock() else {
+        let Ok(mut guard) = self.0.lock() else {
             return;
         };
+        let f = &mut *guard;
+        let mut key = std::mem::take(&mut f.key);
         if let Some(method) = str_attr(span, semconv::HTTP_REQUEST_METHOD) {
             let kind = match span.kind {
                 SpanKind::Server => "server",
@@ -176,20 +218,18 @@ impl BusinessMetrics {
             } else {
                 "_OTHER"
             };
-            let route = match str_attr(span, semconv::HTTP_ROUTE) {
-                Some(r) => r.to_owned(),
-                None => template_route(str_attr(span, semconv::URL_PATH).unwrap_or("/")),
-            };
-            f.http.observe(
-                vec![
-                    service.clone(),
-                    kind.to_owned(),
-                    method.to_owned(),
-                    fold_ids(&route, order_id),
-                ],
-                seconds,
-                error,
-            );
+            key.clear();
+            push_label(&mut key, service);
+            push_label(&mut key, kind);
+            push_label(&mut key, method);
+            match str_attr(span, semconv::HTTP_ROUTE) {
+                Some(route) => push_folded(&mut key, route, order_id),
+                None => {
+                    let route = template_route(str_attr(span, semconv::URL_PATH).unwrap_or("/"));
+                    push_folded(&mut key, &route, order_id);
+                }
+            }
+            f.http.observe(&key, seconds, error);
         } else if str_attr(span, semconv::MESSAGING_SYSTEM).is_some()
             && matches!(span.kind, SpanKind::Producer | SpanKind::Consumer)
         {
@@ -199,30 +239,29 @@ impl BusinessMetrics {
                 "process"
             };
             let destination = str_attr(span, semconv::MESSAGING_DESTINATION_NAME).unwrap_or("");
-            f.messaging.observe(
-                vec![
-                    service.clone(),
-                    operation.to_owned(),
-                    fold_ids(destination, order_id),
-                ],
-                seconds,
-                error,
-            );
+            key.clear();
+            push_label(&mut key, service);
+            push_label(&mut key, operation);
+            push_folded(&mut key, destination, order_id);
+            f.messaging.observe(&key, seconds, error);
         }
         let stage = matches!(
             span.kind,
             SpanKind::Server | SpanKind::Consumer | SpanKind::Internal
         );
         if stage && order_id.is_some() {
-            let name = match span.attribute(semconv::PROCESS_COMMAND_ARGS) {
+            key.clear();
+            push_label(&mut key, service);
+            match span.attribute(semconv::PROCESS_COMMAND_ARGS) {
                 Some(Value::StrArray(args)) if span.kind == SpanKind::Internal => {
-                    crate::orders::journey::program_name(&span.name, args)
+                    let name = crate::orders::journey::program_name(&span.name, args);
+                    push_folded(&mut key, &name, order_id);
                 }
-                _ => span.name.clone(),
-            };
-            f.stages
-                .observe(vec![service, fold_ids(&name, order_id)], seconds, error);
+                _ => push_folded(&mut key, &span.name, order_id),
+            }
+            f.stages.observe(&key, seconds, error);
         }
+        f.key = key;
     }
 
     /// The families in the Prometheus text format: `{name}_total`, `{name}_errors_total`
@@ -268,7 +307,7 @@ fn render_family(out: &mut String, info: &FamilyInfo, family: &Family) {
     let labels = |values: &Labels| -> String {
         info.labels
             .iter()
-            .zip(values)
+            .zip(values.split_terminator('\0'))
             .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
             .collect::<Vec<_>>()
             .join(",")

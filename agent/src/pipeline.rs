@@ -842,12 +842,11 @@ impl Pipeline {
             // Built only if the exchange hangs; with the business attributes the request
             // has shown so far (its order id), so that a hanging order is found by its id
             // while it hangs.
-            let mut head = ex.head_only();
-            head.request_body = if ex.request_body.is_empty() {
-                body.to_vec()
-            } else {
-                ex.request_body.clone()
-            };
+            // The exchange as it started is not needed past this point: moved, not copied.
+            let mut head = ex;
+            if head.request_body.is_empty() {
+                head.request_body = body.to_vec();
+            }
             let (info, tls, mono) = (*origin.info, origin.tls, self.mono_to_unix_ns);
             let rules = Arc::clone(&self.opts.business);
             Box::new(move || {

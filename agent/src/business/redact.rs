@@ -127,12 +127,80 @@ pub struct Redactor {
     headers: Vec<String>,
     card_numbers: bool,
     /// Attribute keys already judged, by address and length ([`Redactor::is_secret_key`]).
-    keys: std::sync::Arc<std::sync::Mutex<crate::FastMap<(usize, usize), bool>>>,
+    keys: std::sync::Arc<KeyCache>,
     /// Names already judged ([`Redactor::is_secret_name`]).
     names: std::sync::Arc<std::sync::Mutex<crate::FastMap<String, bool>>>,
     /// Resources already redacted, by address: (the original, its redacted copy if it
     /// needed one, values changed).
     resources: std::sync::Arc<std::sync::Mutex<crate::FastMap<usize, CachedResource>>>,
+}
+
+/// Answers of [`Redactor::is_secret_key`] by the key's address and length, read without
+/// a lock: it is asked for every attribute of every span. Open addressing over atomics;
+/// a slot holds `address << 16 | length << 2 | secret << 1 | 1` (0 is empty). Keys
+/// that do not fit (an address of more than 48 bits, a length of 16 KiB or more) or
+/// find no slot are judged again each time.
+#[derive(Debug)]
+struct KeyCache {
+    slots: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl KeyCache {
+    const SLOTS: usize = 1024;
+    const PROBES: usize = 8;
+
+    fn new() -> Self {
+        KeyCache {
+            slots: (0..Self::SLOTS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// The slot value for `key` with the secret bit clear, if it fits.
+    fn tag(key: &str) -> Option<u64> {
+        let address = key.as_ptr() as u64;
+        (address < 1 << 48 && key.len() < 1 << 14)
+            .then(|| address << 16 | (key.len() as u64) << 2 | 1)
+    }
+
+    fn home(tag: u64) -> usize {
+        // Fibonacci hashing of the address bits.
+        ((tag >> 16).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % Self::SLOTS
+    }
+
+    fn get(&self, key: &str) -> Option<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let tag = Self::tag(key)?;
+        let home = Self::home(tag);
+        for i in 0..Self::PROBES {
+            let v = self.slots[(home + i) % Self::SLOTS].load(Relaxed);
+            if v == 0 {
+                return None;
+            }
+            if v & !2 == tag {
+                return Some(v & 2 != 0);
+            }
+        }
+        None
+    }
+
+    fn insert(&self, key: &str, secret: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(tag) = Self::tag(key) else {
+            return;
+        };
+        let value = tag | u64::from(secret) << 1;
+        let home = Self::home(tag);
+        for i in 0..Self::PROBES {
+            match self.slots[(home + i) % Self::SLOTS].compare_exchange(0, value, Relaxed, Relaxed)
+            {
+                Ok(_) => return,
+                Err(v) if v & !2 == tag => return,
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 type CachedResource = (
@@ -171,7 +239,7 @@ impl Redactor {
             words,
             headers,
             card_numbers: config.card_numbers,
-            keys: Default::default(),
+            keys: std::sync::Arc::new(KeyCache::new()),
             names: Default::default(),
             resources: Default::default(),
         }
@@ -233,18 +301,11 @@ impl Redactor {
     /// As [`Redactor::is_secret_name`] for an attribute key: the agent's keys are a
     /// small fixed set of `&'static str`, so the answer is remembered by address.
     fn is_secret_key(&self, key: &'static str) -> bool {
-        let id = (key.as_ptr() as usize, key.len());
-        if let Ok(known) = self.keys.lock()
-            && let Some(&secret) = known.get(&id)
-        {
+        if let Some(secret) = self.keys.get(key) {
             return secret;
         }
         let secret = self.is_secret_name(key);
-        if let Ok(mut known) = self.keys.lock()
-            && known.len() < 4096
-        {
-            known.insert(id, secret);
-        }
+        self.keys.insert(key, secret);
         secret
     }
 
@@ -365,7 +426,8 @@ impl Redactor {
                 *value = Value::Str(REDACTED.to_owned());
                 true
             }
-            Value::Int(i) if self.card_numbers => {
+            // A card number has 13 digits or more.
+            Value::Int(i) if self.card_numbers && i.unsigned_abs() >= 1_000_000_000_000 => {
                 let digits = i.to_string();
                 if is_card_number(digits.as_bytes()) {
                     *value = Value::Str(REDACTED.to_owned());
@@ -531,31 +593,35 @@ fn is_value_end(c: u8) -> bool {
 
 /// The credential after an authentication scheme (`Bearer abc.def`).
 fn auth_credentials(text: &str, cuts: &mut Vec<(usize, usize)>) {
+    // A scheme is a word followed by a space: look at the word before each space
+    // (no lower-cased copy, no substring search: this runs for every value with a space).
     let b = text.as_bytes();
-    let lower = text.to_ascii_lowercase();
-    for scheme in AUTH_SCHEMES {
-        let mut from = 0;
-        while let Some(pos) = lower[from..].find(scheme) {
-            let start = from + pos;
-            let after = start + scheme.len();
-            from = after;
-            if start > 0 && b[start - 1].is_ascii_alphanumeric() {
-                continue;
-            }
-            if b.get(after) != Some(&b' ') {
-                continue;
-            }
-            let mut k = after;
-            while k < b.len() && b[k] == b' ' {
-                k += 1;
-            }
-            let cred = k;
-            while k < b.len() && (b[k].is_ascii_alphanumeric() || b"-._~+/=".contains(&b[k])) {
-                k += 1;
-            }
-            if k - cred >= 6 {
-                cuts.push((cred, k));
-            }
+    let mut p = 0;
+    while let Some(off) = b[p..].iter().position(|&c| c == b' ') {
+        let space = p + off;
+        p = space + 1;
+        let mut w = space;
+        while w > 0 && b[w - 1].is_ascii_alphanumeric() {
+            w -= 1;
+        }
+        let word = &b[w..space];
+        if !AUTH_SCHEMES
+            .iter()
+            .any(|s| word.eq_ignore_ascii_case(s.as_bytes()))
+        {
+            continue;
+        }
+        let mut k = space;
+        while k < b.len() && b[k] == b' ' {
+            k += 1;
+        }
+        let cred = k;
+        while k < b.len() && (b[k].is_ascii_alphanumeric() || b"-._~+/=".contains(&b[k])) {
+            k += 1;
+        }
+        if k - cred >= 6 {
+            cuts.push((cred, k));
+            p = k;
         }
     }
 }
@@ -799,6 +865,34 @@ mod tests {
         }
         // A card number beside punctuation or an underscore is still one.
         assert_eq!(red("pan_4111111111111111;"), "pan_[REDACTED];");
+    }
+
+    #[test]
+    fn attribute_keys_are_judged_once_and_remembered_by_address() {
+        let r = r();
+        let keys: [&'static str; 4] = [
+            "user.password",
+            "url.path",
+            "http.request.header.cookie",
+            "server.port",
+        ];
+        for _ in 0..3 {
+            for key in keys {
+                assert_eq!(r.is_secret_key(key), r.is_secret_name(key), "{key}");
+            }
+        }
+        assert_eq!(r.keys.get("user.password"), Some(true));
+        assert_eq!(r.keys.get("url.path"), Some(false));
+        // Many more keys than slots: answers stay right when the table is full.
+        let many: Vec<&'static str> = (0..3000)
+            .map(|i| &*Box::leak(format!("k{i}.token{}", i % 2).into_boxed_str()))
+            .collect();
+        for key in &many {
+            assert_eq!(r.is_secret_key(key), r.is_secret_name(key), "{key}");
+        }
+        for key in &many {
+            assert_eq!(r.is_secret_key(key), r.is_secret_name(key), "{key}");
+        }
     }
 
     #[test]
