@@ -54,7 +54,11 @@ struct Pending {
 pub struct Linker {
     hold_ns: u64,
     max_pending: usize,
-    by_conn: FastMap<ConnKey, VecDeque<u64>>,
+    /// The waiting starts of each connection, oldest first, apart by the role that
+    /// made them: a start looks only among the other end's. When only one end is
+    /// traced (a client outside the traced cgroup, on this node), its starts pile up
+    /// until their hold ends, and are never searched.
+    by_conn: FastMap<ConnKey, [VecDeque<u64>; 2]>,
     pending: BTreeMap<u64, (ConnKey, Pending)>,
     next_seq: u64,
 }
@@ -89,15 +93,16 @@ impl Linker {
         now_ns: u64,
     ) -> Option<Joined> {
         self.expire(now_ns);
-        if let Some(queue) = self.by_conn.get_mut(&key) {
+        if let Some(queues) = self.by_conn.get_mut(&key) {
+            let queue = &mut queues[side(other(role))];
             let found = queue.iter().position(|seq| {
-                self.pending.get(seq).is_some_and(|(_, p)| {
-                    p.role != role && p.request.0 == method && p.request.1 == target
-                })
+                self.pending
+                    .get(seq)
+                    .is_some_and(|(_, p)| p.request.0 == method && p.request.1 == target)
             });
             if let Some(i) = found {
                 let seq = queue.remove(i).expect("index from position");
-                if queue.is_empty() {
+                if queues.iter().all(VecDeque::is_empty) {
                     self.by_conn.remove(&key);
                 }
                 let (_, other) = self.pending.remove(&seq).expect("queued seqs are pending");
@@ -118,7 +123,7 @@ impl Linker {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.by_conn.entry(key.clone()).or_default().push_back(seq);
+        self.by_conn.entry(key.clone()).or_default()[side(role)].push_back(seq);
         self.pending.insert(
             seq,
             (
@@ -153,15 +158,35 @@ impl Linker {
     }
 
     fn release_oldest(&mut self) {
-        let Some((seq, (key, _))) = self.pending.pop_first() else {
+        let Some((seq, (key, p))) = self.pending.pop_first() else {
             return;
         };
-        if let Some(queue) = self.by_conn.get_mut(&key) {
-            queue.retain(|s| *s != seq);
-            if queue.is_empty() {
+        if let Some(queues) = self.by_conn.get_mut(&key) {
+            // The oldest pending start is the oldest of its queue.
+            let queue = &mut queues[side(p.role)];
+            if queue.front() == Some(&seq) {
+                queue.pop_front();
+            } else {
+                queue.retain(|s| *s != seq);
+            }
+            if queues.iter().all(VecDeque::is_empty) {
                 self.by_conn.remove(&key);
             }
         }
+    }
+}
+
+fn side(role: Role) -> usize {
+    match role {
+        Role::Client => 0,
+        Role::Server => 1,
+    }
+}
+
+fn other(role: Role) -> Role {
+    match role {
+        Role::Client => Role::Server,
+        Role::Server => Role::Client,
     }
 }
 
@@ -179,6 +204,34 @@ mod tests {
 
     const C: SpanId = [1; 8];
     const S: SpanId = [2; 8];
+
+    #[test]
+    fn starts_of_one_end_pile_up_apart_and_the_other_end_joins_the_oldest() {
+        // The server is traced, its client (on this node) is not: the server's starts
+        // wait on the connection until their hold ends, never joined with each other.
+        let mut l = Linker::new(Duration::from_secs(2), 100_000);
+        for i in 0..10_000u64 {
+            let id = i.to_be_bytes();
+            assert_eq!(
+                l.offer(Role::Server, id, key(), "GET", "/orders/1", i * 100),
+                None
+            );
+        }
+        assert_eq!(l.len(), 10_000);
+        // A client start of the same request joins the oldest one still waiting.
+        let joined = l.offer(Role::Client, C, key(), "GET", "/orders/1", 1_000_000);
+        assert_eq!(
+            joined,
+            Some(Joined {
+                client: C,
+                server: 0u64.to_be_bytes()
+            })
+        );
+        // Past the hold, all are forgotten, and the connection with them.
+        l.expire(10_000_000_000);
+        assert!(l.is_empty());
+        assert!(l.by_conn.is_empty());
+    }
 
     #[test]
     fn the_two_starts_join_in_either_order() {
