@@ -161,7 +161,7 @@ impl KeyCache {
     fn tag(key: &str) -> Option<u64> {
         let address = key.as_ptr() as u64;
         (address < 1 << 48 && key.len() < 1 << 14)
-            .then(|| address << 16 | (key.len() as u64) << 2 | 1)
+            .then_some(address << 16 | (key.len() as u64) << 2 | 1)
     }
 
     fn home(tag: u64) -> usize {
