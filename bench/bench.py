@@ -208,7 +208,7 @@ class Agent:
         time.sleep(1.2)
         m = self.metrics()
         bpf = sum(v for k, v in m.items() if k.startswith("sonde_bpf_program_run_seconds_total"))
-        return {"cpu": self.cpu_seconds(), "bpf": bpf, "metrics": m}
+        return {"cpu": self.cpu_seconds(), "bpf": bpf, "programs": programs(m), "metrics": m}
 
     def stop(self) -> dict[str, float]:
         # Spans still held for linking or queued for export are not lost yet: wait
@@ -228,6 +228,32 @@ class Agent:
             self.proc.wait()
         m["peak_rss_mib"] = rss
         return m
+
+
+PROGRAM = re.compile(r'^sonde_bpf_program_(run_seconds|runs)_total\{program="([^"]+)"\}$')
+
+
+def programs(m: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each eBPF program's run time (s) and runs so far, from the agent's /metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in m.items():
+        hit = PROGRAM.match(k)
+        if hit:
+            out.setdefault(hit.group(2), {"seconds": 0.0, "runs": 0.0})[
+                "seconds" if hit.group(1) == "run_seconds" else "runs"] = v
+    return out
+
+
+def per_request(before: dict, after: dict, n: int) -> dict[str, dict[str, float]]:
+    """What each program cost per request between two samples: µs, runs, and ns per run."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {"seconds": 0.0, "runs": 0.0})
+        seconds, runs = a["seconds"] - b["seconds"], a["runs"] - b["runs"]
+        if n and runs > 0:
+            out[name] = {"us_per_request": seconds * 1e6 / n, "runs_per_request": runs / n,
+                         "ns_per_run": seconds * 1e9 / runs}
+    return out
 
 
 LOSS = re.compile(r"^sonde_[a-z_]*(lost|dropped|missed|evicted|skipped|malformed|failures|"
@@ -420,6 +446,7 @@ def run_workload(name: str, args, services: Services, sonde: str, cgroup: Cgroup
             "ratio": traced["rate"] / untraced["rate"] if untraced["rate"] else None,
             "agent_cpu_us_per_request": (after["cpu"] - before["cpu"]) * 1e6 / n if n else None,
             "bpf_us_per_request": (after["bpf"] - before["bpf"]) * 1e6 / n if n else None,
+            "bpf_programs": per_request(before["programs"], after["programs"], n),
             "agent_peak_rss_mib": end["peak_rss_mib"],
             "events_lost": lost - lost0,
             "spans_dropped": dropped - dropped0,
@@ -454,6 +481,10 @@ def summarize(name: str, rounds: list[dict]) -> dict:
         "throughput_ratio": med(r["ratio"] for r in rounds),
         "agent_cpu_us_per_request": med(r["agent_cpu_us_per_request"] for r in rounds),
         "bpf_us_per_request": med(r["bpf_us_per_request"] for r in rounds),
+        "bpf_programs": {
+            p: {f: med(r["bpf_programs"].get(p, {}).get(f) for r in rounds)
+                for f in ("us_per_request", "runs_per_request", "ns_per_run")}
+            for p in sorted({p for r in rounds for p in r["bpf_programs"]})},
         "agent_peak_rss_mib": max(r["agent_peak_rss_mib"] for r in rounds),
         "events_lost": sum(r["events_lost"] for r in rounds),
         "spans_dropped": sum(r["spans_dropped"] for r in rounds),
@@ -492,6 +523,20 @@ def table(results: dict) -> str:
             f"{fmt(r['agent_cpu_us_per_request'])} µs | {fmt(r['bpf_us_per_request'])} µs | "
             f"{fmt(r['agent_peak_rss_mib'], 1)} MiB | {fmt(int(r['events_lost']))} | "
             f"{fmt(int(r['spans_dropped']))} |")
+    return "\n".join(lines)
+
+
+def program_table(results: dict, top: int = 8) -> str:
+    """The programs that cost the most per request, per workload (medians over the
+    traced rounds)."""
+    lines = ["| workload | eBPF program | µs per request | runs per request | ns per run |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        progs = sorted(r.get("bpf_programs", {}).items(),
+                       key=lambda kv: -(kv[1]["us_per_request"] or 0))
+        for prog, f in progs[:top]:
+            lines.append(f"| {name} | {prog} | {fmt(f['us_per_request'], 3)} | "
+                         f"{fmt(f['runs_per_request'], 2)} | {fmt(f['ns_per_run'], 0)} |")
     return "\n".join(lines)
 
 
@@ -563,6 +608,8 @@ def main() -> None:
             "throughput_ratio", "p99_added_us", "agent_cpu_us_per_request", "bpf_us_per_request",
             "agent_peak_rss_mib", "events_lost", "spans_dropped")}
     print(table(results))
+    print()
+    print(program_table(results))
     print(f"\n{host['cpus']} CPUs ({host['cpu']}), kernel {host['kernel']}, load average at start "
           f"{', '.join(f'{x:.2f}' for x in host['load_average_at_start'])}; {args.pairs} pairs of "
           f"{args.seconds:g} s rounds; took {report['wall_seconds']:.0f} s")

@@ -41,6 +41,14 @@ def test_the_benchmark_gives_every_figure_and_traces_what_it_measures(tmp_path):
         w = report["workloads"][name]
         assert w["bpf_stats_enabled"], f"{name}: the agent did not see kernel.bpf_stats_enabled=1"
         assert w["bpf_us_per_request"] > 0, f"{name}: no eBPF run time counted: {w}"
+        # Per program too: some program ran at least once per request (the socket
+        # reads and writes), and the programs' times add up to the total.
+        progs = w["bpf_programs"]
+        assert any(f["runs_per_request"] >= 1 for f in progs.values()), progs
+        total = sum(f["us_per_request"] for f in progs.values())
+        assert abs(total - w["bpf_us_per_request"]) <= 0.05 * w["bpf_us_per_request"] + 0.01, (
+            total, w["bpf_us_per_request"], progs)
+        assert f"| {name} | " in r.stdout, r.stdout
         assert w["traced_requests"] > 0, w
     # Below saturation (500 requests/s) nothing may be lost: nginx's server span for
     # every request is exported or counted as dropped.
