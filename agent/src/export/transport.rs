@@ -286,6 +286,18 @@ fn grpc_error(status: &tonic::Status) -> SendError {
             retry_after: None,
         };
     }
+    // A status made on this side, with the cause below it (the connection closed or
+    // reset, an HTTP/2 error, the TLS layer), was not sent by the receiver: it never took
+    // the batch, so the batch is retried rather than dropped as refused. A receiver that
+    // refuses a missing client certificate under TLS 1.3 may just reset the connection.
+    if std::error::Error::source(status).is_some()
+        && matches!(status.code(), Code::Unknown | Code::Internal)
+    {
+        return SendError::Transient {
+            reason,
+            retry_after: None,
+        };
+    }
     let retry_after = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
@@ -367,6 +379,21 @@ mod tests {
             let status = tonic::Status::new(code, "no");
             assert_eq!(transient_after(grpc_error(&status)), None, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_connection_that_breaks_on_this_side_is_retried_not_refused() {
+        // What tonic makes of a reset connection: Unknown, with the io error below it.
+        let reset = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        );
+        let status = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(status.code(), tonic::Code::Unknown);
+        assert_eq!(transient_after(grpc_error(&status)), Some(None));
+        // The same code sent by the receiver (no cause below it) is a refusal.
+        let sent = tonic::Status::new(tonic::Code::Unknown, "bad batch");
+        assert_eq!(transient_after(grpc_error(&sent)), None);
     }
 
     #[test]
