@@ -482,11 +482,14 @@ http {{
 HELLO = b"hello from sonde's tests\n" * 40
 NGINX_ORDER_BODY = b'{"status":"created"}'
 STATIC_SIZE = 300 * 1024
+# Larger than the default copied prefix (4 KiB), small enough that a few fit in one read.
+SMALL_STATIC_SIZE = 6000
 
 
 def start_nginx(workdir: Path) -> Server:
     """Our own nginx: daemon off, its own pid/log/temp paths, sendfile on, a static file
-    of STATIC_SIZE bytes at /static/big.bin, /orders/* -> 200, /missing -> 404, /boom -> 500."""
+    of STATIC_SIZE bytes at /static/big.bin and one of SMALL_STATIC_SIZE at
+    /static/small.bin, /orders/* -> 200, /missing -> 404, /boom -> 500."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         pytest.fail("nginx is not installed (scripts/setup.sh installs it)", pytrace=False)
@@ -494,6 +497,7 @@ def start_nginx(workdir: Path) -> Server:
     (d / "html" / "static").mkdir(parents=True, exist_ok=True)
     (d / "tmp").mkdir(exist_ok=True)
     (d / "html" / "static" / "big.bin").write_bytes(bytes(i % 251 for i in range(STATIC_SIZE)))
+    (d / "html" / "static" / "small.bin").write_bytes(bytes(i % 241 for i in range(SMALL_STATIC_SIZE)))
     port = free_port()
     conf = d / "nginx.conf"
     conf.write_text(NGINX_CONF.format(d=d, port=port))

@@ -10,6 +10,8 @@ use agent_common::{
     ConnEvent, DataEvent, Direction, EventHeader, EventKind, MAX_PAYLOAD, NextMessage, ProcEvent,
     SockInfo, counter, framing, lost,
 };
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -20,6 +22,7 @@ use aya_ebpf::{
 
 use crate::{
     config::setting,
+    http_follow,
     maps::{EVENTS, NEXT_MESSAGE, SCRATCH, count, count_lost},
     socket,
 };
@@ -162,10 +165,12 @@ pub fn proc_event(
 /// never 0 (a branch on it here would double the states the verifier walks for every
 /// event of an iovec loop).
 ///
-/// When user space announced that the next message of this stream starts inside these
-/// bytes but past the copied prefix, the bytes go up as two events split there, the
-/// second with a prefix copied from the new message's first byte: a read that holds the
-/// end of a large body and the start of the next message loses neither.
+/// When the next message of this stream starts inside these bytes but past the copied
+/// prefix, the bytes go up as two events split there, the second with a prefix copied
+/// from the new message's first byte: a read that holds the end of a large body and the
+/// start of the next message loses neither. User space announces such starts; with
+/// `follow_http`, the programs also find them in the HTTP heads of the bytes they copy
+/// (http_follow.rs), for the reads that come before user space has caught up.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn data_event(
@@ -178,6 +183,7 @@ pub fn data_event(
     len: u64,
     tls: bool,
     ts_ns: u64,
+    follow_http: bool,
 ) {
     // SAFETY: `info` points into a SOCKETS map value, valid for the whole program run;
     // the counters are naturally aligned u64s, and the stream offset must be taken
@@ -199,20 +205,20 @@ pub fn data_event(
         cap = MAX_PAYLOAD as u64;
     }
     let slot = NextMessage::slot(direction, tls);
-    let next = NEXT_MESSAGE.get_ptr_mut(socket::key((pid_tgid >> 32) as u32, fd));
-    let mut split = 0u64;
-    let mut wake = false;
+    let key = socket::key((pid_tgid >> 32) as u32, fd);
+    let next = NEXT_MESSAGE.get_ptr_mut(key);
+    let mut start = 0u64;
+    let mut amqp = false;
     if let Some(next) = next {
         // SAFETY: a map value pointer, valid for the run; `slot` is below 4.
-        let start = unsafe { (*next).offset[slot & 3] };
-        if src != 0 && start > offset + cap && start < offset + len {
-            split = start - offset;
-        } else if start <= offset && len > cap {
-            // Bytes go past the copied prefix and user space knows of no message
-            // start ahead: let it read the head it needs at once, before the process
-            // reads on.
-            wake = true;
+        unsafe {
+            start = (*next).offset[slot & 3];
+            amqp = (*next).framing[slot & 3] == framing::AMQP;
         }
+    }
+    let mut split = 0u64;
+    if src != 0 && start > offset + cap && start < offset + len {
+        split = start - offset;
     }
     let record = Record {
         pid_tgid,
@@ -222,19 +228,97 @@ pub fn data_event(
         syscall,
         ts_ns,
         cap,
-        wake,
+        // Bytes go past the copied prefix and user space knows of no message start
+        // ahead: let it read the head it needs at once, before the process reads on.
+        wake: next.is_some() && start <= offset && len > cap,
     };
-    if split == 0 {
-        record.emit(src, offset, len);
-    } else {
-        record.emit(src, offset, split);
-        record.emit(src + split, offset + split, len - split);
-        count(counter::MESSAGE_WINDOWS);
+    let follow = follow_http && !amqp && src != 0 && len > cap;
+    if !follow {
+        if split == 0 {
+            record.emit(src, offset, len);
+        } else {
+            record.emit(src, offset, split);
+            record.emit(src + split, offset + split, len - split);
+            count(counter::MESSAGE_WINDOWS);
+        }
+        if let Some(next) = next {
+            follow_frames(next, slot, offset, len);
+        }
+        return;
     }
-    if let Some(next) = next {
-        follow_frames(next, slot, offset, len);
+    // Each piece is copied first and its heads read before it is sent, so that a next
+    // message they place in this read past the piece's copy is split off into a piece
+    // of its own. Where the pieces stand is kept in map memory (http_follow::Cursor).
+    let end = offset + len;
+    let Some(cur) = http_follow::cursor() else {
+        record.emit(src, offset, len);
+        return;
+    };
+    // SAFETY: this CPU's cursor, valid for the run.
+    unsafe {
+        write_volatile(&raw mut (*cur).at, offset);
+        write_volatile(
+            &raw mut (*cur).from,
+            if start > offset { start } else { offset },
+        );
+        write_volatile(&raw mut (*cur).found, 0);
+    }
+    for piece in 0..MAX_PIECES {
+        // SAFETY: as above.
+        let (at, from) = unsafe {
+            (
+                read_volatile(&raw const (*cur).at),
+                read_volatile(&raw const (*cur).from),
+            )
+        };
+        let mut piece_end = if split != 0 && piece == 0 {
+            offset + split
+        } else {
+            end
+        };
+        if at < offset || at >= piece_end {
+            break;
+        }
+        let Some(size) = record.fill(src + (at - offset), at, piece_end - at) else {
+            break;
+        };
+        let after = http_follow::next_start(from);
+        if after != 0 {
+            // SAFETY: as above.
+            unsafe { write_volatile(&raw mut (*cur).found, after) };
+        }
+        if piece_end == end && piece + 1 < MAX_PIECES && after > at + cap && after < end {
+            piece_end = after;
+            record.set_len(after - at);
+        }
+        record.submit(size);
+        if piece_end == end {
+            break;
+        }
+        count(counter::MESSAGE_WINDOWS);
+        // SAFETY: as above.
+        unsafe {
+            write_volatile(&raw mut (*cur).at, piece_end);
+            write_volatile(&raw mut (*cur).from, piece_end);
+        }
+    }
+    // SAFETY: as above.
+    let found = unsafe { read_volatile(&raw const (*cur).found) };
+    if found > start && found >= end {
+        match next {
+            // SAFETY: a map value pointer, valid for the run; `slot` is below 4.
+            Some(next) => unsafe { (*next).offset[slot & 3] = found },
+            None => {
+                let mut fresh = NextMessage::default();
+                fresh.offset[slot & 3] = found;
+                let _ = NEXT_MESSAGE.insert(key, fresh, 0);
+            }
+        }
     }
 }
+
+/// Most pieces one read is split into where the programs follow HTTP heads.
+const MAX_PIECES: u32 = 4;
 
 /// For a stream whose frames the programs follow (AMQP), moves the announced offset
 /// past every frame whose header lies in the bytes just copied, so that the next large
@@ -308,9 +392,18 @@ impl Record {
     /// into the ring buffer, through the per-CPU scratch buffer (too big for the stack).
     #[inline(always)]
     fn emit(&self, src: u64, offset: u64, len: u64) {
+        if let Some(size) = self.fill(src, offset, len) {
+            self.submit(size);
+        }
+    }
+
+    /// Fills the scratch buffer with the event and its copied prefix; returns its size,
+    /// `None` when it cannot be sent (counted).
+    #[inline(always)]
+    fn fill(&self, src: u64, offset: u64, len: u64) -> Option<u64> {
         let Some(buf) = SCRATCH.get_ptr_mut(0) else {
             count_lost(lost::NO_SCRATCH);
-            return;
+            return None;
         };
         let mut captured = if src == 0 { 0 } else { self.cap };
         if captured > len {
@@ -346,22 +439,44 @@ impl Record {
                 + (captured & (MAX_PAYLOAD as u64 * 2 - 1));
             if size > core::mem::size_of::<crate::maps::DataBuf>() as u64 {
                 count_lost(lost::OVERSIZE);
-                return;
+                return None;
             }
-            let flags = if self.wake {
-                BPF_RB_FORCE_WAKEUP as u64
-            } else {
-                wakeup_flags(size)
-            };
-            let ret = bpf_ringbuf_output(
+            Some(size)
+        }
+    }
+
+    /// Shortens the event in the scratch buffer to `len` bytes (more than it copied).
+    #[inline(always)]
+    fn set_len(&self, len: u64) {
+        if let Some(buf) = SCRATCH.get_ptr_mut(0) {
+            // SAFETY: this CPU's scratch slot, valid for the run.
+            unsafe { (*buf).event.len = len };
+        }
+    }
+
+    /// Sends the `size` bytes [`Record::fill`] put in the scratch buffer.
+    #[inline(always)]
+    fn submit(&self, size: u64) {
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
+        let flags = if self.wake {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            wakeup_flags(size)
+        };
+        // SAFETY: the scratch slot holds `size` bytes of event and prefix (fill checked
+        // it against the slot's size).
+        let ret = unsafe {
+            bpf_ringbuf_output(
                 (&raw const EVENTS).cast_mut().cast(),
                 buf.cast(),
                 size,
                 flags,
-            );
-            if ret != 0 {
-                count_lost(lost::RINGBUF_FULL);
-            }
+            )
+        };
+        if ret != 0 {
+            count_lost(lost::RINGBUF_FULL);
         }
     }
 }

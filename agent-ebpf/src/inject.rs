@@ -21,6 +21,8 @@
 // For `opaque`, a one-instruction inline assembly block.
 #![feature(asm_experimental_arch)]
 
+#[path = "branchless.rs"]
+mod branchless;
 #[path = "config.rs"]
 mod config;
 
@@ -39,7 +41,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 
-use crate::config::setting;
+use crate::{
+    branchless::{below, in_range, is_zero, masked, name_at, pick},
+    config::setting,
+};
 
 #[cfg(not(test))]
 #[panic_handler]
@@ -276,82 +281,9 @@ const MASK: usize = MAX_HEAD - 1;
 /// Most header lines looked at; a head with more is left alone.
 const MAX_LINES: usize = 63;
 
-// The head is read without branches on its bytes: the verifier follows every branch
-// whose outcome depends on data, and over a 2 KiB head that is more paths than it
-// accepts. `opaque` hides each value from the optimiser, which would otherwise turn
-// the arithmetic back into comparisons (branches: BPF has no conditional set).
-
-#[inline(always)]
-fn opaque(mut x: u64) -> u64 {
-    // SAFETY: a move of the register to itself: it is returned as it was.
-    unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(pure, nomem, nostack)) };
-    x
-}
-
-/// An index into the head, masked where the verifier sees it (the optimiser would drop
-/// a mask it can prove redundant, and fold the index into a pointer the verifier
-/// cannot bound).
 #[inline(always)]
 fn byte_at(i: usize) -> usize {
-    (opaque(i as u64) as usize) & MASK
-}
-
-/// 1 when `x` is 0, else 0: `(x - 1) & !x`, its top bit. In assembly, because the
-/// optimiser knows that idiom and would make it a comparison again.
-#[inline(always)]
-fn is_zero(x: u64) -> u64 {
-    let r: u64;
-    // SAFETY: register arithmetic only.
-    unsafe {
-        core::arch::asm!(
-            "{r} = {x}",
-            "{r} += -1",
-            "{x} ^= -1",
-            "{r} &= {x}",
-            "{r} >>= 63",
-            x = inout(reg) x => _,
-            r = out(reg) r,
-            options(pure, nomem, nostack),
-        )
-    };
-    r
-}
-
-/// 1 when `a < b` (both below 2^62), else 0.
-#[inline(always)]
-fn below(a: u64, b: u64) -> u64 {
-    (opaque(a).wrapping_sub(opaque(b))) >> 63
-}
-
-/// 1 when `lo <= b <= hi` (all below 2^62), else 0.
-#[inline(always)]
-fn in_range(b: u64, lo: u64, hi: u64) -> u64 {
-    below(b, hi + 1) & (1 ^ below(b, lo))
-}
-
-/// `new` when `bit` is 1, `old` when it is 0.
-#[inline(always)]
-fn pick(bit: u64, new: u64, old: u64) -> u64 {
-    let mask = 0u64.wrapping_sub(opaque(bit));
-    (new & mask) | (old & !mask)
-}
-
-/// 1 when `name` (lower case letters, `-`, `:`) starts at `at`, in any case.
-#[inline(always)]
-fn name_at(buf: &[u8; MAX_HEAD], at: usize, name: &[u8]) -> u64 {
-    let mut diff = 0u64;
-    let mut j = 0;
-    while j < name.len() {
-        let b = buf[byte_at(at + j)] as u64;
-        let fold = if name[j].is_ascii_lowercase() {
-            0x20
-        } else {
-            0
-        };
-        diff |= (b | fold) ^ name[j] as u64;
-        j += 1;
-    }
-    is_zero(diff)
+    masked::<MAX_HEAD>(i)
 }
 
 /// The decimal number at `at` (after optional blanks), read without branches on the

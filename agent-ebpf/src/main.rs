@@ -5,8 +5,10 @@
 // For the fetching atomic add in emit.rs, written as inline assembly.
 #![feature(asm_experimental_arch)]
 
+mod branchless;
 mod config;
 mod emit;
+mod http_follow;
 mod maps;
 mod probes;
 mod socket;

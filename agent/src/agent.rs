@@ -291,12 +291,18 @@ fn ask_about_new_processes(pipeline: &mut Pipeline, discovery: &Discovery) {
 }
 
 /// Writes each message start the pipeline finds into the kernel's NEXT_MESSAGE map, so
-/// that the programs split the read that holds it there and copy a window from it.
+/// that the programs split the read that holds it there and copy a window from it. A
+/// start is only ever moved forward: the programs may be ahead of user space.
 fn announce_message_starts(mut map: NextMessageMap) -> MessageStartHook {
     Box::new(move |m: MessageStart| {
         let key = (u64::from(m.pid) << 32) | u64::from(m.fd);
         let mut next = map.get(&key, 0).unwrap_or_default();
         let slot = NextMessage::slot(m.direction, m.tls);
+        if next.offset[slot] >= m.offset {
+            // The programs found this start, or one past it, in the heads they copy
+            // (HTTP) or the frames they follow (AMQP) before this one was told.
+            return;
+        }
         next.offset[slot] = m.offset;
         next.framing[slot] = if m.amqp_frames {
             framing::AMQP

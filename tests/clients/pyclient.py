@@ -103,6 +103,26 @@ def cmd_pipeline_slow_reader(host, port, paths):
             "status_lines": got.count(b"HTTP/1.1 "), "bytes_received": len(got)}
 
 
+def cmd_pipeline_late_reader(host, port, paths):
+    """As cmd_pipeline, but the client waits before its first recv, then reads in 1 MiB
+    reads: the first one holds several whole responses at once."""
+    data = pipelined_gets(host, port, paths)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(data)
+    time.sleep(0.5)
+    got = b""
+    sizes = []
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        sizes.append(len(chunk))
+        got += chunk
+    s.close()
+    return {"bytes_sent": len(data), "read_sizes": sizes,
+            "status_lines": got.count(b"HTTP/1.1 "), "bytes_received": len(got)}
+
+
 def cmd_garbage(host, port, nbytes):
     rnd = random.Random(1234)
     # Starts with bytes no HTTP method can start with; no CRLF CRLF in it.
@@ -133,6 +153,8 @@ def main():
         res = cmd_pipeline(host, port, rest)
     elif cmd == "pipeline-slow-reader":
         res = cmd_pipeline_slow_reader(host, port, rest)
+    elif cmd == "pipeline-late-reader":
+        res = cmd_pipeline_late_reader(host, port, rest)
     elif cmd == "garbage":
         res = cmd_garbage(host, port, rest[0])
     else:

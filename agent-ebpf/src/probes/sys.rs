@@ -107,14 +107,18 @@ fn io_head(call: SyscallId, ptr: u64, count: u64) -> (Direction, (u64, u64)) {
     }
 }
 
+/// The exit of `call`, a constant in each program: the branches for the other calls
+/// compile away, and the verifier walks only the one this program can take.
 #[inline(always)]
-fn exit_io(ret: i64) {
+fn exit_io(ret: i64, call: SyscallId) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(pending) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
         return;
     };
     let _ = PENDING.remove(pid_tgid);
-    if ret <= 0 {
+    // A call of another kind: its exit was missed (a kretprobe past maxactive), and
+    // this return value is not its.
+    if ret <= 0 || pending.call != call as u32 {
         return;
     }
     let Some(info) = SOCKETS.get_ptr_mut(key((pid_tgid >> 32) as u32, pending.fd)) else {
@@ -125,7 +129,7 @@ fn exit_io(ret: i64) {
     }
     let len = ret as u64;
     let fd = pending.fd;
-    let call = pending.call;
+    let call = call as u32;
     // Bytes received are there when the call returns; bytes sent leave from its start.
     let ts_ns = if pending.ts_ns != 0 {
         pending.ts_ns
@@ -144,6 +148,7 @@ fn exit_io(ret: i64) {
             len,
             false,
             ts_ns,
+            true,
         );
     } else if call == SyscallId::Write as u32 || call == SyscallId::Sendto as u32 {
         data_event(
@@ -156,6 +161,7 @@ fn exit_io(ret: i64) {
             len,
             false,
             ts_ns,
+            true,
         );
     } else if call == SyscallId::Sendfile as u32 {
         data_event(
@@ -168,6 +174,7 @@ fn exit_io(ret: i64) {
             len,
             false,
             ts_ns,
+            false,
         );
     } else if call == SyscallId::Readv as u32 {
         iov_events(
@@ -235,12 +242,14 @@ fn iov_events(
             unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
         let n = if len < remaining { len } else { remaining };
         if n > 0 {
-            data_event(pid_tgid, fd, info, dir, call, base, n, false, ts_ns);
+            data_event(pid_tgid, fd, info, dir, call, base, n, false, ts_ns, false);
         }
         remaining -= n;
     }
     if remaining > 0 {
-        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns);
+        data_event(
+            pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns, false,
+        );
     }
 }
 
@@ -358,7 +367,7 @@ macro_rules! tp_io {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_io(tp_ret(&ctx));
+            exit_io(tp_ret(&ctx), $call);
             0
         }
     };
@@ -464,7 +473,7 @@ macro_rules! kp_io {
         }
         #[kretprobe]
         pub fn $exit(ctx: RetProbeContext) -> u32 {
-            exit_io(kp_ret(&ctx));
+            exit_io(kp_ret(&ctx), $call);
             0
         }
     };
