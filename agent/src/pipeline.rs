@@ -161,6 +161,14 @@ struct Tracked {
     uid: u64,
 }
 
+/// A call whose parent only its thread names (see [`Pipeline::claim`]).
+struct Claim {
+    child: SpanId,
+    pid: u32,
+    at_ns: u64,
+    order_id: Option<String>,
+}
+
 /// Exchanges started on one connection and not finished yet: their span ids.
 #[derive(Default)]
 struct OpenExchanges {
@@ -205,6 +213,9 @@ pub struct Pipeline {
     messages: MessageLinker,
     graph: TraceGraph<Then>,
     inproc: InProcess,
+    /// Calls whose parent only the thread names, by that parent: decided when it is
+    /// answered (see context/inproc.rs).
+    claims: FastMap<SpanId, Vec<Claim>>,
     orders: OrderFill<()>,
     /// `None` when everything is kept.
     sampler: Option<Sampler>,
@@ -252,6 +263,7 @@ impl Pipeline {
                 stall_ns: opts.stall_timeout.map(|d| d.as_nanos() as u64),
             }),
             inproc: InProcess::new(2_000_000_000),
+            claims: FastMap::default(),
             orders: OrderFill::new(opts.order_hold.as_nanos() as u64, opts.max_pending_spans),
             sampler: (!opts.sampling.keeps_all()).then(|| {
                 Sampler::new(
@@ -518,6 +530,13 @@ impl Pipeline {
             self.injections.take_unmatched(),
         );
         self.inproc.expire(now_ns);
+        if !self.claims.is_empty() {
+            let graph = &self.graph;
+            self.claims.retain(|_, claims| {
+                claims.retain(|c| graph.undecided(&c.child));
+                !claims.is_empty()
+            });
+        }
         self.pump(now_ns);
         let mut out = Vec::new();
         self.orders.release(now_ns, &mut out);
@@ -694,7 +713,7 @@ impl Pipeline {
             let ids = open.http.into_iter().map(|(_, id)| id);
             for id in ids.chain(open.deliveries.into_iter().map(|(_, id)| id)) {
                 self.graph.abandon(id, ts_ns);
-                self.inproc.end(pid, id, ts_ns);
+                self.ended_incoming(pid, id, ts_ns, 0);
             }
         }
         if conn.state.unparsed && !conn.tls {
@@ -799,7 +818,7 @@ impl Pipeline {
     /// evidence leaves it a root, counted.
     fn decide_in_process(&mut self, id: SpanId, found: Found) {
         let parent = match found {
-            Found::Parent(p) => Parent::Node(p),
+            Found::Parent(p) | Found::ByThread(p) => Parent::Node(p),
             Found::Nothing => Parent::Root,
             Found::Ambiguous => {
                 Metrics::inc(&self.metrics.parent_ambiguous);
@@ -807,6 +826,42 @@ impl Pipeline {
             }
         };
         self.graph.decide(id, parent);
+    }
+
+    /// Call `child` (made by `pid` at `at_ns`) has `parent` only by its thread: decided
+    /// when `parent` is answered; should that not happen within the decision window,
+    /// the thread stands.
+    fn claim(&mut self, parent: SpanId, child: SpanId, pid: u32, at_ns: u64, order_id: Option<String>) {
+        let claims = self.claims.entry(parent).or_default();
+        if claims.iter().any(|c| c.child == child) {
+            return;
+        }
+        claims.push(Claim {
+            child,
+            pid,
+            at_ns,
+            order_id,
+        });
+        self.graph.set_fallback(child, Parent::Node(parent));
+    }
+
+    /// Incoming exchange `id` of `pid` ended, answered by thread `answered_by` (0: not
+    /// known): the calls its thread claimed for it are decided.
+    fn ended_incoming(&mut self, pid: u32, id: SpanId, end_ns: u64, answered_by: u32) {
+        let own = self.inproc.end(pid, id, end_ns, answered_by);
+        let Some(claims) = self.claims.remove(&id) else {
+            return;
+        };
+        for c in claims {
+            if own {
+                self.graph.decide(c.child, Parent::Node(id));
+            } else {
+                // Another thread answered: the thread that made the call was working
+                // for some other request. What else is there decides.
+                let found = self.inproc.find(c.pid, 0, c.at_ns, c.order_id.as_deref(), false);
+                self.decide_in_process(c.child, found);
+            }
+        }
     }
 
     /// An HTTP request was read (server) or written (client) whole: its span id, its
@@ -893,6 +948,7 @@ impl Pipeline {
                 match self.in_process_parent(origin.pid, origin.tid, start_ns, order_id.as_deref())
                 {
                     Found::Parent(p) => self.graph.decide(id, Parent::Node(p)),
+                    Found::ByThread(p) => self.claim(p, id, origin.pid, start_ns, order_id),
                     Found::Nothing => self.graph.decide(id, Parent::Root),
                     // Decided when the exchange finishes, with what it carried by then.
                     Found::Ambiguous => {}
@@ -952,7 +1008,7 @@ impl Pipeline {
         self.inproc
             .begin(origin.pid, origin.tid, id, start_ns, order_id);
         if settled {
-            self.inproc.end(origin.pid, id, start_ns);
+            self.ended_incoming(origin.pid, id, start_ns, 0);
         }
         match key.as_ref().and_then(|k| self.messages.peek_producer(k)) {
             Some((trace_id, span_id)) => {
@@ -998,12 +1054,13 @@ impl Pipeline {
             span.span_id = id;
             match ex.role {
                 Role::Server => {
-                    let end = if ex.response.is_some() {
-                        ex.response_end_ns
+                    let (end, answered_by) = if ex.response.is_some() {
+                        let by = self.writer_at(origin.uid, ex.response_start_ns);
+                        (ex.response_end_ns, by)
                     } else {
-                        ex.request_end_ns
+                        (ex.request_end_ns, 0)
                     };
-                    self.inproc.end(origin.pid, id, end);
+                    self.ended_incoming(origin.pid, id, end, answered_by);
                 }
                 Role::Client if self.graph.undecided(&id) => {
                     let order_id = order_id_of(&ex.request, &ex.request_body);
@@ -1014,7 +1071,12 @@ impl Pipeline {
                         ex.request_start_ns,
                         order_id.as_deref(),
                     );
-                    self.decide_in_process(id, found);
+                    match found {
+                        Found::ByThread(p) => {
+                            self.claim(p, id, origin.pid, ex.request_start_ns, order_id)
+                        }
+                        found => self.decide_in_process(id, found),
+                    }
                 }
                 Role::Client => {}
             }
@@ -1089,7 +1151,7 @@ impl Pipeline {
                 if let Some(i) = open.deliveries.iter().position(|(k, _)| *k == tag) {
                     let (_, id) = open.deliveries.remove(i).expect("found");
                     span.span_id = id;
-                    self.inproc.end(origin.pid, id, d.end_ns);
+                    self.ended_incoming(origin.pid, id, d.end_ns, 0);
                 }
                 match key {
                     Some(key) => {

@@ -6,16 +6,21 @@
 //! made at time `t` on thread `tid` looks for its parent among the incoming exchanges
 //! of its process in flight at `t`, weighing the evidence in order:
 //!
-//! 1. the thread: exactly one of them was read on the thread that made the call
-//!    (thread-per-request servers; not used for runtimes whose threads do not follow
-//!    requests, such as Go's goroutines);
-//! 2. the only one: exactly one was in flight in the process;
+//! 1. the only one: exactly one was in flight in the process;
+//! 2. the thread: exactly one of them was read on the thread that made the call, and
+//!    its order id does not contradict the call's (thread-per-request servers; not used
+//!    for runtimes whose threads do not follow requests, such as Go's goroutines). This
+//!    is a claim to be confirmed ([`Found::ByThread`]): a pool that hands work between
+//!    its threads makes calls for one request on a thread that read another. The claim
+//!    holds when the request is answered by the thread that read it; when another
+//!    thread answers, the process is known to hand work over, the claim is dropped,
+//!    and its threads are no evidence from then on;
 //! 3. the order id: exactly one carried the call's order id.
 //!
 //! Anything else with more than one in flight is ambiguous: no parent, counted. Never
 //! a guess.
 
-use crate::FastMap;
+use crate::{FastMap, FastSet};
 use std::collections::VecDeque;
 
 use crate::spans::SpanId;
@@ -39,6 +44,8 @@ struct Incoming {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Found {
     Parent(SpanId),
+    /// Only the thread says so: to be confirmed by who answers that request.
+    ByThread(SpanId),
     /// Nothing was in flight: the call starts its own trace.
     Nothing,
     /// Several were in flight and nothing tells them apart.
@@ -48,6 +55,8 @@ pub enum Found {
 /// See the module documentation.
 pub struct InProcess {
     by_pid: FastMap<u32, VecDeque<Incoming>>,
+    /// Processes seen answering a request on another thread than the one that read it.
+    hands_off: FastSet<u32>,
     /// How long an ended exchange stays, for calls whose events arrive late.
     keep_ns: u64,
 }
@@ -56,6 +65,7 @@ impl InProcess {
     pub fn new(keep_ns: u64) -> Self {
         InProcess {
             by_pid: FastMap::default(),
+            hands_off: FastSet::default(),
             keep_ns,
         }
     }
@@ -90,11 +100,19 @@ impl InProcess {
         }
     }
 
-    /// The incoming exchange ended at `end_ns`.
-    pub fn end(&mut self, pid: u32, span_id: SpanId, end_ns: u64) {
-        if let Some(e) = self.entry_mut(pid, span_id) {
-            e.end_ns = Some(end_ns);
+    /// The incoming exchange ended at `end_ns`, answered by thread `answered_by` (0:
+    /// not known). Whether the thread that read it answered it (true when either is
+    /// not known); when not, the process hands work between threads.
+    pub fn end(&mut self, pid: u32, span_id: SpanId, end_ns: u64, answered_by: u32) -> bool {
+        let Some(e) = self.entry_mut(pid, span_id) else {
+            return true;
+        };
+        e.end_ns = Some(end_ns);
+        let own = e.tid == 0 || answered_by == 0 || e.tid == answered_by;
+        if !own {
+            self.hands_off.insert(pid);
         }
+        own
     }
 
     fn entry_mut(&mut self, pid: u32, span_id: SpanId) -> Option<&mut Incoming> {
@@ -129,10 +147,13 @@ impl InProcess {
             1 => return Found::Parent(in_flight[0].span_id),
             _ => {}
         }
-        if threads && tid != 0 {
+        if threads && tid != 0 && !self.hands_off.contains(&pid) {
             let same: Vec<&Incoming> = in_flight.iter().copied().filter(|e| e.tid == tid).collect();
-            if let Some(f) = only(same) {
-                return f;
+            if let [e] = same[..] {
+                let contradicted = matches!((order_id, e.order_id.as_deref()), (Some(a), Some(b)) if a != b);
+                if !contradicted {
+                    return Found::ByThread(e.span_id);
+                }
             }
         }
         // A program's own span (any thread) holds everything it does; requests it
@@ -166,6 +187,7 @@ impl InProcess {
     /// The process exited.
     pub fn remove_process(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
+        self.hands_off.remove(&pid);
     }
 }
 
@@ -181,10 +203,44 @@ mod tests {
         let mut r = InProcess::new(1_000);
         r.begin(10, 101, A, 100, None);
         r.begin(10, 102, B, 110, None);
-        assert_eq!(r.find(10, 102, 150, None, true), Found::Parent(B));
-        assert_eq!(r.find(10, 101, 150, None, true), Found::Parent(A));
+        assert_eq!(r.find(10, 102, 150, None, true), Found::ByThread(B));
+        assert_eq!(r.find(10, 101, 150, None, true), Found::ByThread(A));
         // Without thread evidence (Go) the same is ambiguous.
         assert_eq!(r.find(10, 101, 150, None, false), Found::Ambiguous);
+    }
+
+    #[test]
+    fn a_thread_is_no_evidence_against_the_calls_order_id() {
+        let mut r = InProcess::new(1_000);
+        r.begin(10, 101, A, 100, Some("o-1".into()));
+        r.begin(10, 102, B, 110, Some("o-2".into()));
+        // Thread 101 read o-1 but makes o-2's call: the order id decides.
+        assert_eq!(r.find(10, 101, 150, Some("o-2"), true), Found::Parent(B));
+        assert_eq!(r.find(10, 101, 150, Some("o-1"), true), Found::ByThread(A));
+        assert_eq!(r.find(10, 101, 150, Some("o-3"), true), Found::Ambiguous);
+    }
+
+    #[test]
+    fn a_process_seen_answering_on_another_thread_loses_its_thread_evidence() {
+        let mut r = InProcess::new(1_000);
+        r.begin(10, 101, A, 100, None);
+        r.begin(10, 102, B, 110, None);
+        assert_eq!(r.find(10, 101, 150, None, true), Found::ByThread(A));
+        assert!(r.end(10, A, 200, 101), "answered by the thread that read it");
+        r.begin(10, 101, A, 300, None);
+        assert!(!r.end(10, B, 310, 101), "B was read on 102, answered on 101");
+        r.begin(10, 102, B, 320, None);
+        assert_eq!(r.find(10, 101, 350, None, true), Found::Ambiguous);
+        // Another process keeps its own.
+        r.begin(11, 101, A, 100, None);
+        r.begin(11, 102, B, 110, None);
+        assert_eq!(r.find(11, 101, 150, None, true), Found::ByThread(A));
+        // Not known who answered: no conclusion.
+        assert!(r.end(11, B, 200, 0));
+        r.remove_process(10);
+        r.begin(10, 101, A, 400, None);
+        r.begin(10, 102, B, 410, None);
+        assert_eq!(r.find(10, 101, 450, None, true), Found::ByThread(A), "a new process of that pid");
     }
 
     #[test]
@@ -192,7 +248,7 @@ mod tests {
         let mut r = InProcess::new(1_000);
         r.begin(10, 101, A, 100, None);
         assert_eq!(r.find(10, 999, 150, None, true), Found::Parent(A));
-        r.end(10, A, 200);
+        r.end(10, A, 200, 0);
         assert_eq!(r.find(10, 999, 250, None, true), Found::Nothing);
         assert_eq!(
             r.find(10, 999, 50, None, true),
@@ -231,7 +287,7 @@ mod tests {
     fn ended_exchanges_are_forgotten_after_the_keep_time() {
         let mut r = InProcess::new(100);
         r.begin(10, 1, A, 100, None);
-        r.end(10, A, 200);
+        r.end(10, A, 200, 0);
         r.expire(250);
         assert_eq!(
             r.find(10, 1, 150, None, true),

@@ -70,7 +70,9 @@ impl Pipeline {
             return;
         }
         let parent = match self.in_process_parent(ppid, ptid, ts_ns, None) {
-            Found::Parent(p) => p,
+            // A program is started by the thread that forks it, for what that thread
+            // is doing then.
+            Found::Parent(p) | Found::ByThread(p) => p,
             Found::Nothing => return,
             Found::Ambiguous => {
                 Metrics::inc(&self.metrics.parent_ambiguous);
