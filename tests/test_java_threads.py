@@ -33,7 +33,7 @@ def java(tmp_path_factory):
     javac, java = shutil.which("javac"), shutil.which("java")
     if not javac or not java:
         pytest.fail(f"a JDK (17 or later) is needed for the Java service test: javac={javac} java={java} "
-                    "(apt-get install openjdk-17-jdk-headless)", pytrace=False)
+                    "(scripts/setup-tests.sh installs openjdk-17-jdk-headless)", pytrace=False)
     out = tmp_path_factory.mktemp("java-classes")
     r = subprocess.run([javac, "--release", "17", "-d", str(out), str(SOURCE)],
                        capture_output=True, text=True, timeout=120)
@@ -86,7 +86,7 @@ def get_orders(cg: Cgroup, port: int) -> set[int]:
     return {c.pid for c in curls}
 
 
-def run_orders(node, java, tmp_path, client: str, prefix: str):
+def run_orders(java, node, tmp_path, client: str, prefix: str):
     """curl -> JavaShop (CLIENT, calling PREFIX{id}) -> stock.py for every order at
     once. Returns (the spans of this run, the Java server, the downstream server, what
     sonde_parent_ambiguous_total grew by)."""
@@ -158,29 +158,29 @@ def check_whole_traces(orders: dict, spans) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["/orders/", "/stock/"])
-def test_httpurlconnection_calls_are_children_of_the_request_their_thread_read(node, java, tmp_path, prefix):
+def test_httpurlconnection_calls_are_children_of_the_request_their_thread_read(java, node, tmp_path, prefix):
     """HttpURLConnection writes on the pool thread that read the order: the thread
     alone tells the 8 in flight apart, with or without the order id in the call."""
-    spans, shop, down, grew = run_orders(node, java, tmp_path, "urlconnection", prefix)
+    spans, shop, down, grew = run_orders(java, node, tmp_path, "urlconnection", prefix)
     check_whole_traces(check_spans(spans, shop, down, prefix), spans)
     assert grew == 0, f"{AMBIGUOUS} grew by {grew}:\n{fmt_spans(spans)}"
 
 
-def test_httpclient_calls_are_children_by_the_order_id_they_share(node, java, tmp_path):
+def test_httpclient_calls_are_children_by_the_order_id_they_share(java, node, tmp_path):
     """HttpClient writes on its own worker threads, which read no request: the thread
     is no evidence, but each call's /orders/{id} matches exactly one request in flight."""
-    spans, shop, down, grew = run_orders(node, java, tmp_path, "httpclient", "/orders/")
+    spans, shop, down, grew = run_orders(java, node, tmp_path, "httpclient", "/orders/")
     check_whole_traces(check_spans(spans, shop, down, "/orders/"), spans)
     assert grew == 0, f"{AMBIGUOUS} grew by {grew}:\n{fmt_spans(spans)}"
 
 
-def test_httpclient_calls_without_an_order_id_get_no_parent_and_are_counted(node, java, tmp_path):
+def test_httpclient_calls_without_an_order_id_get_no_parent_and_are_counted(java, node, tmp_path):
     """HttpClient, and calls that carry no order id (/stock/{id}) made while 8 orders
     are in flight: nothing tells which order a call is for. Each such call is left
     without a parent (a trace of its own with the downstream span) and counted, never
     given another order's request. Only a call made while its order was the only one
     in flight (the last two orders, after the first eight) may get its parent."""
-    spans, shop, down, grew = run_orders(node, java, tmp_path, "httpclient", "/stock/")
+    spans, shop, down, grew = run_orders(java, node, tmp_path, "httpclient", "/stock/")
     orders = check_spans(spans, shop, down, "/stock/")
     everything = fmt_spans(spans)
     servers = {t["server"].span_id: o for o, t in orders.items()}
