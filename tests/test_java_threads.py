@@ -7,8 +7,9 @@ when their calls are made. For each order the service calls a downstream service
 this node (tests/services/stock.py, Python), at /orders/{id} (the call carries the
 order id) or at /stock/{id} (it carries none sonde knows of), with
 java.net.HttpURLConnection (the request is written on the thread that read the order)
-or java.net.http.HttpClient (written by the client's own HttpClient-N-Worker threads).
-Runs as root.
+or java.net.http.HttpClient (written by the client's own HttpClient-N-Worker threads),
+and with an asynchronous handler (the order handed to a task on the same pool, whose
+thread may have read another order, still in flight). Runs as root.
 
 The agent traces only a cgroup of this module's own (--cgroup): sonde_parent_ambiguous_total
 counts for the whole node, and other tests or people on the machine must not move it.
@@ -86,9 +87,9 @@ def get_orders(cg: Cgroup, port: int) -> set[int]:
     return {c.pid for c in curls}
 
 
-def run_orders(java, node, tmp_path, client: str, prefix: str):
-    """curl -> JavaShop (CLIENT, calling PREFIX{id}) -> stock.py for every order at
-    once. Returns (the spans of this run, the Java server, the downstream server, what
+def run_orders(java, node, tmp_path, client: str, prefix: str, asynchronous: bool = False):
+    """curl -> JavaShop (CLIENT, calling PREFIX{id}; with `asynchronous`, its async
+    handler) -> stock.py for every order at once. Returns (the spans of this run, the Java server, the downstream server, what
     sonde_parent_ambiguous_total grew by)."""
     agent, cg = node
     java_bin, classes = java
@@ -97,7 +98,8 @@ def run_orders(java, node, tmp_path, client: str, prefix: str):
         dport = free_port()
         down = start_in(cg, [PY, TESTS / "services" / "stock.py", dport], tmp_path, "stock.py", port=dport)
         shop = start_in(cg, [java_bin, "-Dsun.net.httpserver.nodelay=true", "-cp", classes, "JavaShop",
-                             f"http://127.0.0.1:{dport}{prefix}", client], tmp_path, f"JavaShop-{client}")
+                             f"http://127.0.0.1:{dport}{prefix}", client] + (["async"] if asynchronous else []),
+                        tmp_path, f"JavaShop-{client}")
         before = metric(agent, AMBIGUOUS)
         curls = get_orders(cg, shop.port)
         # curl, the Java server, its call, the downstream server: 4 per order.
@@ -181,10 +183,18 @@ def test_httpclient_calls_without_an_order_id_get_no_parent_and_are_counted(java
     given another order's request. Only a call made while its order was the only one
     in flight (the last two orders, after the first eight) may get its parent."""
     spans, shop, down, grew = run_orders(java, node, tmp_path, "httpclient", "/stock/")
-    orders = check_spans(spans, shop, down, "/stock/")
+    orphans = check_never_a_wrong_parent(check_spans(spans, shop, down, "/stock/"), spans, grew)
+    # The first 8 calls were made while 8 orders were in flight.
+    assert orphans >= 8, f"{orphans} calls without a parent, expected at least 8:\n{fmt_spans(spans)}"
+
+
+def check_never_a_wrong_parent(orders: dict, spans, grew: int) -> int:
+    """Each order's call is the child of that order's Java server span, in its trace,
+    or has no parent (a trace of its own with the downstream span), and each call
+    without a parent was counted as ambiguous. Returns how many had none."""
     everything = fmt_spans(spans)
     servers = {t["server"].span_id: o for o, t in orders.items()}
-    orphans = 0
+    orphans, wrong = 0, {}
     for o, t in orders.items():
         call = t["call"]
         if not call.parent_span_id:
@@ -192,11 +202,22 @@ def test_httpclient_calls_without_an_order_id_get_no_parent_and_are_counted(java
             assert call.trace_id != t["curl"].trace_id and t["leaf"].trace_id == call.trace_id, \
                 f"order {o}: a call left without a parent starts its own trace:\n{everything}"
             assert len([s for s in spans if s.trace_id == call.trace_id]) == 2, everything
-            continue
-        assert call.parent_span_id == t["server"].span_id, \
-            (f"order {o}: WRONG parent: the call {call} was given "
-             f"{servers.get(call.parent_span_id, call.parent_span_id)!r}'s request:\n{everything}")
-        assert call.trace_id == t["curl"].trace_id, everything
-    # The first 8 calls were made while 8 orders were in flight.
-    assert orphans >= 8, f"{orphans} calls without a parent, expected at least 8:\n{everything}"
+        elif call.parent_span_id != t["server"].span_id:
+            wrong[o] = servers.get(call.parent_span_id, call.parent_span_id)
+        else:
+            assert call.trace_id == t["curl"].trace_id, everything
+    assert not wrong, (f"WRONG parents: {len(wrong)} calls were given another order's request "
+                       f"(call's order: parent's order) {wrong}; {AMBIGUOUS} grew by {grew}:\n{everything}")
     assert grew == orphans, f"{AMBIGUOUS} grew by {grew}, {orphans} calls were left without a parent:\n{everything}"
+    return orphans
+
+
+@pytest.mark.parametrize("prefix", ["/orders/", "/stock/"])
+def test_a_call_made_on_a_thread_that_read_another_order_never_gets_its_parent(java, node, tmp_path, prefix):
+    """An asynchronous handler (JavaShop async): the pool thread that read an order
+    hands it to a task on the same pool and goes back to the pool while the order is
+    in flight, so the thread that makes an order's call has often read another order,
+    still in flight. That thread is then no evidence: each call is the child of its
+    own order's request, or has no parent and is counted; never another order's."""
+    spans, shop, down, grew = run_orders(java, node, tmp_path, "urlconnection", prefix, asynchronous=True)
+    check_never_a_wrong_parent(check_spans(spans, shop, down, prefix), spans, grew)

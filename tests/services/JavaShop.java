@@ -2,12 +2,15 @@
  * A Java thread-pool order service for sonde's whole-trace tests: JDK only, no tracing
  * code.
  *
- *     java -cp DIR JavaShop DOWNSTREAM_PREFIX CLIENT
+ *     java -cp DIR JavaShop DOWNSTREAM_PREFIX CLIENT [async]
  *
  * Listens on 127.0.0.1:0 (com.sun.net.httpserver with a fixed pool of 8 threads: the
  * thread that reads a request is the one that handles it) and prints "PORT n".
- * GET /orders/{id}: the first 8 orders wait for each other (at most 5 s), so that all
- * 8 are in flight together when their calls are made; later ones do not wait. Then
+ * With `async`, the handler returns at once and hands the order to a task on the
+ * same pool, which answers it from whichever thread runs it (an asynchronous
+ * handler: a pool thread may then make the call of an order another thread read).
+ * GET /orders/{id}: the first 8 requests wait for each other (at most 5 s), so that
+ * all 8 are in flight together when their calls are made; later ones do not wait. Then
  * GET DOWNSTREAM_PREFIX{id} with CLIENT (e.g.
  * http://127.0.0.1:8081/orders/, or a prefix that does not say the id is an order's),
  * and answers 200 {"order_id": id, "status": "accepted"} (502 when the downstream did
@@ -16,8 +19,9 @@
  * CLIENT:
  *   urlconnection  java.net.HttpURLConnection: writes the request on the calling
  *                  thread (blocking socket, keep-alive cache shared by the threads);
- *   httpclient     java.net.http.HttpClient (HTTP/1.1), one for the service: its
- *                  requests go out through its own selector and worker threads.
+ *   httpclient     java.net.http.HttpClient (HTTP/1.1), one for the service, called
+ *                  with the blocking send(): its requests are written by its own
+ *                  HttpClient-N-Worker threads, not by the calling thread.
  */
 import com.sun.net.httpserver.HttpExchange;
 import com.sun.net.httpserver.HttpServer;
@@ -35,6 +39,7 @@ import java.net.http.HttpResponse;
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.TimeUnit;
 import java.util.regex.Matcher;
@@ -44,29 +49,42 @@ public class JavaShop {
     private static final Pattern ORDER = Pattern.compile("^/orders/([A-Za-z0-9_-]+)$");
     private static final int THREADS = 8;
     private static final CountDownLatch ALL_IN = new CountDownLatch(THREADS);
+    private static final ExecutorService POOL = Executors.newFixedThreadPool(THREADS);
     private static String prefix;
     private static String client;
+    private static boolean async;
     private static final HttpClient HTTP_CLIENT = HttpClient.newBuilder()
             .version(HttpClient.Version.HTTP_1_1)
             .connectTimeout(Duration.ofSeconds(10))
             .build();
 
     public static void main(String[] args) throws IOException {
-        if (args.length != 2 || !(args[1].equals("urlconnection") || args[1].equals("httpclient"))) {
-            System.err.println("usage: JavaShop DOWNSTREAM_PREFIX urlconnection|httpclient");
+        if (args.length < 2 || args.length > 3 || !(args[1].equals("urlconnection") || args[1].equals("httpclient"))
+                || (args.length == 3 && !args[2].equals("async"))) {
+            System.err.println("usage: JavaShop DOWNSTREAM_PREFIX urlconnection|httpclient [async]");
             System.exit(2);
         }
         prefix = args[0];
         client = args[1];
+        async = args.length == 3;
         HttpServer server = HttpServer.create(new InetSocketAddress("127.0.0.1", 0), 64);
         server.createContext("/", JavaShop::handle);
-        server.setExecutor(Executors.newFixedThreadPool(THREADS));
+        server.setExecutor(POOL);
         server.start();
         System.out.println("PORT " + server.getAddress().getPort());
         System.out.flush();
     }
 
     private static void handle(HttpExchange ex) throws IOException {
+        ALL_IN.countDown();
+        if (async) {
+            POOL.execute(() -> serve(ex));
+        } else {
+            serve(ex);
+        }
+    }
+
+    private static void serve(HttpExchange ex) {
         try {
             Matcher m = ORDER.matcher(ex.getRequestURI().getPath());
             if (!ex.getRequestMethod().equals("GET") || !m.matches()) {
@@ -74,7 +92,6 @@ public class JavaShop {
                 return;
             }
             String id = m.group(1);
-            ALL_IN.countDown();
             ALL_IN.await(5, TimeUnit.SECONDS);
             int status = client.equals("urlconnection") ? viaUrlConnection(id) : viaHttpClient(id);
             if (status != 200) {
@@ -84,7 +101,11 @@ public class JavaShop {
             answer(ex, 200, "{\"order_id\": \"" + id + "\", \"status\": \"accepted\"}");
         } catch (Exception e) {
             e.printStackTrace();
-            answer(ex, 500, "{\"error\": \"" + e.getClass().getSimpleName() + "\"}");
+            try {
+                answer(ex, 500, "{\"error\": \"" + e.getClass().getSimpleName() + "\"}");
+            } catch (IOException ignored) {
+                // the client is gone
+            }
         } finally {
             ex.close();
         }
