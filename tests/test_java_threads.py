@@ -8,8 +8,8 @@ this node (tests/services/stock.py, Python), at /orders/{id} (the call carries t
 order id) or at /stock/{id} (it carries none sonde knows of), with
 java.net.HttpURLConnection (the request is written on the thread that read the order)
 or java.net.http.HttpClient (written by the client's own HttpClient-N-Worker threads),
-and with an asynchronous handler (the order handed to a task on the same pool, whose
-thread may have read another order, still in flight). Runs as root.
+and with orders handed from the pool thread that read them to another pool thread,
+which has read another order, still in flight (JavaShop handoff). Runs as root.
 
 The agent traces only a cgroup of this module's own (--cgroup): sonde_parent_ambiguous_total
 counts for the whole node, and other tests or people on the machine must not move it.
@@ -87,9 +87,9 @@ def get_orders(cg: Cgroup, port: int) -> set[int]:
     return {c.pid for c in curls}
 
 
-def run_orders(java, node, tmp_path, client: str, prefix: str, asynchronous: bool = False):
-    """curl -> JavaShop (CLIENT, calling PREFIX{id}; with `asynchronous`, its async
-    handler) -> stock.py for every order at once. Returns (the spans of this run, the Java server, the downstream server, what
+def run_orders(java, node, tmp_path, client: str, prefix: str, mode: str = ""):
+    """curl -> JavaShop (CLIENT, calling PREFIX{id}; MODE: "", "async" or "handoff")
+    -> stock.py for every order at once. Returns (the spans of this run, the Java server, the downstream server, what
     sonde_parent_ambiguous_total grew by)."""
     agent, cg = node
     java_bin, classes = java
@@ -98,7 +98,7 @@ def run_orders(java, node, tmp_path, client: str, prefix: str, asynchronous: boo
         dport = free_port()
         down = start_in(cg, [PY, TESTS / "services" / "stock.py", dport], tmp_path, "stock.py", port=dport)
         shop = start_in(cg, [java_bin, "-Dsun.net.httpserver.nodelay=true", "-cp", classes, "JavaShop",
-                             f"http://127.0.0.1:{dport}{prefix}", client] + (["async"] if asynchronous else []),
+                             f"http://127.0.0.1:{dport}{prefix}", client] + ([mode] if mode else []),
                         tmp_path, f"JavaShop-{client}")
         before = metric(agent, AMBIGUOUS)
         curls = get_orders(cg, shop.port)
@@ -214,10 +214,11 @@ def check_never_a_wrong_parent(orders: dict, spans, grew: int) -> int:
 
 @pytest.mark.parametrize("prefix", ["/orders/", "/stock/"])
 def test_a_call_made_on_a_thread_that_read_another_order_never_gets_its_parent(java, node, tmp_path, prefix):
-    """An asynchronous handler (JavaShop async): the pool thread that read an order
-    hands it to a task on the same pool and goes back to the pool while the order is
-    in flight, so the thread that makes an order's call has often read another order,
-    still in flight. That thread is then no evidence: each call is the child of its
-    own order's request, or has no parent and is counted; never another order's."""
-    spans, shop, down, grew = run_orders(java, node, tmp_path, "urlconnection", prefix, asynchronous=True)
+    """Orders handed between pool threads (JavaShop handoff): the thread that read the
+    i-th of the first 8 orders makes the (i+1)-th's call, while the i-th is in flight.
+    An asynchronous handler that hands its order to a task on the same pool (JavaShop
+    async) does this by chance. The thread then points at another order: each call must
+    be the child of its own order's request, or have no parent and be counted; never
+    another order's, whether or not the call carries its order id."""
+    spans, shop, down, grew = run_orders(java, node, tmp_path, "urlconnection", prefix, mode="handoff")
     check_never_a_wrong_parent(check_spans(spans, shop, down, prefix), spans, grew)

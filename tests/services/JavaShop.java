@@ -2,13 +2,17 @@
  * A Java thread-pool order service for sonde's whole-trace tests: JDK only, no tracing
  * code.
  *
- *     java -cp DIR JavaShop DOWNSTREAM_PREFIX CLIENT [async]
+ *     java -cp DIR JavaShop DOWNSTREAM_PREFIX CLIENT [async|handoff]
  *
  * Listens on 127.0.0.1:0 (com.sun.net.httpserver with a fixed pool of 8 threads: the
  * thread that reads a request is the one that handles it) and prints "PORT n".
  * With `async`, the handler returns at once and hands the order to a task on the
  * same pool, which answers it from whichever thread runs it (an asynchronous
- * handler: a pool thread may then make the call of an order another thread read).
+ * handler: a pool thread may then make the call of an order another thread read,
+ * by chance). With `handoff`, that happens to each of the first 8 orders: the thread
+ * that read the i-th serves the (i+1)-th (mod 8), and none is answered before all 8
+ * calls were made, so that every call is made while the order its thread read is in
+ * flight.
  * GET /orders/{id}: the first 8 requests wait for each other (at most 5 s), so that
  * all 8 are in flight together when their calls are made; later ones do not wait. Then
  * GET DOWNSTREAM_PREFIX{id} with CLIENT (e.g.
@@ -42,6 +46,7 @@ import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
 
@@ -52,7 +57,10 @@ public class JavaShop {
     private static final ExecutorService POOL = Executors.newFixedThreadPool(THREADS);
     private static String prefix;
     private static String client;
-    private static boolean async;
+    private static String mode = "";
+    private static final HttpExchange[] FIRST = new HttpExchange[THREADS];
+    private static final AtomicInteger ARRIVED = new AtomicInteger();
+    private static final CountDownLatch ALL_CALLED = new CountDownLatch(THREADS);
     private static final HttpClient HTTP_CLIENT = HttpClient.newBuilder()
             .version(HttpClient.Version.HTTP_1_1)
             .connectTimeout(Duration.ofSeconds(10))
@@ -60,13 +68,13 @@ public class JavaShop {
 
     public static void main(String[] args) throws IOException {
         if (args.length < 2 || args.length > 3 || !(args[1].equals("urlconnection") || args[1].equals("httpclient"))
-                || (args.length == 3 && !args[2].equals("async"))) {
-            System.err.println("usage: JavaShop DOWNSTREAM_PREFIX urlconnection|httpclient [async]");
+                || (args.length == 3 && !(args[2].equals("async") || args[2].equals("handoff")))) {
+            System.err.println("usage: JavaShop DOWNSTREAM_PREFIX urlconnection|httpclient [async|handoff]");
             System.exit(2);
         }
         prefix = args[0];
         client = args[1];
-        async = args.length == 3;
+        mode = args.length == 3 ? args[2] : "";
         HttpServer server = HttpServer.create(new InetSocketAddress("127.0.0.1", 0), 64);
         server.createContext("/", JavaShop::handle);
         server.setExecutor(POOL);
@@ -76,15 +84,29 @@ public class JavaShop {
     }
 
     private static void handle(HttpExchange ex) throws IOException {
+        int i = ARRIVED.getAndIncrement();
+        if (mode.equals("handoff") && i < THREADS) {
+            FIRST[i] = ex;
+            ALL_IN.countDown();
+            try {
+                ALL_IN.await(5, TimeUnit.SECONDS);
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+            }
+            HttpExchange next = FIRST[(i + 1) % THREADS];
+            serve(next != null ? next : ex, true);
+            return;
+        }
         ALL_IN.countDown();
-        if (async) {
-            POOL.execute(() -> serve(ex));
+        if (mode.equals("async")) {
+            POOL.execute(() -> serve(ex, false));
         } else {
-            serve(ex);
+            serve(ex, false);
         }
     }
 
-    private static void serve(HttpExchange ex) {
+    /** Serves one order; `handedOff`: answers only once all 8 handed-off calls were made. */
+    private static void serve(HttpExchange ex, boolean handedOff) {
         try {
             Matcher m = ORDER.matcher(ex.getRequestURI().getPath());
             if (!ex.getRequestMethod().equals("GET") || !m.matches()) {
@@ -94,6 +116,10 @@ public class JavaShop {
             String id = m.group(1);
             ALL_IN.await(5, TimeUnit.SECONDS);
             int status = client.equals("urlconnection") ? viaUrlConnection(id) : viaHttpClient(id);
+            if (handedOff) {
+                ALL_CALLED.countDown();
+                ALL_CALLED.await(5, TimeUnit.SECONDS);
+            }
             if (status != 200) {
                 answer(ex, 502, "{\"order_id\": \"" + id + "\", \"error\": \"downstream " + status + "\"}");
                 return;
