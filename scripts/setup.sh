@@ -29,7 +29,8 @@ apt_packages=(
 # scripts/setup-tests.sh, so that running the agent does not pull them in.
 if [ "${SONDE_SETUP_TEST_PEERS:-0}" = 1 ]; then
   # libcap2-bin: capsh, to run the agent with the DaemonSet's capabilities only.
-  apt_packages+=(nginx rabbitmq-server tshark tcpdump wrk openssl bc libcap2-bin)
+  # openjdk-17-jdk-headless: javac and java for the Java service (tests/test_java_threads.py).
+  apt_packages+=(nginx rabbitmq-server tshark tcpdump wrk openssl bc libcap2-bin openjdk-17-jdk-headless)
 fi
 
 install_debian() {
