@@ -82,6 +82,9 @@ pub struct PipelineOptions {
     pub stall_timeout: Option<Duration>,
     /// How long a span whose trace is known waits for the trace's order id.
     pub order_hold: Duration,
+    /// Most bytes the spans waiting for their trace's order id may take
+    /// ([`Span::held_bytes`]); the oldest leave early past it, counted.
+    pub order_hold_max_bytes: usize,
     /// Business attribute rules (the config file's, then the defaults).
     pub business: Arc<crate::business::Rules>,
     /// Identity rules for naming processes (the config file's).
@@ -105,6 +108,7 @@ impl Default for PipelineOptions {
             capture_cap: agent_common::MAX_PAYLOAD as u64,
             stall_timeout: Some(Duration::from_secs(30)),
             order_hold: Duration::from_secs(1),
+            order_hold_max_bytes: 32 << 20,
             business: Arc::default(),
             processes: Arc::default(),
             sampling: Default::default(),
@@ -252,7 +256,11 @@ impl Pipeline {
                 stall_ns: opts.stall_timeout.map(|d| d.as_nanos() as u64),
             }),
             inproc: InProcess::new(2_000_000_000),
-            orders: OrderFill::new(opts.order_hold.as_nanos() as u64, opts.max_pending_spans),
+            orders: OrderFill::new(
+                opts.order_hold.as_nanos() as u64,
+                opts.max_pending_spans,
+                opts.order_hold_max_bytes,
+            ),
             sampler: (!opts.sampling.keeps_all()).then(|| {
                 Sampler::new(
                     &opts.sampling,
@@ -521,6 +529,7 @@ impl Pipeline {
         self.pump(now_ns);
         let mut out = Vec::new();
         self.orders.release(now_ns, &mut out);
+        Metrics::add(&self.metrics.order_holds_cut, self.orders.take_cut());
         if let Some(sampler) = &mut self.sampler {
             sampler.expire(now_ns);
         }
