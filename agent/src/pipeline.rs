@@ -845,7 +845,7 @@ impl Pipeline {
         open.http.push_back((ex.seq, id));
         let order_id = order_id_of(&ex.request, body);
         let traceparent = ex.request.header("traceparent").and_then(parse_traceparent);
-        let (method, target) = (ex.request.method.clone(), ex.request.target.clone());
+        let request = Arc::clone(&ex.request);
         let (role, start_ns) = (ex.role, ex.request_start_ns);
         let stall = self.opts.stall_timeout.is_some().then(|| {
             // Built only if the exchange hangs; with the business attributes the request
@@ -894,7 +894,10 @@ impl Pipeline {
                     .begin(origin.pid, origin.tid, id, start_ns, order_id);
                 if !peer_here {
                     self.graph.decide(id, Parent::Root);
-                } else if let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns) {
+                } else if let Some(j) =
+                    self.linker
+                        .offer(role, id, key, &request.method, &request.target, now_ns)
+                {
                     self.graph.decide(j.server, Parent::Node(j.client));
                 }
             }
@@ -907,7 +910,9 @@ impl Pipeline {
                     Found::Ambiguous => {}
                 }
                 if peer_here
-                    && let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns)
+                    && let Some(j) =
+                        self.linker
+                            .offer(role, id, key, &request.method, &request.target, now_ns)
                 {
                     self.graph.decide(j.server, Parent::Node(j.client));
                 }
