@@ -23,8 +23,10 @@ struct Counting;
 
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
 fn grew(by: usize) {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
     let now = IN_USE.fetch_add(by, Ordering::Relaxed) + by;
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
@@ -142,6 +144,7 @@ fn the_pipeline_holds_a_bounded_memory_per_request_under_a_steady_load() {
     let mut offsets = vec![(0u64, 0u64); CONNS as usize];
     let step = 1_000_000_000 / PER_SECOND;
     PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
     let n = PER_SECOND * SECONDS;
     for i in 0..n {
         let c = (i % u64::from(CONNS)) as usize;
@@ -168,6 +171,7 @@ fn the_pipeline_holds_a_bounded_memory_per_request_under_a_steady_load() {
     }
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
     let end = IN_USE.load(Ordering::Relaxed).saturating_sub(before);
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations;
     p.tick(ts + 60_000_000_000);
     assert_eq!(
         spans_out.load(Ordering::Relaxed),
@@ -175,10 +179,11 @@ fn the_pipeline_holds_a_bounded_memory_per_request_under_a_steady_load() {
         "spans out, for exchanges in"
     );
     eprintln!(
-        "{n} exchanges at {PER_SECOND}/s: heap in use at the end {:.1} MiB, peak {:.1} MiB ({} bytes per request a second)",
+        "{n} exchanges at {PER_SECOND}/s: heap in use at the end {:.1} MiB, peak {:.1} MiB ({} bytes per request a second); {:.1} allocations (or reallocations) per exchange",
         end as f64 / 1048576.0,
         peak as f64 / 1048576.0,
-        peak as u64 / PER_SECOND
+        peak as u64 / PER_SECOND,
+        allocations as f64 / n as f64
     );
     // The spans of the last second wait for their order id (about 1.5 KB each); a
     // finished exchange's record in the trace graph is 33 bytes.
