@@ -208,6 +208,8 @@ pub struct Pipeline {
     linker: Linker,
     messages: MessageLinker,
     graph: TraceGraph<Then>,
+    /// Spans the graph gave, on their way (kept for the next time).
+    ready: Vec<(Span, Then)>,
     inproc: InProcess,
     orders: OrderFill<()>,
     /// `None` when everything is kept.
@@ -255,6 +257,7 @@ impl Pipeline {
                 max_nodes: opts.max_pending_spans,
                 stall_ns: opts.stall_timeout.map(|d| d.as_nanos() as u64),
             }),
+            ready: Vec::new(),
             inproc: InProcess::new(2_000_000_000),
             orders: OrderFill::new(
                 opts.order_hold.as_nanos() as u64,
@@ -1147,15 +1150,17 @@ impl Pipeline {
 
     /// Spans whose trace the graph now knows, on their way.
     fn pump(&mut self, now_ns: u64) {
+        let mut ready = std::mem::take(&mut self.ready);
         loop {
-            let ready = self.graph.take();
+            self.graph.take_into(&mut ready);
             if ready.is_empty() {
-                return;
+                break;
             }
-            for (span, then) in ready {
+            for (span, then) in ready.drain(..) {
                 self.route(span, then, now_ns);
             }
         }
+        self.ready = ready;
     }
 
     fn route(&mut self, span: Span, then: Then, now_ns: u64) {

@@ -118,6 +118,8 @@ pub struct TraceGraph<T> {
     stalls: VecDeque<(u64, SpanId)>,
     counts: GraphCounts,
     out: Vec<(Span, T)>,
+    /// The nodes `resolve` has left to settle, kept for its next call.
+    todo: Vec<SpanId>,
 }
 
 impl<T> TraceGraph<T> {
@@ -132,6 +134,7 @@ impl<T> TraceGraph<T> {
             stalls: VecDeque::new(),
             counts: GraphCounts::default(),
             out: Vec::new(),
+            todo: Vec::new(),
         }
     }
 
@@ -329,6 +332,11 @@ impl<T> TraceGraph<T> {
         std::mem::take(&mut self.out)
     }
 
+    /// As [`TraceGraph::take`], appended to `ready`: the graph keeps its buffer.
+    pub fn take_into(&mut self, ready: &mut Vec<(Span, T)>) {
+        ready.append(&mut self.out);
+    }
+
     /// What was counted since the last call.
     pub fn take_counts(&mut self) -> GraphCounts {
         std::mem::take(&mut self.counts)
@@ -449,7 +457,8 @@ impl<T> TraceGraph<T> {
     /// A node's parent was decided or its parent's trace became known: settle the
     /// trace of it and of everything waiting below it.
     fn resolve(&mut self, id: SpanId) {
-        let mut todo = vec![id];
+        let mut todo = std::mem::take(&mut self.todo);
+        todo.push(id);
         while let Some(id) = todo.pop() {
             let Some(node) = self.nodes.get(&id) else {
                 continue;
@@ -494,6 +503,7 @@ impl<T> TraceGraph<T> {
                 self.settle(id);
             }
         }
+        self.todo = todo;
     }
 }
 
