@@ -236,6 +236,7 @@ fn render_metrics(metrics: &Metrics) -> String {
         parent_ambiguous,
         parent_undecided,
         spans_stalled,
+        order_holds_cut,
         process_spans,
         sampling,
         values_redacted,
@@ -377,6 +378,11 @@ fn render_metrics(metrics: &Metrics) -> String {
         "sonde_spans_stalled_total",
         "Spans exported while their exchange hung past the stall timeout (sonde.stalled=true).",
         spans_stalled,
+    );
+    counter(
+        "sonde_order_holds_cut_total",
+        "Spans that left the wait for their trace's order id early because too many spans (or bytes of them) waited: an order id found later in their trace is not set on them.",
+        order_holds_cut,
     );
     counter(
         "sonde_process_spans_total",

@@ -82,6 +82,9 @@ pub struct PipelineOptions {
     pub stall_timeout: Option<Duration>,
     /// How long a span whose trace is known waits for the trace's order id.
     pub order_hold: Duration,
+    /// Most bytes the spans waiting for their trace's order id may take
+    /// ([`Span::held_bytes`]); the oldest leave early past it, counted.
+    pub order_hold_max_bytes: usize,
     /// Business attribute rules (the config file's, then the defaults).
     pub business: Arc<crate::business::Rules>,
     /// Identity rules for naming processes (the config file's).
@@ -105,6 +108,7 @@ impl Default for PipelineOptions {
             capture_cap: agent_common::MAX_PAYLOAD as u64,
             stall_timeout: Some(Duration::from_secs(30)),
             order_hold: Duration::from_secs(1),
+            order_hold_max_bytes: 32 << 20,
             business: Arc::default(),
             processes: Arc::default(),
             sampling: Default::default(),
@@ -212,6 +216,8 @@ pub struct Pipeline {
     linker: Linker,
     messages: MessageLinker,
     graph: TraceGraph<Then>,
+    /// Spans the graph gave, on their way (kept for the next time).
+    ready: Vec<(Span, Then)>,
     inproc: InProcess,
     /// Calls whose parent only the thread names, by that parent: decided when it is
     /// answered (see context/inproc.rs).
@@ -262,9 +268,14 @@ impl Pipeline {
                 max_nodes: opts.max_pending_spans,
                 stall_ns: opts.stall_timeout.map(|d| d.as_nanos() as u64),
             }),
+            ready: Vec::new(),
             inproc: InProcess::new(2_000_000_000),
             claims: FastMap::default(),
-            orders: OrderFill::new(opts.order_hold.as_nanos() as u64, opts.max_pending_spans),
+            orders: OrderFill::new(
+                opts.order_hold.as_nanos() as u64,
+                opts.max_pending_spans,
+                opts.order_hold_max_bytes,
+            ),
             sampler: (!opts.sampling.keeps_all()).then(|| {
                 Sampler::new(
                     &opts.sampling,
@@ -540,6 +551,7 @@ impl Pipeline {
         self.pump(now_ns);
         let mut out = Vec::new();
         self.orders.release(now_ns, &mut out);
+        Metrics::add(&self.metrics.order_holds_cut, self.orders.take_cut());
         if let Some(sampler) = &mut self.sampler {
             sampler.expire(now_ns);
         }
@@ -891,7 +903,7 @@ impl Pipeline {
         open.http.push_back((ex.seq, id));
         let order_id = order_id_of(&ex.request, body);
         let traceparent = ex.request.header("traceparent").and_then(parse_traceparent);
-        let (method, target) = (ex.request.method.clone(), ex.request.target.clone());
+        let request = Arc::clone(&ex.request);
         let (role, start_ns) = (ex.role, ex.request_start_ns);
         let stall = self.opts.stall_timeout.is_some().then(|| {
             // Built only if the exchange hangs; with the business attributes the request
@@ -940,7 +952,10 @@ impl Pipeline {
                     .begin(origin.pid, origin.tid, id, start_ns, order_id);
                 if !peer_here {
                     self.graph.decide(id, Parent::Root);
-                } else if let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns) {
+                } else if let Some(j) =
+                    self.linker
+                        .offer(role, id, key, &request.method, &request.target, now_ns)
+                {
                     self.graph.decide(j.server, Parent::Node(j.client));
                 }
             }
@@ -954,7 +969,9 @@ impl Pipeline {
                     Found::Ambiguous => {}
                 }
                 if peer_here
-                    && let Some(j) = self.linker.offer(role, id, key, &method, &target, now_ns)
+                    && let Some(j) =
+                        self.linker
+                            .offer(role, id, key, &request.method, &request.target, now_ns)
                 {
                     self.graph.decide(j.server, Parent::Node(j.client));
                 }
@@ -1195,15 +1212,17 @@ impl Pipeline {
 
     /// Spans whose trace the graph now knows, on their way.
     fn pump(&mut self, now_ns: u64) {
+        let mut ready = std::mem::take(&mut self.ready);
         loop {
-            let ready = self.graph.take();
+            self.graph.take_into(&mut ready);
             if ready.is_empty() {
-                return;
+                break;
             }
-            for (span, then) in ready {
+            for (span, then) in ready.drain(..) {
                 self.route(span, then, now_ns);
             }
         }
+        self.ready = ready;
     }
 
     fn route(&mut self, span: Span, then: Then, now_ns: u64) {

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub parent_undecided: AtomicU64,
     /// Spans exported while their exchange hung past the stall timeout.
     pub spans_stalled: AtomicU64,
+    /// Spans that left the wait for their trace's order id early because too many
+    /// spans, or too many bytes of them, waited: an id found later is not on them.
+    pub order_holds_cut: AtomicU64,
     /// Programs a traced service ran, made into spans.
     pub process_spans: AtomicU64,
     /// Attribute values (or parts of them) replaced because they held a secret or a

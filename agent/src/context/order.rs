@@ -7,6 +7,10 @@
 //! (bounded), so spans of the same trace that come later get it too. Spans that left
 //! before the id was first seen keep lacking it. Only the id travels: `order.status`
 //! stays on the spans whose payload said it.
+//!
+//! Both are bounded by bytes as well as by count: the spans waiting (the oldest leave
+//! early, counted: [`OrderFill::take_cut`]) and the ids remembered (the oldest are
+//! forgotten; an id is a payload's string, of any length).
 
 use crate::FastMap;
 use std::collections::VecDeque;
@@ -20,25 +24,39 @@ pub const ORDER_STATUS: &str = "order.status";
 
 /// Traces whose order id is remembered.
 const MAX_TRACES: usize = 100_000;
+/// What the remembered ids may take, in bytes (about 80 per trace with a short id).
+const MAX_ID_BYTES: usize = 8 << 20;
 
 /// See the module documentation.
 pub struct OrderFill<T> {
     hold_ns: u64,
-    waiting: VecDeque<(u64, Span, T)>,
+    /// (release time, the span's bytes, span, what travels with it).
+    waiting: VecDeque<(u64, usize, Span, T)>,
+    waiting_bytes: usize,
+    max_waiting: usize,
+    max_waiting_bytes: usize,
     ids: FastMap<TraceId, String>,
     /// Traces in the order their id was learnt, to forget the oldest.
     learnt: VecDeque<TraceId>,
-    max_waiting: usize,
+    id_bytes: usize,
+    /// Spans that left before their hold ended, to stay under the bounds.
+    cut: u64,
 }
 
 impl<T> OrderFill<T> {
-    pub fn new(hold_ns: u64, max_waiting: usize) -> Self {
+    /// At most `max_waiting` spans wait, taking at most `max_waiting_bytes`
+    /// ([`Span::held_bytes`]).
+    pub fn new(hold_ns: u64, max_waiting: usize, max_waiting_bytes: usize) -> Self {
         OrderFill {
             hold_ns,
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            max_waiting: max_waiting.max(1),
+            max_waiting_bytes,
             ids: FastMap::default(),
             learnt: VecDeque::new(),
-            max_waiting: max_waiting.max(1),
+            id_bytes: 0,
+            cut: 0,
         }
     }
 
@@ -50,27 +68,46 @@ impl<T> OrderFill<T> {
         self.waiting.is_empty()
     }
 
+    /// The bytes the waiting spans take.
+    pub fn waiting_bytes(&self) -> usize {
+        self.waiting_bytes
+    }
+
+    /// Spans that left before their hold ended since the last call, to keep the
+    /// waiting spans under their bounds: an id found later in their trace is not on
+    /// them.
+    pub fn take_cut(&mut self) -> u64 {
+        std::mem::take(&mut self.cut)
+    }
+
     /// A span whose trace is known; `now_ns` monotonic. What had to leave to stay under
-    /// the bound is appended to `out`.
+    /// the bounds is appended to `out`.
     pub fn push(&mut self, span: Span, then: T, now_ns: u64, out: &mut Vec<(Span, T)>) {
         self.learn(&span);
         if self.hold_ns == 0 {
             out.push((self.filled(span), then));
             return;
         }
-        if self.waiting.len() >= self.max_waiting
-            && let Some((_, s, t)) = self.waiting.pop_front()
+        let bytes = span.held_bytes();
+        while !self.waiting.is_empty()
+            && (self.waiting.len() >= self.max_waiting
+                || self.waiting_bytes + bytes > self.max_waiting_bytes)
         {
+            let (_, b, s, t) = self.waiting.pop_front().expect("not empty");
+            self.waiting_bytes -= b;
+            self.cut += 1;
             out.push((self.filled(s), t));
         }
+        self.waiting_bytes += bytes;
         self.waiting
-            .push_back((now_ns.saturating_add(self.hold_ns), span, then));
+            .push_back((now_ns.saturating_add(self.hold_ns), bytes, span, then));
     }
 
     /// Spans whose wait is over, with the order id of their trace when known.
     pub fn release(&mut self, now_ns: u64, out: &mut Vec<(Span, T)>) {
-        while self.waiting.front().is_some_and(|(at, _, _)| *at <= now_ns) {
-            let (_, span, then) = self.waiting.pop_front().expect("front exists");
+        while self.waiting.front().is_some_and(|(at, ..)| *at <= now_ns) {
+            let (_, bytes, span, then) = self.waiting.pop_front().expect("front exists");
+            self.waiting_bytes -= bytes;
             out.push((self.filled(span), then));
         }
     }
@@ -87,12 +124,17 @@ impl<T> OrderFill<T> {
         if self.ids.contains_key(&span.trace_id) {
             return;
         }
-        if self.learnt.len() >= MAX_TRACES
-            && let Some(old) = self.learnt.pop_front()
-        {
-            self.ids.remove(&old);
+        let bytes = id_bytes(id);
+        while self.learnt.len() >= MAX_TRACES || self.id_bytes + bytes > MAX_ID_BYTES {
+            let Some(old) = self.learnt.pop_front() else {
+                break;
+            };
+            if let Some(old_id) = self.ids.remove(&old) {
+                self.id_bytes -= id_bytes(&old_id);
+            }
         }
         self.ids.insert(span.trace_id, id.clone());
+        self.id_bytes += bytes;
         self.learnt.push_back(span.trace_id);
     }
 
@@ -104,6 +146,12 @@ impl<T> OrderFill<T> {
         }
         span
     }
+}
+
+/// What remembering a trace's order id takes: the id, its map entry and its place in
+/// the order learnt.
+fn id_bytes(id: &str) -> usize {
+    id.len() + std::mem::size_of::<(TraceId, String)>() + std::mem::size_of::<TraceId>()
 }
 
 /// The order id a request names, for telling apart the requests a service handles at
@@ -157,4 +205,65 @@ pub fn order_id_of_json(body: &[u8]) -> Option<String> {
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             _ => None,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(trace: u8, order: Option<&str>) -> Span {
+        let mut s = crate::spans::test_span([trace; 16], [trace; 8], 1, 2);
+        if let Some(id) = order {
+            s.attributes.push(KeyValue::new(ORDER_ID, id));
+        }
+        s
+    }
+
+    #[test]
+    fn spans_wait_for_the_order_id_of_their_trace_and_the_byte_bound_cuts_the_wait_counted() {
+        let one = span(1, None).held_bytes();
+        let with_id = span(1, Some("ord-1")).held_bytes();
+        assert!(with_id > one);
+        // Room for these three, not for a fourth.
+        let mut fill = OrderFill::new(100, 1_000, 3 * one + with_id - 1);
+        let mut out = Vec::new();
+        fill.push(span(1, None), (), 0, &mut out);
+        fill.push(span(2, None), (), 0, &mut out);
+        fill.push(span(1, Some("ord-1")), (), 10, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(fill.waiting_bytes(), 2 * one + with_id);
+        // A fourth: the oldest leaves early, with the id its trace showed meanwhile.
+        fill.push(span(2, None), (), 20, &mut out);
+        assert_eq!(fill.take_cut(), 1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].0.attribute(ORDER_ID),
+            Some(&Value::Str("ord-1".into()))
+        );
+        fill.release(110, &mut out);
+        assert_eq!(out.len(), 3, "the two that waited from 0 and 10");
+        fill.release(120, &mut out);
+        assert_eq!(out.len(), 4);
+        assert_eq!(
+            (fill.len(), fill.waiting_bytes(), fill.take_cut()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn the_ids_remembered_are_bounded_by_bytes() {
+        let mut fill = OrderFill::new(0, 10, usize::MAX);
+        let mut out = Vec::new();
+        // Ids of 1 MiB: a handful fit, and the newest is remembered.
+        let long = "x".repeat(1 << 20);
+        for trace in 0..20u8 {
+            fill.push(span(trace, Some(&long)), (), 0, &mut out);
+        }
+        assert!(fill.id_bytes <= MAX_ID_BYTES);
+        assert!(fill.ids.len() < 10 && fill.ids.len() == fill.learnt.len());
+        fill.push(span(19, None), (), 0, &mut out);
+        fill.push(span(0, None), (), 0, &mut out);
+        assert!(out[20].0.attribute(ORDER_ID).is_some());
+        assert_eq!(out[21].0.attribute(ORDER_ID), None, "forgotten");
+    }
 }

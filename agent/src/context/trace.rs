@@ -11,12 +11,19 @@
 //! window becomes a root, and the number of nodes is capped (the oldest are decided
 //! and forgotten first).
 //!
+//! A node that has finished and knows its trace leaves the graph for a compact record
+//! (its trace and parent, 33 bytes), kept for `keep_ns` for children that start late: the
+//! records are kept in generations, and the oldest generation is dropped whole, so
+//! that the memory a finished node costs is taken once and used again, not allocated
+//! and freed per node.
+//!
 //! A node still open after the stall timeout gives a stalled span, once: the same
 //! operation in the same trace, with its own span id, marked `sonde.stalled`, ending
 //! when it was noticed. The ordinary span follows when the exchange ends.
 
 use crate::FastMap;
 use std::collections::{BTreeSet, VecDeque};
+use std::mem::size_of;
 
 use crate::spans::{KeyValue, Span, SpanId, TraceId, new_span_id, new_trace_id};
 
@@ -43,9 +50,12 @@ pub enum Parent {
 /// Limits and timings of the graph.
 #[derive(Clone, Copy, Debug)]
 pub struct GraphOptions {
-    /// How long a finished node is kept for evidence that arrives late.
+    /// How long a finished node is kept, at least, for evidence that arrives late (at
+    /// most a generation longer: `keep_ns / GENERATIONS`).
     pub keep_ns: u64,
-    /// Most nodes at once.
+    /// Most nodes at once that are open or wait for their trace. Finished ones are
+    /// kept up to `max_nodes / GENERATIONS` per generation: past that, the oldest
+    /// generation is dropped early.
     pub max_nodes: usize,
     /// An exchange open this long gives a stalled span; `None`: never.
     pub stall_ns: Option<u64>,
@@ -77,6 +87,8 @@ struct Node<T> {
     waiting: Vec<(Span, T)>,
     open: bool,
     start_ns: u64,
+    /// When the node becomes a root if nothing decided it: its entry in `made`.
+    decide_by_ns: u64,
     /// What a stalled span of this node looks like, while it is open and not stalled.
     stall: Option<StallTemplate>,
     /// The trace this node starts when it is a root: the one the kernel wrote into its
@@ -91,17 +103,23 @@ struct Node<T> {
 /// with it once its trace is known.
 pub struct TraceGraph<T> {
     opts: GraphOptions,
+    /// Nodes open or waiting for their trace.
     nodes: FastMap<SpanId, Node<T>>,
-    /// (deadline, node) of the decisions.
+    /// Finished nodes whose trace is known.
+    settled: Settled,
+    /// (deadline, node) of the decisions still to make.
     made: BTreeSet<(u64, SpanId)>,
     /// Every node in the order it was made, for the cap (trimmed of forgotten ones).
     age: VecDeque<SpanId>,
-    /// (time, node) of finished nodes, to forget them after `keep_ns`.
+    /// (time, node) of nodes that ended before their trace was known and hold no span,
+    /// to forget them after `keep_ns`.
     closed: VecDeque<(u64, SpanId)>,
-    /// (time the stall is due, node).
+    /// (time the stall is due, node), trimmed of the nodes that ended.
     stalls: VecDeque<(u64, SpanId)>,
     counts: GraphCounts,
     out: Vec<(Span, T)>,
+    /// The nodes `resolve` has left to settle, kept for its next call.
+    todo: Vec<SpanId>,
 }
 
 impl<T> TraceGraph<T> {
@@ -109,15 +127,18 @@ impl<T> TraceGraph<T> {
         TraceGraph {
             opts,
             nodes: FastMap::default(),
+            settled: Settled::new(opts.keep_ns, opts.max_nodes),
             made: BTreeSet::new(),
             age: VecDeque::new(),
             closed: VecDeque::new(),
             stalls: VecDeque::new(),
             counts: GraphCounts::default(),
             out: Vec::new(),
+            todo: Vec::new(),
         }
     }
 
+    /// Nodes open or waiting for their trace (finished ones with a trace aside).
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -144,6 +165,13 @@ impl<T> TraceGraph<T> {
             }
         }
         if let (Some(after), Some(_)) = (self.opts.stall_ns, stall.as_ref()) {
+            // The stalls of nodes that ended stay queued until due; once they are most of
+            // the queue, it is trimmed (amortised: it has doubled since the last time).
+            if self.stalls.len() >= 2 * self.nodes.len() + TRIM_SLACK {
+                let nodes = &self.nodes;
+                self.stalls
+                    .retain(|(_, id)| nodes.get(id).is_some_and(|n| n.stall.is_some()));
+            }
             self.stalls.push_back((start_ns.saturating_add(after), id));
         }
         self.nodes.insert(
@@ -156,12 +184,17 @@ impl<T> TraceGraph<T> {
                 waiting: Vec::new(),
                 open: true,
                 start_ns,
+                decide_by_ns,
                 stall,
                 root_trace: None,
                 fallback: None,
             },
         );
         self.made.insert((decide_by_ns, id));
+        if self.age.len() >= 2 * self.nodes.len() + TRIM_SLACK {
+            let nodes = &self.nodes;
+            self.age.retain(|id| nodes.contains_key(id));
+        }
         self.age.push_back(id);
     }
 
@@ -187,7 +220,10 @@ impl<T> TraceGraph<T> {
 
     /// The trace of a node, once known.
     pub fn trace_of(&self, id: &SpanId) -> Option<TraceId> {
-        self.nodes.get(id).and_then(|n| n.trace)
+        match self.nodes.get(id) {
+            Some(n) => n.trace,
+            None => self.settled.get(id).map(|r| r.trace),
+        }
     }
 
     /// Decides a node's parent. The first decision stands; a parent that is unknown
@@ -199,8 +235,14 @@ impl<T> TraceGraph<T> {
         if node.parent.is_some() {
             return;
         }
+        let decide_by_ns = node.decide_by_ns;
+        self.made.remove(&(decide_by_ns, id));
         let parent = match parent {
-            Parent::Node(p) if p == id || !self.nodes.contains_key(&p) => Parent::Root,
+            Parent::Node(p)
+                if p == id || !self.nodes.contains_key(&p) && self.settled.get(&p).is_none() =>
+            {
+                Parent::Root
+            }
             Parent::Node(p) if self.reaches(p, id) => {
                 self.counts.cycles += 1;
                 Parent::Root
@@ -213,7 +255,8 @@ impl<T> TraceGraph<T> {
         self.resolve(id);
     }
 
-    /// Whether following parents up from `from` reaches `to`.
+    /// Whether following parents up from `from` reaches `to`. A settled node's
+    /// ancestors all know their trace, so they cannot reach an undecided one.
     fn reaches(&self, from: SpanId, to: SpanId) -> bool {
         let mut at = from;
         for _ in 0..64 {
@@ -231,20 +274,23 @@ impl<T> TraceGraph<T> {
     /// A span finished; its span id names its node. A span with no node (made by a
     /// stage that does not start nodes) goes out as it is.
     pub fn finish(&mut self, span: Span, then: T, now_ns: u64) {
+        self.settled.advance(now_ns);
         let id = span.span_id;
         let Some(node) = self.nodes.get_mut(&id) else {
+            let span = match self.settled.get(&id) {
+                Some(r) => fill(span, r.trace, r.parent_span),
+                None => span,
+            };
             self.out.push((span, then));
             return;
         };
         node.stall = None;
-        if node.open {
-            node.open = false;
-            self.closed.push_back((now_ns, id));
-        }
+        node.open = false;
         match node.trace {
             Some(trace) => {
                 let parent = node.parent_span;
                 self.out.push((fill(span, trace, parent), then));
+                self.settle(id);
             }
             None => node.waiting.push((span, then)),
         }
@@ -252,18 +298,43 @@ impl<T> TraceGraph<T> {
 
     /// An exchange that will never finish as a span (its connection ended without it).
     pub fn abandon(&mut self, id: SpanId, now_ns: u64) {
+        self.settled.advance(now_ns);
         if let Some(node) = self.nodes.get_mut(&id)
             && node.open
         {
             node.open = false;
             node.stall = None;
-            self.closed.push_back((now_ns, id));
+            if node.trace.is_some() {
+                self.settle(id);
+            } else if node.waiting.is_empty() {
+                self.closed.push_back((now_ns, id));
+            }
+        }
+    }
+
+    /// A finished node whose trace is known leaves for its compact record.
+    fn settle(&mut self, id: SpanId) {
+        if let Some(node) = self.nodes.remove(&id)
+            && let Some(trace) = node.trace
+        {
+            self.settled.insert(
+                id,
+                Record {
+                    trace,
+                    parent_span: node.parent_span,
+                },
+            );
         }
     }
 
     /// Spans whose trace is now known, in the order they became ready.
     pub fn take(&mut self) -> Vec<(Span, T)> {
         std::mem::take(&mut self.out)
+    }
+
+    /// As [`TraceGraph::take`], appended to `ready`: the graph keeps its buffer.
+    pub fn take_into(&mut self, ready: &mut Vec<(Span, T)>) {
+        ready.append(&mut self.out);
     }
 
     /// What was counted since the last call.
@@ -275,6 +346,7 @@ impl<T> TraceGraph<T> {
     /// noticed, finished nodes are forgotten. `make_stalled` turns a node's stall
     /// template into what travels with the stalled span.
     pub fn tick(&mut self, now_ns: u64, mut make_stalled: impl FnMut(&Span) -> T) {
+        self.settled.advance(now_ns);
         while let Some(&(deadline, id)) = self.made.first() {
             if deadline > now_ns {
                 break;
@@ -352,6 +424,7 @@ impl<T> TraceGraph<T> {
             }
         }
         self.nodes.clear();
+        self.settled.clear();
         self.age.clear();
         self.closed.clear();
         self.stalls.clear();
@@ -367,6 +440,8 @@ impl<T> TraceGraph<T> {
             if node.open || !node.waiting.is_empty() || node.trace.is_none() {
                 self.counts.evicted += 1;
             }
+            let decide_by_ns = node.decide_by_ns;
+            self.made.remove(&(decide_by_ns, id));
             if node.trace.is_none() {
                 // Its parent's trace is not known yet: it starts one, so that what
                 // waits on it goes out.
@@ -382,7 +457,8 @@ impl<T> TraceGraph<T> {
     /// A node's parent was decided or its parent's trace became known: settle the
     /// trace of it and of everything waiting below it.
     fn resolve(&mut self, id: SpanId) {
-        let mut todo = vec![id];
+        let mut todo = std::mem::take(&mut self.todo);
+        todo.push(id);
         while let Some(id) = todo.pop() {
             let Some(node) = self.nodes.get(&id) else {
                 continue;
@@ -405,9 +481,12 @@ impl<T> TraceGraph<T> {
                             continue;
                         }
                     },
-                    // The parent was forgotten before its trace was known: it was
-                    // decided first, so this cannot happen; start a trace.
-                    None => (new_trace_id(), None),
+                    None => match self.settled.get(&p) {
+                        Some(r) => (r.trace, Some(p)),
+                        // The parent was forgotten before its trace was known: it was
+                        // decided first, so this cannot happen; start a trace.
+                        None => (new_trace_id(), None),
+                    },
                 },
             };
             if root_trace.is_some_and(|t| t != trace) {
@@ -420,7 +499,112 @@ impl<T> TraceGraph<T> {
                 self.out.push((fill(span, trace, parent_span), then));
             }
             todo.append(&mut node.children);
+            if !node.open {
+                self.settle(id);
+            }
         }
+        self.todo = todo;
+    }
+}
+
+/// How much longer than their keep the `age` and `stalls` queues may grow before they
+/// are trimmed of the nodes that are gone.
+const TRIM_SLACK: usize = 1024;
+
+/// Generations of settled nodes: a record lives `keep_ns` to `keep_ns · (1 + 1 /
+/// GENERATIONS)`.
+pub const GENERATIONS: usize = 4;
+
+/// What a finished node whose trace is known leaves: all that a child starting later,
+/// or a late span of its own, needs.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    trace: TraceId,
+    parent_span: Option<SpanId>,
+}
+
+/// The memory one finished node costs in the graph once settled, its hash table's
+/// control byte aside: 33 bytes.
+pub const SETTLED_NODE_BYTES: usize = size_of::<(SpanId, Record)>();
+
+/// Finished nodes' records, in `GENERATIONS + 1` maps: the newest takes the nodes that
+/// settle during one `keep_ns / GENERATIONS`, and the oldest is emptied, its memory
+/// kept for the next generation, once all it holds is older than `keep_ns`. A generation
+/// is started early when the newest is full (`max_nodes / GENERATIONS`), so that a
+/// burst is kept for less than `keep_ns` rather than without bound.
+struct Settled {
+    /// The newest generation first.
+    generations: VecDeque<FastMap<SpanId, Record>>,
+    /// When the newest generation started; `None` before the first time is known.
+    newest_since_ns: Option<u64>,
+    generation_ns: u64,
+    max_per_generation: usize,
+    last_ns: u64,
+}
+
+impl Settled {
+    fn new(keep_ns: u64, max_nodes: usize) -> Self {
+        Settled {
+            generations: (0..=GENERATIONS).map(|_| FastMap::default()).collect(),
+            newest_since_ns: None,
+            generation_ns: (keep_ns / GENERATIONS as u64).max(1),
+            max_per_generation: (max_nodes / GENERATIONS).max(1),
+            last_ns: 0,
+        }
+    }
+
+    fn get(&self, id: &SpanId) -> Option<Record> {
+        self.generations.iter().find_map(|g| g.get(id)).copied()
+    }
+
+    fn insert(&mut self, id: SpanId, record: Record) {
+        if self.generations[0].len() >= self.max_per_generation {
+            self.rotate();
+            self.newest_since_ns = Some(self.last_ns);
+        }
+        self.generations[0].insert(id, record);
+    }
+
+    /// Time passes (monotonic; earlier times are ignored): generations older than the
+    /// keep are dropped.
+    fn advance(&mut self, now_ns: u64) {
+        self.last_ns = self.last_ns.max(now_ns);
+        let Some(since) = self.newest_since_ns else {
+            self.newest_since_ns = Some(now_ns);
+            return;
+        };
+        let mut since = since;
+        let mut rotated = 0;
+        while now_ns.saturating_sub(since) >= self.generation_ns {
+            self.rotate();
+            since += self.generation_ns;
+            rotated += 1;
+            if rotated > GENERATIONS {
+                // All of them were older than the keep.
+                since = now_ns;
+                break;
+            }
+        }
+        self.newest_since_ns = Some(since);
+    }
+
+    /// The oldest generation is dropped and becomes the newest.
+    fn rotate(&mut self) {
+        if let Some(mut oldest) = self.generations.pop_back() {
+            oldest.clear();
+            self.generations.push_front(oldest);
+        }
+    }
+
+    fn clear(&mut self) {
+        for g in &mut self.generations {
+            g.clear();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.generations.iter().map(|g| g.len()).sum()
     }
 }
 
@@ -591,5 +775,99 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g.take().len(), 1, "A went out when it was forgotten");
         assert_eq!(g.take_counts().evicted, 1);
+    }
+
+    #[test]
+    fn a_child_that_starts_after_its_parent_finished_gets_its_trace_within_the_keep() {
+        // keep_ns 100: generations of 25.
+        let mut g = graph();
+        g.open(A, 0, 500, None);
+        g.decide(A, Parent::Root);
+        g.finish(span(A), (), 10);
+        let trace = g.take()[0].0.trace_id;
+        assert_eq!(
+            g.len(),
+            0,
+            "a finished node with its trace leaves for its record"
+        );
+        assert_eq!(g.settled.len(), 1);
+        // Within the keep: the child is under A, in A's trace.
+        g.tick(109, |_| ());
+        g.open(B, 109, 500, None);
+        g.decide(B, Parent::Node(A));
+        g.finish(span(B), (), 109);
+        let b = g.take();
+        assert_eq!((b[0].0.trace_id, b[0].0.parent_span_id), (trace, Some(A)));
+        // A generation past the keep, A is forgotten: the child starts a trace of its
+        // own, as one whose parent was never seen, and nothing is counted.
+        g.tick(10 + 100 + 25, |_| ());
+        assert_eq!(g.trace_of(&A), None);
+        g.open(C, 135, 500, None);
+        g.decide(C, Parent::Node(A));
+        g.finish(span(C), (), 135);
+        let c = g.take();
+        assert_eq!(c[0].0.parent_span_id, None);
+        assert_ne!(c[0].0.trace_id, trace);
+        assert_eq!(g.take_counts(), GraphCounts::default());
+    }
+
+    #[test]
+    fn a_node_that_finished_before_its_trace_was_known_settles_when_it_is() {
+        let mut g = graph();
+        g.open(A, 0, 500, None);
+        g.finish(span(A), (), 10);
+        assert_eq!((g.len(), g.settled.len()), (1, 0), "A waits for its trace");
+        g.decide(A, Parent::Root);
+        assert_eq!((g.len(), g.settled.len()), (0, 1));
+        let trace = g.take()[0].0.trace_id;
+        g.open(B, 20, 500, None);
+        g.decide(B, Parent::Node(A));
+        assert_eq!(g.trace_of(&B), Some(trace));
+    }
+
+    #[test]
+    fn finished_nodes_are_bounded_by_generation_and_the_newest_are_kept() {
+        let mut g = TraceGraph::new(GraphOptions {
+            keep_ns: 1_000,
+            max_nodes: 8,
+            stall_ns: None,
+        });
+        for i in 0..100u64 {
+            let id = (i + 1).to_le_bytes();
+            g.open(id, i, i, None);
+            g.decide(id, Parent::Root);
+            g.finish(span(id), (), i);
+        }
+        assert_eq!(g.take().len(), 100);
+        assert!(g.settled.len() <= 10, "{} records", g.settled.len());
+        assert!(g.trace_of(&100u64.to_le_bytes()).is_some());
+        assert_eq!(g.trace_of(&1u64.to_le_bytes()), None);
+    }
+
+    #[test]
+    fn what_is_kept_per_exchange_does_not_grow_with_the_exchanges_that_ended() {
+        let mut g = graph();
+        for i in 0..10_000u64 {
+            let id = (i + 1).to_le_bytes();
+            g.open(id, i, i + 50, Some(Box::new(move || span(id))));
+            g.decide(id, Parent::Root);
+            g.finish(span(id), (), i);
+            if i % 100 == 0 {
+                g.tick(i, |_| ());
+            }
+        }
+        assert_eq!(g.take().len(), 10_000);
+        assert_eq!(g.len(), 0);
+        assert!(g.made.is_empty(), "decided nodes leave the deadlines");
+        assert!(g.age.len() <= 2 * TRIM_SLACK && g.stalls.len() <= 2 * TRIM_SLACK);
+        // keep_ns 100 at one exchange per ns: at most the keep and a generation.
+        assert!(g.settled.len() <= 125, "{} records", g.settled.len());
+    }
+
+    #[test]
+    fn a_finished_node_costs_33_bytes() {
+        assert_eq!(SETTLED_NODE_BYTES, 33);
+        // What it cost while it was kept whole, its Vecs' and stall template's heap aside.
+        assert!(size_of::<(SpanId, Node<()>)>() >= 5 * SETTLED_NODE_BYTES);
     }
 }

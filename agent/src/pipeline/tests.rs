@@ -489,3 +489,41 @@ fn a_delivery_to_a_consumer_that_predates_the_agent_and_never_acks_is_a_consumer
         ]
     );
 }
+
+#[test]
+fn spans_that_leave_the_order_id_hold_early_for_its_byte_bound_are_counted() {
+    // Room for no span: each one that comes pushes the one before it out early.
+    let (mut p, spans, metrics) = pipeline(PipelineOptions {
+        order_hold_max_bytes: 1,
+        ..PipelineOptions::default()
+    });
+    connect(&mut p, 3, 40000, 1_000);
+    let resp = b"HTTP/1.1 204 No Content\r\n\r\n";
+    for i in 0..3u64 {
+        let (request_at, response_at) = (i * GET.len() as u64, i * resp.len() as u64);
+        let ts = 2_000 + i * 1_000;
+        data(
+            &mut p,
+            3,
+            40000,
+            Direction::Egress,
+            request_at,
+            GET.len() as u64,
+            GET,
+            ts,
+        );
+        let len = resp.len() as u64;
+        data(
+            &mut p,
+            3,
+            40000,
+            Direction::Ingress,
+            response_at,
+            len,
+            resp,
+            ts + 500,
+        );
+    }
+    assert_eq!(released(&mut p, &spans).len(), 3);
+    assert_eq!(metrics.order_holds_cut.load(Ordering::Relaxed), 2);
+}

@@ -37,7 +37,8 @@ pub enum Started {
     Http {
         seq: u64,
         role: Role,
-        request: RequestHead,
+        /// The exchange's own, shared: not copied.
+        request: std::sync::Arc<RequestHead>,
         /// The request body's captured prefix.
         body: Vec<u8>,
         /// When its first byte moved.

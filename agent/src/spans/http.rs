@@ -384,7 +384,7 @@ mod tests {
         HttpExchange {
             role,
             seq: 0,
-            request: RequestHead {
+            request: std::sync::Arc::new(RequestHead {
                 method: method.into(),
                 target: target.into(),
                 version: 1,
@@ -393,7 +393,7 @@ mod tests {
                     .map(|(n, v)| ((*n).into(), (*v).into()))
                     .collect(),
                 header_table_unknown: false,
-            },
+            }),
             response: status.map(|status| ResponseHead {
                 status,
                 reason: String::new(),
@@ -482,7 +482,7 @@ mod tests {
     #[test]
     fn server_without_host_uses_local_address() {
         let mut ex = exchange(Role::Server, "POST", "/orders", &[], Some(201));
-        ex.request.version = 0;
+        std::sync::Arc::make_mut(&mut ex.request).version = 0;
         let span = http_span(&ex, &conn(), resource(), 0, true);
         assert_eq!(str_attr(&span, semconv::SERVER_ADDRESS), Some("10.0.0.1"));
         assert_eq!(int_attr(&span, semconv::SERVER_PORT), Some(8080));
@@ -687,7 +687,7 @@ mod tests {
                 ],
                 Some(200),
             );
-            ex.request.version = 2;
+            std::sync::Arc::make_mut(&mut ex.request).version = 2;
             let resp = ex.response.as_mut().unwrap();
             resp.headers.push(("grpc-status".into(), "5".into()));
             let span = http_span(&ex, &conn(), resource(), 0, false);
@@ -717,8 +717,9 @@ mod tests {
     #[test]
     fn an_unknown_header_table_reports_no_method_or_path() {
         let mut ex = exchange(Role::Server, "", "", &[], Some(200));
-        ex.request.version = 2;
-        ex.request.header_table_unknown = true;
+        let request = std::sync::Arc::make_mut(&mut ex.request);
+        request.version = 2;
+        request.header_table_unknown = true;
         let span = http_span(&ex, &conn(), resource(), 0, false);
         assert_eq!(span.name, "HTTP");
         assert_eq!(str_attr(&span, semconv::HTTP_REQUEST_METHOD), None);

@@ -181,6 +181,32 @@ impl Span {
             .find(|kv| kv.key == key)
             .map(|kv| &kv.value)
     }
+
+    /// The memory the span takes, its resource aside (shared by the spans of a
+    /// process): for stages bounded by bytes.
+    pub fn held_bytes(&self) -> usize {
+        let values: usize = self
+            .attributes
+            .iter()
+            .map(|kv| match &kv.value {
+                Value::Str(s) => s.capacity(),
+                Value::StrArray(items) => {
+                    items.capacity() * std::mem::size_of::<String>()
+                        + items.iter().map(String::capacity).sum::<usize>()
+                }
+                Value::Int(_) | Value::Bool(_) | Value::Double(_) => 0,
+            })
+            .sum();
+        let status = match &self.status {
+            Status::Error(message) => message.capacity(),
+            Status::Unset | Status::Ok => 0,
+        };
+        std::mem::size_of::<Span>()
+            + self.name.capacity()
+            + self.attributes.capacity() * std::mem::size_of::<KeyValue>()
+            + values
+            + status
+    }
 }
 
 /// A plain server span for unit tests: the given ids, start and end, no attributes,

@@ -79,7 +79,7 @@ impl HttpParser {
                 let role = self.role().expect("decided");
                 self.push_in_flight(InFlight {
                     seq: 0,
-                    exchange: HttpExchange::new(role, placeholder_head(), before_loss_ns),
+                    exchange: HttpExchange::new(role, placeholder_head().into(), before_loss_ns),
                     request_done: true,
                     response_done: false,
                     dropped: true,
@@ -118,7 +118,7 @@ impl HttpParser {
         let start = self.halves[dir.index()].start_ns;
         let seq = self.push_in_flight(InFlight {
             seq: 0,
-            exchange: HttpExchange::new(role, head, start),
+            exchange: HttpExchange::new(role, head.into(), start),
             request_done: false,
             response_done: false,
             dropped: false,
@@ -271,7 +271,12 @@ pub(super) fn placeholder_head() -> RequestHead {
 
 impl HttpExchange {
     /// An exchange as it stands when its request began: what a stalled span shows.
-    pub fn started(role: Role, seq: u64, request: RequestHead, request_start_ns: u64) -> Self {
+    pub fn started(
+        role: Role,
+        seq: u64,
+        request: std::sync::Arc<RequestHead>,
+        request_start_ns: u64,
+    ) -> Self {
         HttpExchange {
             seq,
             ..HttpExchange::new(role, request, request_start_ns)
@@ -298,7 +303,11 @@ impl HttpExchange {
         }
     }
 
-    pub(super) fn new(role: Role, request: RequestHead, request_start_ns: u64) -> Self {
+    pub(super) fn new(
+        role: Role,
+        request: std::sync::Arc<RequestHead>,
+        request_start_ns: u64,
+    ) -> Self {
         HttpExchange {
             role,
             seq: 0,

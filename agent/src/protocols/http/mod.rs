@@ -82,7 +82,8 @@ pub struct HttpExchange {
     pub role: Role,
     /// The exchange's number on its connection, as in [`super::Started::Http`].
     pub seq: u64,
-    pub request: RequestHead,
+    /// Shared with the [`super::Started::Http`] that announced it.
+    pub request: std::sync::Arc<RequestHead>,
     /// `None` when the connection closed before a response arrived.
     pub response: Option<ResponseHead>,
     /// Monotonic ns of the syscall that carried the request's first byte.

@@ -576,7 +576,7 @@ impl Http2Parser {
                 count(&COUNTERS.table_unknown);
             }
             let mut exchange =
-                HttpExchange::started(self.role(), u64::from(stream), request, start_ns);
+                HttpExchange::started(self.role(), u64::from(stream), request.into(), start_ns);
             exchange.request_end_ns = ts_ns;
             self.streams.insert(
                 stream,
