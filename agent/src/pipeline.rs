@@ -843,7 +843,14 @@ impl Pipeline {
     /// Call `child` (made by `pid` at `at_ns`) has `parent` only by its thread: decided
     /// when `parent` is answered; should that not happen within the decision window,
     /// the thread stands.
-    fn claim(&mut self, parent: SpanId, child: SpanId, pid: u32, at_ns: u64, order_id: Option<String>) {
+    fn claim(
+        &mut self,
+        parent: SpanId,
+        child: SpanId,
+        pid: u32,
+        at_ns: u64,
+        order_id: Option<String>,
+    ) {
         let claims = self.claims.entry(parent).or_default();
         if claims.iter().any(|c| c.child == child) {
             return;
@@ -870,7 +877,9 @@ impl Pipeline {
             } else {
                 // Another thread answered: the thread that made the call was working
                 // for some other request. What else is there decides.
-                let found = self.inproc.find(c.pid, 0, c.at_ns, c.order_id.as_deref(), false);
+                let found = self
+                    .inproc
+                    .find(c.pid, 0, c.at_ns, c.order_id.as_deref(), false);
                 self.decide_in_process(c.child, found);
             }
         }

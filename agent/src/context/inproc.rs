@@ -150,7 +150,8 @@ impl InProcess {
         if threads && tid != 0 && !self.hands_off.contains(&pid) {
             let same: Vec<&Incoming> = in_flight.iter().copied().filter(|e| e.tid == tid).collect();
             if let [e] = same[..] {
-                let contradicted = matches!((order_id, e.order_id.as_deref()), (Some(a), Some(b)) if a != b);
+                let contradicted =
+                    matches!((order_id, e.order_id.as_deref()), (Some(a), Some(b)) if a != b);
                 if !contradicted {
                     return Found::ByThread(e.span_id);
                 }
@@ -226,9 +227,15 @@ mod tests {
         r.begin(10, 101, A, 100, None);
         r.begin(10, 102, B, 110, None);
         assert_eq!(r.find(10, 101, 150, None, true), Found::ByThread(A));
-        assert!(r.end(10, A, 200, 101), "answered by the thread that read it");
+        assert!(
+            r.end(10, A, 200, 101),
+            "answered by the thread that read it"
+        );
         r.begin(10, 101, A, 300, None);
-        assert!(!r.end(10, B, 310, 101), "B was read on 102, answered on 101");
+        assert!(
+            !r.end(10, B, 310, 101),
+            "B was read on 102, answered on 101"
+        );
         r.begin(10, 102, B, 320, None);
         assert_eq!(r.find(10, 101, 350, None, true), Found::Ambiguous);
         // Another process keeps its own.
@@ -240,7 +247,11 @@ mod tests {
         r.remove_process(10);
         r.begin(10, 101, A, 400, None);
         r.begin(10, 102, B, 410, None);
-        assert_eq!(r.find(10, 101, 450, None, true), Found::ByThread(A), "a new process of that pid");
+        assert_eq!(
+            r.find(10, 101, 450, None, true),
+            Found::ByThread(A),
+            "a new process of that pid"
+        );
     }
 
     #[test]
