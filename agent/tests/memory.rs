@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use agent_common::{AF_INET, DataEvent, Direction, EventHeader, EventKind, SockTuple, SyscallId};
+use agent_common::{Direction, EventKind};
 use sonde::{
     events::Event,
     pipeline::{Pipeline, PipelineOptions, Sink},
@@ -58,59 +58,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const PID: u32 = 4242;
+mod support;
+use support::keepalive::{REQUEST, RESPONSE, data, header, tuple};
+
 const CONNS: u32 = 64;
-
-const REQUEST: &[u8] = b"GET /orders/ord-20261202-0042 HTTP/1.1\r\nHost: crm.internal:8080\r\n\
-User-Agent: shop/2.3 (python-requests)\r\nAccept: application/json\r\n\
-traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
-
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.26.3\r\n\
-Content-Type: application/json\r\nContent-Length: 58\r\nConnection: keep-alive\r\n\r\n\
-{\"order_id\":\"ord-20261202-0042\",\"status\":\"printing\",\"n\":3}";
-
-fn tuple(fd: u32) -> SockTuple {
-    let mut t = SockTuple {
-        family: AF_INET,
-        sport: 8080,
-        dport: 40000 + fd as u16,
-        ..SockTuple::default()
-    };
-    t.saddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-    t.daddr[..4].copy_from_slice(&[10, 0, 0, 3]);
-    t
-}
-
-fn header(kind: EventKind, fd: u32, ts_ns: u64) -> EventHeader {
-    EventHeader {
-        kind: kind as u32,
-        tgid: PID,
-        tid: PID,
-        fd,
-        ts_ns,
-    }
-}
-
-fn data(p: &mut Pipeline, fd: u32, dir: Direction, offset: u64, payload: &[u8], ts_ns: u64) {
-    let h = header(EventKind::Data, fd, ts_ns);
-    p.handle(Event::Data {
-        header: h,
-        data: DataEvent {
-            header: h,
-            tuple: tuple(fd),
-            offset,
-            len: payload.len() as u64,
-            captured: payload.len() as u32,
-            direction: dir as u32,
-            syscall: match dir {
-                Direction::Ingress => SyscallId::Read,
-                Direction::Egress => SyscallId::Write,
-            } as u32,
-            role: agent_common::role::SERVER,
-        },
-        payload,
-    });
-}
 
 #[test]
 fn the_pipeline_holds_a_bounded_memory_per_request_under_a_steady_load() {
@@ -138,7 +89,7 @@ fn the_pipeline_holds_a_bounded_memory_per_request_under_a_steady_load() {
     for fd in 0..CONNS {
         p.handle(Event::Accept {
             header: header(EventKind::Accept, 100 + fd, ts),
-            tuple: tuple(100 + fd),
+            tuple: tuple(40000 + (100 + fd) as u16),
         });
     }
     let mut offsets = vec![(0u64, 0u64); CONNS as usize];
