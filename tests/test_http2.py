@@ -6,9 +6,8 @@ one connection, Go crypto/tls), curl --http2 (OpenSSL) against it, curl
 gRPC unary calls between Python grpcio client and server over h2c. Every test asserts
 exactly one server span and one client span per request or call, their method, path,
 status and gRPC fields, network.protocol.version=2, and the server span as the child of
-its client span (same node, same connection). The grpcio tests are known failures
-(xfail, see their reasons: the probes copy 8 iovecs of a sendmsg, grpcio writes more).
-Runs as root.
+its client span (same node, same connection). grpcio writes a header block over 25
+iovecs of one sendmsg: the probes copy up to 64. Runs as root.
 """
 import os
 import shutil
@@ -248,13 +247,6 @@ def check_grpc_span(sp, port, ctx):
     assert (a.get("error.type") == "5") == failed, ctx
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "grpcio's C core writes the response HEADERS, DATA and trailers of a call with one "
-    "sendmsg over many iovecs when it has them together; the kernel probes copy the "
-    "first 8 (MAX_IOVECS), so the trailers (grpc-status) can fall into a gap and the "
-    "direction loses its frames (sonde_http2_sync_lost_total). It passes when the "
-    "writes are smaller; the replay of a real grpcio capture (agent/tests/replay.rs, "
-    "grpc_h2c.pcap) checks the same spans without the probes."))
 def test_grpc_python_server_spans(agent, tmp_path):
     """The grpcio server's side: one server span per call with the rpc.* attributes,
     the status from the trailers, NOT_FOUND an error."""
@@ -266,12 +258,6 @@ def test_grpc_python_server_spans(agent, tmp_path):
     assert codes == [0, 0, 5], fmt_spans(spans)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "grpcio's C core writes a request's HEADERS frame with sendmsg over 25 iovecs; the "
-    "kernel probes copy the first 8 (MAX_IOVECS), so the rest of the header block is a "
-    "gap: the first call's client span is lost and the later ones carry "
-    "sonde.http2.header_table_unknown without a path (counted in "
-    "sonde_http2_sync_lost_total). Fails until the probes copy more iovecs."))
 def test_grpc_python_client_spans_linked(agent, tmp_path):
     """The grpcio client's side: one client span per call, the parent of its server
     span."""

@@ -13,8 +13,10 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_loop,
     },
-    macros::{kprobe, kretprobe, tracepoint},
+    macros::{kprobe, kretprobe, map, tracepoint},
+    maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
@@ -217,7 +219,8 @@ fn exit_io(ret: i64, call: SyscallId) {
 
 /// Bytes moved through an iovec array: one event per buffer, in order, for the first
 /// MAX_IOVECS buffers; whatever lies beyond is reported as one uncaptured event so that
-/// the stream offsets stay right.
+/// the stream offsets stay right. The buffers are walked in a bpf_loop ([`iov_buffer`]),
+/// which the verifier checks once whatever their number (grpcio writes a frame over 25).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn iov_events(
@@ -232,25 +235,81 @@ fn iov_events(
     ts_ns: u64,
 ) {
     let mut remaining = total;
-    for i in 0..MAX_IOVECS as u64 {
-        if i >= iovcnt || remaining == 0 {
-            break;
+    if let Some(walk) = IOV_WALK.get_ptr_mut(0) {
+        let n = if iovcnt < MAX_IOVECS as u64 {
+            iovcnt
+        } else {
+            MAX_IOVECS as u64
+        };
+        // SAFETY: this CPU's walk state, valid for the run; the callback reads it only.
+        unsafe {
+            *walk = IovWalk {
+                pid_tgid,
+                iov,
+                remaining: total,
+                ts_ns,
+                fd,
+                egress: (dir == Direction::Egress) as u32,
+                call,
+                _pad: 0,
+            };
+            bpf_loop(n as u32, iov_buffer as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            remaining = (*walk).remaining;
         }
-        // struct iovec { void *iov_base; size_t iov_len; }
-        let base: u64 = unsafe { bpf_probe_read_user((iov + i * 16) as *const u64) }.unwrap_or(0);
-        let len: u64 =
-            unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
-        let n = if len < remaining { len } else { remaining };
-        if n > 0 {
-            data_event(pid_tgid, fd, info, dir, call, base, n, false, ts_ns, false);
-        }
-        remaining -= n;
     }
     if remaining > 0 {
-        data_event(
-            pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns, false,
-        );
+        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns, false);
     }
+}
+
+/// The state of [`iov_buffer`], in map memory: the verifier knows nothing of what it
+/// reads there, so the callback's states agree from one buffer to the next.
+#[repr(C)]
+struct IovWalk {
+    pid_tgid: u64,
+    /// The iovec array's user address.
+    iov: u64,
+    /// Bytes of the call not yet sent up.
+    remaining: u64,
+    ts_ns: u64,
+    fd: u32,
+    egress: u32,
+    call: u32,
+    _pad: u32,
+}
+
+#[map(name = "IOV_WALK")]
+static IOV_WALK: PerCpuArray<IovWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// bpf_loop callback, buffer `i` of the iovec array: one data event for its bytes.
+extern "C" fn iov_buffer(i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(w) = IOV_WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's walk state, valid for the run.
+    let w = unsafe { &mut *w };
+    if w.remaining == 0 {
+        return 1;
+    }
+    // struct iovec { void *iov_base; size_t iov_len; }
+    let at = w.iov + u64::from(i) * 16;
+    let base: u64 = unsafe { bpf_probe_read_user(at as *const u64) }.unwrap_or(0);
+    let len: u64 = unsafe { bpf_probe_read_user((at + 8) as *const u64) }.unwrap_or(0);
+    let n = if len < w.remaining { len } else { w.remaining };
+    if n == 0 {
+        return 0;
+    }
+    let Some(info) = SOCKETS.get_ptr_mut(key((w.pid_tgid >> 32) as u32, w.fd)) else {
+        return 1;
+    };
+    let dir = if w.egress == 1 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    data_event(w.pid_tgid, w.fd, info, dir, w.call, base, n, false, w.ts_ns, false);
+    w.remaining -= n;
+    0
 }
 
 /// connect(fd, addr, addrlen). The agent's own connects (its exports) are reported
