@@ -253,12 +253,19 @@ fn iov_events(
                 call,
                 _pad: 0,
             };
-            bpf_loop(n as u32, iov_buffer as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            bpf_loop(
+                n as u32,
+                iov_buffer as *mut core::ffi::c_void,
+                core::ptr::null_mut(),
+                0,
+            );
             remaining = (*walk).remaining;
         }
     }
     if remaining > 0 {
-        data_event(pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns, false);
+        data_event(
+            pid_tgid, fd, info, dir, call, 0, remaining, false, ts_ns, false,
+        );
     }
 }
 
@@ -307,7 +314,9 @@ extern "C" fn iov_buffer(i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
     } else {
         Direction::Ingress
     };
-    data_event(w.pid_tgid, w.fd, info, dir, w.call, base, n, false, w.ts_ns, false);
+    data_event(
+        w.pid_tgid, w.fd, info, dir, w.call, base, n, false, w.ts_ns, false,
+    );
     w.remaining -= n;
     0
 }
