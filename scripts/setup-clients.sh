@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the TLS and RabbitMQ integration tests need on top of scripts/setup-tests.sh:
 # pika and grpcio in the tests' Python venv (tests/.venv), amqplib in tests/node (npm ci), and the
-# Go test program (tests/go: TLS HTTP server/client, AMQP publisher/consumer) built
-# into .tools/sonde-go-clients. Idempotent: each step is skipped when already done.
+# Go test programs (tests/go: TLS HTTP server/client, AMQP publisher/consumer; tests/grpc-go:
+# gRPC server/client) built into .tools/sonde-go-clients and .tools/sonde-grpc-go.
+# Idempotent: each step is skipped when already done.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,4 +48,7 @@ fi
 # shellcheck source=scripts/lib/go-build.sh
 . "$ROOT/scripts/lib/go-build.sh"
 go_build sonde-go-clients "$ROOT/tests/go" 0 "go.mod go.sum *.go" sonde-go-clients=.
+# The Go gRPC (google.golang.org/grpc) server and client of tests/test_http2.py, a module
+# of its own (tests/grpc-go) so the other Go programs do not carry grpc.
+go_build sonde-grpc-go "$ROOT/tests/grpc-go" 0 "go.mod go.sum *.go" sonde-grpc-go=.
 log "done"
