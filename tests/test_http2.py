@@ -3,7 +3,8 @@
 Go's net/http with its defaults (HTTP/2 over TLS through ALPN, requests multiplexed on
 one connection, Go crypto/tls), curl --http2 (OpenSSL) against it, curl
 --http2-prior-knowledge against Go's h2c server (plaintext), nginx with `http2 on`, and
-gRPC unary calls between Python grpcio client and server over h2c. Every test asserts
+gRPC unary calls between Python grpcio client and server over h2c, and between Go
+google.golang.org/grpc client and server over TLS (tests/grpc-go). Every test asserts
 exactly one server span and one client span per request or call, their method, path,
 status and gRPC fields, network.protocol.version=2, and the server span as the child of
 its client span (same node, same connection). grpcio writes a header block over 25
@@ -13,10 +14,11 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from clientlib import (
-    GO_SERVICE, HttpsServer, SETUP_HINT, check_https_pair, exactly,
+    GO_SERVICE, TOOLS, HttpsServer, SETUP_HINT, check_https_pair, exactly,
     make_cert, require_go, run_json, start_port_server, wait_tls_attached,
 )
 from sonde_testlib import (
@@ -25,6 +27,7 @@ from sonde_testlib import (
 )
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
+GRPC_GO = Path(os.environ.get("SONDE_GRPC_GO", TOOLS / "sonde-grpc-go"))
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +270,47 @@ def test_grpc_python_client_spans_linked(agent, tmp_path):
     assert by_kind(cli, CLIENT) == cli, everything
     for sp in cli:
         check_grpc_span(sp, srv.port, everything)
+    by_id = {sp.span_id: sp for sp in cli}
+    for sp in spans:
+        parent = by_id.get(sp.parent_span_id)
+        assert parent is not None and parent.trace_id == sp.trace_id, (
+            f"server span not linked to a client span:\n{everything}")
+        assert parent.attrs.get("rpc.grpc.status_code") == sp.attrs.get("rpc.grpc.status_code")
+
+
+def require_grpc_go() -> Path:
+    if not (GRPC_GO.is_file() and os.access(GRPC_GO, os.X_OK)):
+        pytest.fail(f"Go gRPC test program missing at {GRPC_GO}: {SETUP_HINT}", pytrace=False)
+    return GRPC_GO
+
+
+def test_grpc_go_over_tls(agent, cert, tmp_path):
+    """Go google.golang.org/grpc server and client over TLS (Go crypto/tls, ALPN h2),
+    three unary calls on one connection, the last one NOT_FOUND: one server and one
+    client span per call with the rpc.* attributes and the status from the trailers,
+    NOT_FOUND an error on both sides, each server span the child of its client span."""
+    go = require_grpc_go()
+    srv = start_port_server([go, "serve", "-cert", cert.cert, "-key", cert.key], tmp_path,
+                            "go grpc server")
+    try:
+        wait_tls_attached(agent, go)
+        c = run_json([go, "call", "-ca", cert.cert, "-port", srv.port, *GRPC_CALLS],
+                     what="go grpc client")
+        assert c.out == {"7": "OK", "8": "OK", "missing": "NotFound"}, c.out
+        spans = exactly(agent, srv.pids, len(GRPC_CALLS), "from the Go grpc server")
+        cli = exactly(agent, [c.pid], len(GRPC_CALLS), "from the Go grpc client")
+    finally:
+        srv.stop()
+    everything = fmt_spans(spans + cli)
+    assert by_kind(spans, SERVER) == spans, everything
+    assert by_kind(cli, CLIENT) == cli, everything
+    for sp in spans + cli:
+        check_grpc_span(sp, srv.port, everything)
+        assert sp.service == "sonde-grpc-go", f"service.name: {sp}"
+        assert sp.attrs.get("url.scheme") == "https", f"url.scheme: {sp}\n{everything}"
+    for side in (spans, cli):
+        codes = sorted(sp.attrs.get("rpc.grpc.status_code", -1) for sp in side)
+        assert codes == [0, 0, 5], everything
     by_id = {sp.span_id: sp for sp in cli}
     for sp in spans:
         parent = by_id.get(sp.parent_span_id)
