@@ -308,6 +308,8 @@ def test_grpc_go_over_tls(agent, cert, tmp_path):
         check_grpc_span(sp, srv.port, everything)
         assert sp.service == "sonde-grpc-go", f"service.name: {sp}"
         assert sp.attrs.get("url.scheme") == "https", f"url.scheme: {sp}\n{everything}"
+    peers = {sp.attrs.get("network.peer.port") for sp in spans}
+    assert len(peers) == 1, f"calls not on one connection:\n{everything}"
     for side in (spans, cli):
         codes = sorted(sp.attrs.get("rpc.grpc.status_code", -1) for sp in side)
         assert codes == [0, 0, 5], everything
