@@ -88,6 +88,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stable_port(taken: tuple[int, ...] = ()) -> int:
+    """A free port below the kernel's ephemeral range, for a server that stops and
+    starts again on the same port: while it is down, no outgoing connection of this
+    machine can be given that port as its own (a port from free_port() can, and the
+    restart then fails with "address already in use"). Never one of `taken`."""
+    import random
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rnd = random.Random()
+    for _ in range(200):
+        port = rnd.randrange(10000, max(10001, low))
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail(f"no free port between 10000 and {low} (the ephemeral range starts there)",
+                pytrace=False)
+
+
 def _listening_ports() -> set[int]:
     ports = set()
     for f in ("/proc/net/tcp", "/proc/net/tcp6"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sonde_testlib import (
-    REPO, TESTS, Agent, free_port, require_root, run_curl, start_app, wait_listening,
+    REPO, TESTS, Agent, require_root, run_curl, stable_port, start_app, wait_listening,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,11 +37,13 @@ class Jaeger:
         self.workdir = workdir
         self.config = config or TESTS / "jaeger" / "config.yaml"
         self.extra_env = dict(env or {})
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        self.query_port = free_port()
-        self.query_grpc_port = free_port()
-        self.health_port = free_port()
+        # Below the ephemeral range: Jaeger is stopped and started again on these ports,
+        # and while it is down any outgoing connection could take one from that range.
+        ports: list[int] = []
+        for _ in range(5):
+            ports.append(stable_port(tuple(ports)))
+        (self.grpc_port, self.http_port, self.query_port, self.query_grpc_port,
+         self.health_port) = ports
         self.log = workdir / "jaeger.log"
         self.proc: subprocess.Popen | None = None
         self.start()
