@@ -13,6 +13,8 @@ use crate::conn::EndReason;
 pub struct ConnParser {
     candidates: Vec<Box<dyn ProtocolParser>>,
     decided: bool,
+    /// What a parser that handed over to another one left untaken.
+    carried: Vec<Parsed>,
 }
 
 /// Where detection stands.
@@ -45,6 +47,7 @@ impl ConnParser {
         ConnParser {
             candidates,
             decided: false,
+            carried: Vec::new(),
         }
     }
 
@@ -53,6 +56,7 @@ impl ConnParser {
             p.feed(dir, data, ts_ns);
         }
         self.decide();
+        self.switch();
     }
 
     pub fn skip(&mut self, dir: Direction, len: u64, ts_ns: u64) {
@@ -60,6 +64,7 @@ impl ConnParser {
             p.skip(dir, len, ts_ns);
         }
         self.decide();
+        self.switch();
     }
 
     pub fn resync(&mut self, dir: Direction) {
@@ -86,7 +91,7 @@ impl ConnParser {
 
     /// Finished exchanges and operations, oldest first; nothing until decided.
     pub fn take(&mut self) -> Vec<Parsed> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.carried);
         if self.decided {
             for p in &mut self.candidates {
                 p.take(&mut out);
@@ -129,6 +134,17 @@ impl ConnParser {
         }
     }
 
+    /// The decided parser hands over to another protocol's (HTTP/1.1 upgraded to h2c).
+    fn switch(&mut self) {
+        if let [p] = &mut self.candidates[..]
+            && self.decided
+            && let Some(next) = p.upgrade()
+        {
+            p.take(&mut self.carried);
+            self.candidates = vec![next];
+        }
+    }
+
     /// Keeps the first parser that recognised the bytes; drops those that refused them.
     fn decide(&mut self) {
         if self.decided {
@@ -151,6 +167,7 @@ impl ConnParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::Started;
 
     #[test]
     fn http_and_amqp_and_neither_are_told_apart() {
@@ -201,6 +218,78 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `curl --http2` on plaintext: an HTTP/1.1 request asking for h2c, a 101, then
+    /// HTTP/2 both ways; the first request's response comes on stream 1.
+    #[test]
+    fn a_101_to_h2c_hands_the_connection_to_the_http2_parser() {
+        let mut p = ConnParser::new();
+        p.feed(
+            Direction::Egress,
+            b"GET /orders/7 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+            1,
+        );
+        // The 101, the server's SETTINGS and stream 1's response in one read.
+        let mut reply = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                          Upgrade: h2c\r\n\r\n"
+            .to_vec();
+        reply.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        reply.extend_from_slice(b"\0\0\x01\x01\x04\0\0\0\x01\x88");
+        reply.extend_from_slice(b"\0\0\x02\0\x01\0\0\0\x01ok");
+        p.feed(Direction::Ingress, &reply, 2);
+        let first = p.take();
+        match &first[..] {
+            [Parsed::Started(Started::Http { seq: 0, .. }), Parsed::Http(ex)] => {
+                assert_eq!(ex.seq, 0);
+                assert_eq!(ex.request.target, "/orders/7");
+                assert_eq!(ex.request.version, 1, "the request went as HTTP/1.1");
+                let resp = ex.response.as_ref().expect("stream 1's response");
+                assert_eq!((resp.status, resp.version), (200, 2));
+                assert_eq!(ex.response_body, b"ok");
+                assert_eq!((ex.request_start_ns, ex.response_start_ns), (1, 2));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The client's preface and SETTINGS, then a request on stream 3.
+        let mut next = crate::protocols::http2::PREFACE.to_vec();
+        next.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        next.extend_from_slice(b"\0\0\x03\x01\x05\0\0\0\x03\x82\x86\x84");
+        p.feed(Direction::Egress, &next, 3);
+        p.feed(Direction::Ingress, b"\0\0\x01\x01\x05\0\0\0\x03\x8d", 4);
+        match &p.take()[..] {
+            [Parsed::Started(Started::Http { seq, .. }), Parsed::Http(ex)] => {
+                assert_eq!(*seq, ex.seq);
+                assert!(ex.seq > 0, "numbered above the HTTP/1.1 exchange");
+                assert_eq!((ex.request.version, ex.request.target.as_str()), (2, "/"));
+                assert_eq!(ex.response.as_ref().map(|r| r.status), Some(404));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_101_to_websocket_still_ends_parsing() {
+        let mut p = ConnParser::new();
+        p.feed(
+            Direction::Egress,
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            1,
+        );
+        p.feed(
+            Direction::Ingress,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+            2,
+        );
+        match &p.take()[..] {
+            [Parsed::Started(_), Parsed::Http(ex)] => {
+                assert_eq!(ex.response.as_ref().map(|r| r.status), Some(101));
+            }
+            other => panic!("{other:?}"),
+        }
+        p.feed(Direction::Egress, crate::protocols::http2::PREFACE, 3);
+        assert!(p.take().is_empty());
     }
 
     #[test]

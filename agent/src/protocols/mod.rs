@@ -90,4 +90,9 @@ pub trait ProtocolParser: Send + std::fmt::Debug {
     fn kernel_follows_frames(&self) -> bool {
         false
     }
+    /// The parser that takes over when the connection switched protocols (HTTP/1.1's
+    /// `Upgrade: h2c`), once; take this parser's output first.
+    fn upgrade(&mut self) -> Option<Box<dyn ProtocolParser>> {
+        None
+    }
 }

@@ -172,7 +172,11 @@ impl HttpParser {
             Some(Framing::UntilClose) => h.phase = Phase::Body(Body::UntilClose),
             Some(Framing::Empty | Framing::Interim) => self.finish_message(dir, ts_ns),
             Some(Framing::Tunnel) => {
-                self.finish_message(dir, ts_ns);
+                if let Some(upgrade) = seq.and_then(|s| self.take_h2c_upgrade(dir, s)) {
+                    self.upgrade = Some(Box::new(upgrade));
+                } else {
+                    self.finish_message(dir, ts_ns);
+                }
                 if let Some(req) = self.request_dir {
                     let h = &self.halves[req.index()];
                     if h.target.is_some() {
@@ -186,6 +190,40 @@ impl HttpParser {
                 }
             }
         }
+    }
+
+    /// A 101 that switches the connection to HTTP/2 (`Upgrade: h2c`, RFC 7540 section
+    /// 3.2) takes exchange `seq` out of the queue: its request was HTTP/1.1 and
+    /// announced as such, its response comes as HTTP/2 frames on stream 1, so the
+    /// exchange goes on in the HTTP/2 parser and the 101 is no response of its own.
+    fn take_h2c_upgrade(&mut self, dir: Direction, seq: u64) -> Option<H2cUpgrade> {
+        let f = self.in_flight_mut(seq)?;
+        let h2c = f.exchange.response.as_ref().is_some_and(|r| {
+            r.status == 101
+                && r.header("upgrade")
+                    .is_some_and(|u| u.trim().eq_ignore_ascii_case("h2c"))
+        });
+        if !h2c || f.dropped {
+            return None;
+        }
+        // The request was sent whole before the switch; announce it if it is not yet.
+        let req = dir.opposite();
+        if self.halves[req.index()].target == Some(seq) {
+            let last = self.halves[req.index()].last_ns;
+            self.finish_message(req, last);
+        }
+        let i = self.in_flight.iter().position(|f| f.seq == seq)?;
+        let mut f = self.in_flight.remove(i)?;
+        f.exchange.response = None;
+        f.exchange.response_start_ns = 0;
+        self.halves[dir.index()].target = None;
+        Some(H2cUpgrade {
+            exchange: f.exchange,
+            request_dir: req,
+            next_seq: self.next_seq,
+            after: Vec::new(),
+            after_ns: 0,
+        })
     }
 
     /// The exchange a response starting at `start_ns` answers, if any.

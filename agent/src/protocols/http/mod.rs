@@ -14,7 +14,9 @@
 //!   than [`MAX_HEAD`] is not HTTP (or, once decided, a loss of sync).
 //! - Bodies: Content-Length, chunked (trailers included), until close; none for HEAD,
 //!   1xx, 204 and 304. 1xx responses other than 101 are skipped. After 101 or a
-//!   successful CONNECT the connection carries another protocol and is not parsed.
+//!   successful CONNECT the connection carries another protocol and is not parsed,
+//!   except a 101 to `h2c`: the HTTP/2 parser takes over ([`ProtocolParser::upgrade`]),
+//!   and the upgrading request's response is the one it reads on stream 1.
 //! - Pairing is first in, first out, which covers keep-alive and pipelining. A response
 //!   never pairs with a request that started after it.
 //! - Losses: a gap inside a Content-Length, chunk-data or until-close body just counts
@@ -214,6 +216,22 @@ pub struct HttpParser {
     /// Requests that began since the last take, at most [`MAX_FINISHED`].
     started: Vec<super::Started>,
     closed: bool,
+    /// The connection switched to HTTP/2 (`Upgrade: h2c`): what the HTTP/2 parser
+    /// that takes over needs.
+    upgrade: Option<Box<H2cUpgrade>>,
+}
+
+/// An HTTP/1.1 connection that a 101 switched to HTTP/2: the upgrading exchange
+/// (request whole and announced, no response yet) and the bytes after the 101.
+#[derive(Debug)]
+pub(crate) struct H2cUpgrade {
+    exchange: HttpExchange,
+    request_dir: Direction,
+    /// Above every sequence number used on the connection so far.
+    next_seq: u64,
+    /// Bytes of the 101's direction that followed its head in the same piece.
+    after: Vec<u8>,
+    after_ns: u64,
 }
 
 impl Default for HttpParser {
@@ -245,6 +263,7 @@ impl HttpParser {
             finished: VecDeque::new(),
             started: Vec::new(),
             closed: false,
+            upgrade: None,
         }
     }
 
@@ -290,6 +309,13 @@ impl HttpParser {
                 return;
             }
             rest = &rest[used..];
+            if self.halves[d].phase == Phase::Stopped {
+                if let Some(u) = self.upgrade.as_mut() {
+                    u.after.extend_from_slice(rest);
+                    u.after_ns = ts_ns;
+                }
+                return;
+            }
         }
     }
 
@@ -635,6 +661,17 @@ impl ProtocolParser for HttpParser {
 
     fn in_sync(&self, dir: Direction) -> bool {
         !matches!(self.halves[dir.index()].phase, Phase::Lost { .. })
+    }
+
+    fn upgrade(&mut self) -> Option<Box<dyn ProtocolParser>> {
+        let u = self.upgrade.take()?;
+        let response_dir = u.request_dir.opposite();
+        let mut next =
+            super::http2::Http2Parser::after_upgrade(u.exchange, u.request_dir, u.next_seq);
+        if !u.after.is_empty() {
+            next.feed(response_dir, &u.after, u.after_ns);
+        }
+        Some(Box::new(next))
     }
 }
 

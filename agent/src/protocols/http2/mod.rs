@@ -262,6 +262,9 @@ pub struct Http2Parser {
     streams: BTreeMap<u32, Stream>,
     finished: VecDeque<HttpExchange>,
     started: Vec<Started>,
+    /// Added to stream ids to make exchange numbers: above the HTTP/1.1 exchanges'
+    /// on a connection upgraded from HTTP/1.1, 0 otherwise.
+    seq_base: u64,
 }
 
 impl Default for Http2Parser {
@@ -279,7 +282,30 @@ impl Http2Parser {
             streams: BTreeMap::new(),
             finished: VecDeque::new(),
             started: Vec::new(),
+            seq_base: 0,
         }
+    }
+
+    /// The parser of a connection that switched from HTTP/1.1 with a 101 to `h2c`
+    /// (RFC 7540 section 3.2): `upgrading`, the HTTP/1.1 request (already announced),
+    /// is stream 1 and waits for its response there; the client's preface comes next
+    /// in `request_dir`; exchanges of later streams are numbered from `seq_base` on.
+    pub fn after_upgrade(upgrading: HttpExchange, request_dir: Direction, seq_base: u64) -> Self {
+        let mut p = Self::new();
+        p.decided = Some(true);
+        p.request_dir = Some(request_dir);
+        p.seq_base = seq_base;
+        p.halves[request_dir.index()].phase = Phase::Preface(0);
+        p.streams.insert(
+            1,
+            Stream {
+                exchange: upgrading,
+                request_done: true,
+                started_sent: true,
+                responded: false,
+            },
+        );
+        p
     }
 
     fn role(&self) -> Role {
@@ -329,7 +355,7 @@ impl Http2Parser {
                     let take = (PREFACE.len() - n).min(data.len());
                     if data[..take] != PREFACE[n..n + take] {
                         self.refuse();
-                        self.halves[dir.index()].lose();
+                        self.lose_sync(dir);
                         return;
                     }
                     data = &data[take..];
@@ -576,7 +602,12 @@ impl Http2Parser {
                 count(&COUNTERS.table_unknown);
             }
             let mut exchange =
-                HttpExchange::started(self.role(), u64::from(stream), request.into(), start_ns);
+                HttpExchange::started(
+                self.role(),
+                self.seq_base + u64::from(stream),
+                request.into(),
+                start_ns,
+            );
             exchange.request_end_ns = ts_ns;
             self.streams.insert(
                 stream,
