@@ -2,7 +2,8 @@
 
 Go's net/http with its defaults (HTTP/2 over TLS through ALPN, requests multiplexed on
 one connection, Go crypto/tls), curl --http2 (OpenSSL) against it, curl
---http2-prior-knowledge against Go's h2c server (plaintext), nginx with `http2 on`, and
+--http2-prior-knowledge against Go's h2c server (plaintext), curl --http2 upgrading an
+HTTP/1.1 connection to h2c (`Upgrade: h2c`, x/net's h2c handler), nginx with `http2 on`, and
 gRPC unary calls between Python grpcio client and server over h2c, and between Go
 google.golang.org/grpc client and server over TLS (tests/grpc-go). Every test asserts
 exactly one server span and one client span per request or call, their method, path,
@@ -135,6 +136,37 @@ def test_curl_prior_knowledge_against_go_h2c(agent, tmp_path):
         srv = exactly(agent, s.pids, 2, "from the Go h2c server")
         cli = exactly(agent, pids, 2, "from the curl processes")
         check_pairs(srv, cli, s.port, paths, scheme="http", ua="curl/")
+    finally:
+        s.stop()
+
+
+def test_curl_http2_upgrade_against_go_h2c(agent, tmp_path):
+    """curl --http2 on plaintext asks to upgrade (HTTP/1.1 `Upgrade: h2c`); Go's x/net
+    h2c handler answers 101 and the connection goes on as HTTP/2. The upgrading request
+    is one exchange (no span for the 101) whose response is read on stream 1; the second
+    URL is stream 3 of the same connection."""
+    go = require_go()
+    s = start_port_server([go, "h2-server", "-h2c-upgrade"], tmp_path, "go h2-server -h2c-upgrade")
+    try:
+        paths = [("/orders/51", 200), ("/missing", 404)]
+        pid, got = run_curl_h2([f"http://127.0.0.1:{s.port}{path}" for path, _ in paths],
+                               ["--http2"])
+        assert got == [("2", "200"), ("2", "404")], got
+        srv = exactly(agent, s.pids, 2, "from the Go h2c server (upgrade)")
+        cli = exactly(agent, [pid], 2, "from curl (upgrade)")
+        everything = srv + cli
+        assert all(sp.attrs.get("http.response.status_code") != 101 for sp in everything), (
+            f"the 101 became a span of its own:\n{fmt_spans(everything)}")
+        sp, cp = by_path(srv), by_path(cli)
+        # The upgrading request went as HTTP/1.1 (its response as HTTP/2 on stream 1).
+        for (path, status), version in zip(paths, ["1.1", "2"]):
+            assert len(sp.get(path, [])) == 1 and len(cp.get(path, [])) == 1, (
+                f"expected one server and one client span for {path}:\n{fmt_spans(everything)}")
+            check_https_pair(sp[path][0], cp[path][0], s.port, everything, method="GET",
+                             path=path, route=route_of(path), status=status, version=version,
+                             scheme="http", ua="curl/")
+        # One connection: the server saw one peer port.
+        assert len({x.attrs.get("network.peer.port") for x in srv}) == 1, fmt_spans(srv)
     finally:
         s.stop()
 

@@ -5,8 +5,9 @@
 //	                                          prints "PORT n" once listening
 //	tls-client -ca C -base URL REQ...         HTTPS client, one keep-alive connection;
 //	                                          REQ is GET:/path or POST:/path:SIZE
-//	h2-server -cert C -key K | -h2c          HTTP server with Go's defaults: HTTP/2 over TLS
-//	                                          (ALPN), or h2c (prior knowledge) in plaintext
+//	h2-server -cert C -key K | -h2c           HTTP server with Go's defaults: HTTP/2 over TLS
+//	                                          (ALPN), or h2c (prior knowledge) in plaintext;
+//	h2-server -h2c-upgrade                    h2c by HTTP/1.1 Upgrade too (x/net/http2/h2c)
 //	h2-client -ca C -base URL -n N            HTTP/2 client with Go's defaults: one request,
 //	                                          then N concurrent ones on the same connection
 //	amqp-consume -url U -exchange E -type T -queue Q:KEY... -count N -ack manual|auto
@@ -35,6 +36,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 )
 
 func main() {
@@ -105,7 +108,8 @@ func h2Server(args []string) {
 	fs := flag.NewFlagSet("h2-server", flag.ExitOnError)
 	cert := fs.String("cert", "", "certificate (PEM)")
 	key := fs.String("key", "", "private key (PEM)")
-	h2c := fs.Bool("h2c", false, "plaintext HTTP/2 (prior knowledge)")
+	prior := fs.Bool("h2c", false, "plaintext HTTP/2 (prior knowledge)")
+	upgrade := fs.Bool("h2c-upgrade", false, "plaintext HTTP/2 by HTTP/1.1 Upgrade: h2c (and prior knowledge)")
 	fs.Parse(args)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -113,7 +117,13 @@ func h2Server(args []string) {
 	srv := &http.Server{Handler: routes(), ReadHeaderTimeout: 30 * time.Second}
 	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
 	os.Stdout.Sync()
-	if *h2c {
+	if *upgrade {
+		// net/http's own h2c is prior knowledge only; x/net's h2c handler also answers
+		// an HTTP/1.1 request that asks to upgrade with a 101, then serves HTTP/2.
+		srv.Handler = h2c.NewHandler(routes(), &http2.Server{})
+		check(srv.Serve(ln), "serve")
+	}
+	if *prior {
 		var p http.Protocols
 		p.SetHTTP1(true)
 		p.SetUnencryptedHTTP2(true)
