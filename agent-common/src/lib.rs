@@ -165,12 +165,20 @@ pub struct EventHeader {
     pub kind: u32,
     /// Process id (thread group id).
     pub tgid: u32,
-    /// Thread id.
+    /// Thread id; in a Go program, the goroutine's identity instead where the probes
+    /// know it ([`is_goroutine_id`]).
     pub tid: u32,
     /// The file descriptor the event is about (or 0 for process events).
     pub fd: u32,
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event happened.
     pub ts_ns: u64,
+}
+
+/// Whether an [`EventHeader::tid`] is a Go goroutine's identity, which the probes put
+/// there instead of the thread id when they know which goroutine a Go program's I/O is
+/// for (thread ids are below 2^22; these have the top bit set).
+pub const fn is_goroutine_id(tid: u32) -> bool {
+    tid & 0x8000_0000 != 0
 }
 
 /// Addresses of a TCP socket, as the owning process sees it: `s*` local, `d*` remote.

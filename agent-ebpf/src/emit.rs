@@ -221,7 +221,8 @@ pub fn data_event(
         split = start - offset;
     }
     let record = Record {
-        pid_tgid,
+        // In a Go program, the goroutine the I/O is for, where its thread id would be.
+        pid_tgid: crate::probes::goroutines::stamp(pid_tgid, fd, direction),
         fd,
         info,
         direction,

@@ -822,7 +822,9 @@ impl Pipeline {
         at_ns: u64,
         order_id: Option<&str>,
     ) -> Found {
-        let threads = self.threads(pid);
+        // In a Go program the probes put the goroutine where the thread id would be
+        // (when they could follow it): that is evidence as a thread is elsewhere.
+        let threads = self.threads(pid) || agent_common::is_goroutine_id(tid);
         self.inproc.find(pid, tid, at_ns, order_id, threads)
     }
 

@@ -8,6 +8,8 @@
 //	h2-server -cert C -key K | -h2c           HTTP server with Go's defaults: HTTP/2 over TLS
 //	                                          (ALPN), or h2c (prior knowledge) in plaintext;
 //	h2-server -h2c-upgrade                    h2c by HTTP/1.1 Upgrade too (x/net/http2/h2c)
+//	shop -down PREFIX [-spawn]                order service for the goroutine tests: GET
+//	                                          /orders/{id} calls PREFIX{id}, see shop
 //	h2-client -ca C -base URL -n N            HTTP/2 client with Go's defaults: one request,
 //	                                          then N concurrent ones on the same connection
 //	amqp-consume -url U -exchange E -type T -queue Q:KEY... -count N -ack manual|auto
@@ -33,6 +35,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -54,6 +57,8 @@ func main() {
 		h2Server(args)
 	case "h2-client":
 		h2Client(args)
+	case "shop":
+		shop(args)
 	case "amqp-publish":
 		amqpPublish(args)
 	case "amqp-consume":
@@ -78,6 +83,79 @@ func printJSON(v any) {
 	b, err := json.Marshal(v)
 	check(err, "json")
 	os.Stdout.Write(append(b, '\n'))
+}
+
+// ---------------------------------------------------------------- goroutines
+
+// shop is the Go order service of tests/test_go_goroutines.py (as tests/services/
+// JavaShop.java is the Java one). GET /orders/{id}: the first 8 requests wait for each
+// other (at most 5 s), so that all 8 are in flight together when their calls are
+// made; later ones do not wait. Then GET PREFIX{id} with http.DefaultClient (whose
+// transport writes each request from its connection's writeLoop goroutine), from the
+// handler's goroutine or, with -spawn, from a goroutine the handler starts and waits
+// for; and answers 200 {"order_id": id, "status": "accepted"} (502 when the downstream
+// did not answer 200). Listens on 127.0.0.1:0, prints "PORT n".
+func shop(args []string) {
+	fs := flag.NewFlagSet("shop", flag.ExitOnError)
+	down := fs.String("down", "", "downstream URL prefix, e.g. http://127.0.0.1:8081/stock/")
+	spawn := fs.Bool("spawn", false, "make the call from a goroutine the handler starts")
+	fs.Parse(args)
+
+	const together = 8
+	var mu sync.Mutex
+	arrived := 0
+	allIn := make(chan struct{})
+	call := func(id string) error {
+		resp, err := http.Get(*down + id)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("downstream answered %d", resp.StatusCode)
+		}
+		return nil
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /orders/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		mu.Lock()
+		arrived++
+		first := arrived <= together
+		if arrived == together {
+			close(allIn)
+		}
+		mu.Unlock()
+		if first {
+			select {
+			case <-allIn:
+			case <-time.After(5 * time.Second):
+			}
+		}
+		var err error
+		if *spawn {
+			done := make(chan error, 1)
+			go func() { done <- call(id) }()
+			err = <-done
+		} else {
+			err = call(id)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		body := []byte(fmt.Sprintf(`{"order_id": %q, "status": "accepted"}`, id))
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.Write(body)
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err, "listen")
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second}
+	fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
+	os.Stdout.Sync()
+	check(srv.Serve(ln), "serve")
 }
 
 // ---------------------------------------------------------------- HTTPS

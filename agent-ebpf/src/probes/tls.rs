@@ -764,6 +764,9 @@ fn go_enter(ctx: &ProbeContext, kind: u32) {
     {
         call.fd = s.fd;
     }
+    if call.fd != NO_FD {
+        crate::probes::goroutines::own(pid_tgid, call.fd, direction(kind), regs.r14);
+    }
     // Write writes all of `b` or fails, and the reply is read on another goroutine,
     // often on another thread, maybe before this call returns: the request goes up
     // now, ahead of it.

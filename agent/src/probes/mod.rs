@@ -374,6 +374,21 @@ impl Probes {
             hooks.push(("go_tls_write_enter", go.write));
             hooks.extend(go.returns.iter().map(|r| ("go_tls_ret", *r)));
         }
+        if let Some(g) = &s.goroutines {
+            hooks.push(("go_fd_read_enter", g.fd_read));
+            hooks.push(("go_fd_write_enter", g.fd_write));
+            hooks.extend(g.round_trip.map(|o| ("go_round_trip_enter", o)));
+            hooks.extend(g.request_write.map(|o| ("go_request_write_enter", o)));
+            for (enter, ret, at) in [
+                ("go_serve_enter", "go_serve_ret", &g.serve),
+                ("go_newproc_enter", "go_newproc_ret", &g.newproc),
+            ] {
+                if let Some((entry, returns)) = at {
+                    hooks.push((enter, *entry));
+                    hooks.extend(returns.iter().map(|r| (ret, *r)));
+                }
+            }
+        }
         for (program, offset) in hooks {
             let probe = program_as::<UProbe>(&mut self.ebpf, program)?;
             probe
@@ -535,7 +550,7 @@ where
     })
 }
 
-const TLS_PROGRAMS: [&str; 11] = [
+const TLS_PROGRAMS: [&str; 19] = [
     "ssl_read_enter",
     "ssl_write_enter",
     "ssl_read_ex_enter",
@@ -547,6 +562,14 @@ const TLS_PROGRAMS: [&str; 11] = [
     "go_tls_read_enter",
     "go_tls_write_enter",
     "go_tls_ret",
+    "go_fd_read_enter",
+    "go_fd_write_enter",
+    "go_round_trip_enter",
+    "go_request_write_enter",
+    "go_serve_enter",
+    "go_serve_ret",
+    "go_newproc_enter",
+    "go_newproc_ret",
 ];
 
 fn attach_tp(

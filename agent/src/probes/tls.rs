@@ -38,6 +38,21 @@ pub struct TlsSymbols {
     /// Go crypto/tls: entries of (*Conn).Read and (*Conn).Write, and every RET
     /// instruction of both.
     pub go: Option<GoTls>,
+    /// A Go program with net/http: where its goroutines are followed.
+    pub goroutines: Option<GoRoutines>,
+}
+
+/// The Go functions by which a program's socket I/O is told apart by goroutine (see
+/// agent-ebpf's probes/goroutines.rs), as file offsets: entries, and the RET
+/// instructions of those whose return is needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GoRoutines {
+    pub fd_read: u64,
+    pub fd_write: u64,
+    pub round_trip: Option<u64>,
+    pub request_write: Option<u64>,
+    pub serve: Option<(u64, Vec<u64>)>,
+    pub newproc: Option<(u64, Vec<u64>)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,6 +66,7 @@ impl TlsSymbols {
     pub fn is_usable(&self) -> bool {
         (self.ssl_read.is_some() && self.ssl_write.is_some())
             || self.go.is_some()
+            || self.goroutines.is_some()
             || self.bio_write.is_some()
     }
 
@@ -61,6 +77,22 @@ impl TlsSymbols {
 
 const GO_TLS_READ: &str = "crypto/tls.(*Conn).Read";
 const GO_TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
+const GO_FD_READ: &str = "internal/poll.(*FD).Read";
+const GO_FD_WRITE: &str = "internal/poll.(*FD).Write";
+const GO_ROUND_TRIP: &str = "net/http.(*persistConn).roundTrip";
+const GO_REQUEST_WRITE: &str = "net/http.(*Request).write";
+const GO_SERVE: &str = "net/http.serverHandler.ServeHTTP";
+const GO_NEWPROC: &str = "runtime.newproc1";
+const GO_FUNCTIONS: [&str; 8] = [
+    GO_TLS_READ,
+    GO_TLS_WRITE,
+    GO_FD_READ,
+    GO_FD_WRITE,
+    GO_ROUND_TRIP,
+    GO_REQUEST_WRITE,
+    GO_SERVE,
+    GO_NEWPROC,
+];
 
 /// The TLS functions defined (not merely imported) in the ELF file at `path`, as file
 /// offsets, or None when it has none.
@@ -90,7 +122,7 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             continue;
         }
         let Ok(name) = sym.name() else { continue };
-        if name == GO_TLS_READ || name == GO_TLS_WRITE {
+        if GO_FUNCTIONS.contains(&name) {
             go_functions.push((name, sym.address(), sym.size()));
             continue;
         }
@@ -108,8 +140,9 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
             *slot = to_offset(sym.address());
         }
     }
-    if go_functions.len() >= 2 && elf.architecture() == object::Architecture::X86_64 {
-        found.go = go_tls(&elf, &data, &go_functions, to_offset);
+    if !go_functions.is_empty() && elf.architecture() == object::Architecture::X86_64 {
+        found.go = go_tls(&elf, &data, &go_functions, &to_offset);
+        found.goroutines = go_routines(&elf, &data, &go_functions, &to_offset);
     }
     // BIO_write alone is worth a probe only in libcrypto, which libssl calls: a program
     // with libcrypto's BIOs but no TLS of its own would only pay for it.
@@ -120,29 +153,68 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
     Ok(found.is_usable().then_some(found))
 }
 
+/// The entry and the RET instructions of the Go function `name` among `functions`
+/// (name, address, size), as file offsets.
+fn go_function<'data, R: ReadRef<'data>>(
+    elf: &object::File<'data, R>,
+    data: R,
+    functions: &[(&str, u64, u64)],
+    name: &str,
+    to_offset: &impl Fn(u64) -> Option<u64>,
+) -> Option<(u64, Vec<u64>)> {
+    let &(_, addr, size) = functions.iter().find(|(n, _, _)| *n == name)?;
+    let text = elf.section_by_name(".text")?;
+    let (text_off, _) = text.file_range()?;
+    let entry = to_offset(addr)?;
+    let start = addr.checked_sub(text.address())? + text_off;
+    let code = data.read_bytes_at(start, size).ok()?;
+    let returns: Vec<u64> = ret_offsets(code, addr)
+        .into_iter()
+        .filter_map(to_offset)
+        .collect();
+    (!returns.is_empty()).then_some((entry, returns))
+}
+
 /// Entries and RET instructions of Go's TLS read and write, as file offsets.
 fn go_tls<'data, R: ReadRef<'data>>(
     elf: &object::File<'data, R>,
     data: R,
     functions: &[(&str, u64, u64)],
-    to_offset: impl Fn(u64) -> Option<u64>,
+    to_offset: &impl Fn(u64) -> Option<u64>,
 ) -> Option<GoTls> {
-    let text = elf.section_by_name(".text")?;
-    let (text_off, _) = text.file_range()?;
-    let mut go = GoTls::default();
-    for (name, addr, size) in functions {
-        let entry = to_offset(*addr)?;
-        if *name == GO_TLS_READ {
-            go.read = entry;
-        } else {
-            go.write = entry;
-        }
-        let start = addr.checked_sub(text.address())? + text_off;
-        let code = data.read_bytes_at(start, *size).ok()?;
-        go.returns
-            .extend(ret_offsets(code, *addr).into_iter().filter_map(&to_offset));
+    let (read, mut returns) = go_function(elf, data, functions, GO_TLS_READ, to_offset)?;
+    let (write, more) = go_function(elf, data, functions, GO_TLS_WRITE, to_offset)?;
+    returns.extend(more);
+    Some(GoTls {
+        read,
+        write,
+        returns,
+    })
+}
+
+/// Where a Go program with net/http is followed by goroutine: poll.FD's Read and
+/// Write must be there, the others are used when they are (a function the compiler
+/// inlined everywhere has no symbol).
+fn go_routines<'data, R: ReadRef<'data>>(
+    elf: &object::File<'data, R>,
+    data: R,
+    functions: &[(&str, u64, u64)],
+    to_offset: &impl Fn(u64) -> Option<u64>,
+) -> Option<GoRoutines> {
+    let entry = |name| go_function(elf, data, functions, name, to_offset).map(|(e, _)| e);
+    let serve = go_function(elf, data, functions, GO_SERVE, to_offset);
+    let round_trip = entry(GO_ROUND_TRIP);
+    if serve.is_none() && round_trip.is_none() {
+        return None;
     }
-    (go.read != 0 && go.write != 0 && !go.returns.is_empty()).then_some(go)
+    Some(GoRoutines {
+        fd_read: entry(GO_FD_READ)?,
+        fd_write: entry(GO_FD_WRITE)?,
+        round_trip,
+        request_write: entry(GO_REQUEST_WRITE),
+        serve,
+        newproc: go_function(elf, data, functions, GO_NEWPROC, to_offset),
+    })
 }
 
 /// Addresses of the RET instructions in x86-64 machine code loaded at `address`.
@@ -279,6 +351,7 @@ impl TlsDiscovery {
                     openssl = symbols.has_openssl(),
                     bio_write = symbols.bio_write.is_some(),
                     go = symbols.go.is_some(),
+                    goroutines = symbols.goroutines.is_some(),
                     "TLS functions found"
                 );
                 Some(TlsTarget {
