@@ -89,11 +89,13 @@ class HttpsServer(Server):
         return f"https://127.0.0.1:{self.port}{path}"
 
 
-def start_port_server(cmd: list[str], workdir: Path, name: str, cwd: Path | None = None) -> HttpsServer:
-    """Starts a server that prints "PORT n" once it listens on 127.0.0.1:n."""
+def start_port_server(cmd: list[str], workdir: Path, name: str, cwd: Path | None = None,
+                      preexec_fn=None) -> HttpsServer:
+    """Starts a server that prints "PORT n" once it listens on 127.0.0.1:n (preexec_fn:
+    run in the child before exec, e.g. Cgroup.preexec())."""
     log = Path(workdir) / f"{name}.log"
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=open(log, "wb"),
-                            stdin=subprocess.DEVNULL, text=True, cwd=cwd)
+                            stdin=subprocess.DEVNULL, text=True, cwd=cwd, preexec_fn=preexec_fn)
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
         proc.kill()

@@ -8,9 +8,9 @@ downstream's server span).
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from sonde_testlib import CLIENT, SERVER, Agent, Cgroup, Server, fmt_spans, require_root, wait_listening
+from clientlib import start_port_server
+from sonde_testlib import (CLIENT, PY, SERVER, TESTS, Agent, Cgroup, Server, fmt_spans, free_port, metric,
+                           require_root, wait_listening)
 
 ORDERS = [f"j-{i}" for i in range(10)]
 AMBIGUOUS = "sonde_parent_ambiguous_total"
@@ -32,19 +32,39 @@ def cgroup_agent(tmp_path_factory, name: str):
 
 def start_in(cg: Cgroup, cmd: list, workdir: Path, name: str, port: int | None = None) -> Server:
     """Starts a server in cgroup cg: on `port`, or one that prints "PORT n"."""
-    log = Path(workdir) / f"{name}.log"
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=open(log, "wb"),
-                            stdin=subprocess.DEVNULL, text=True, preexec_fn=cg.preexec())
     if port is None:
-        line = proc.stdout.readline()
-        if not line.startswith("PORT "):
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"{name} did not start: {line!r}\n{log.read_text(errors='replace')[-3000:]}",
-                        pytrace=False)
-        port = int(line.split()[1])
+        return start_port_server(cmd, workdir, name, preexec_fn=cg.preexec())
+    log = Path(workdir) / f"{name}.log"
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                            stdin=subprocess.DEVNULL, preexec_fn=cg.preexec())
     wait_listening(port, proc, what=name, log=log)
     return Server(proc, port, name, log)
+
+
+def run_orders_through(node, tmp_path, shop_cmd, what: str, prefix: str, ready=None):
+    """curl -> the shop (the command `shop_cmd(url)`, url the downstream's PREFIX) ->
+    tests/services/stock.py, every order of ORDERS at once; `ready(shop)`
+    runs once the shop listens. Returns (the spans of this run, the shop, the
+    downstream, what sonde_parent_ambiguous_total grew by)."""
+    agent, cg = node
+    down = shop = None
+    try:
+        dport = free_port()
+        down = start_in(cg, [PY, TESTS / "services" / "stock.py", dport], tmp_path, "stock.py", port=dport)
+        shop = start_in(cg, shop_cmd(f"http://127.0.0.1:{dport}{prefix}"), tmp_path, what)
+        if ready:
+            ready(shop)
+        before = metric(agent, AMBIGUOUS)
+        curls = get_orders(cg, shop.port)
+        # curl, the shop's server span, its call, the downstream server: 4 per order.
+        spans = agent.wait_spans(curls | shop.pids() | down.pids(), 4 * len(ORDERS),
+                                 what=f"of the 10 orders through {what}")
+        grew = metric(agent, AMBIGUOUS) - before
+        return spans, shop, down, grew
+    finally:
+        for s in (shop, down):
+            if s:
+                s.stop()
 
 
 def get_orders(cg: Cgroup, port: int) -> set[int]:

@@ -17,8 +17,8 @@ sonde_parent_ambiguous_total is this module's.
 import pytest
 
 from clientlib import require_go, wait_tls_attached
-from inproc_lib import AMBIGUOUS, ORDERS, cgroup_agent, check_spans, check_whole_traces, get_orders, start_in
-from sonde_testlib import PY, TESTS, fmt_spans, free_port, metric
+from inproc_lib import AMBIGUOUS, cgroup_agent, check_spans, check_whole_traces, run_orders_through
+from sonde_testlib import fmt_spans
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +28,15 @@ def node(tmp_path_factory):
 
 
 def run_orders(node, tmp_path, prefix: str, spawn: bool):
-    """curl -> the Go shop (calling PREFIX{id}) -> stock.py for every order at once.
-    Returns (the spans of this run, the shop, the downstream, what
-    sonde_parent_ambiguous_total grew by)."""
-    agent, cg = node
+    """curl -> the Go shop (calling PREFIX{id}) -> stock.py for every order at once:
+    see inproc_lib.run_orders_through."""
     go = require_go()
-    down = shop = None
-    try:
-        dport = free_port()
-        down = start_in(cg, [PY, TESTS / "services" / "stock.py", dport], tmp_path, "stock.py", port=dport)
-        shop = start_in(cg, [go, "shop", "-down", f"http://127.0.0.1:{dport}{prefix}"]
-                        + (["-spawn"] if spawn else []), tmp_path, "go-shop")
+    agent, _ = node
+    return run_orders_through(
+        node, tmp_path, lambda url: [go, "shop", "-down", url] + (["-spawn"] if spawn else []),
+        "go-shop", prefix,
         # The goroutine uprobes go on the executable with its TLS ones.
-        wait_tls_attached(agent, go)
-        before = metric(agent, AMBIGUOUS)
-        curls = get_orders(cg, shop.port)
-        spans = agent.wait_spans(curls | shop.pids() | down.pids(), 4 * len(ORDERS),
-                                 what="of the 10 orders through the Go shop")
-        grew = metric(agent, AMBIGUOUS) - before
-        return spans, shop, down, grew
-    finally:
-        for s in (shop, down):
-            if s:
-                s.stop()
+        ready=lambda shop: wait_tls_attached(agent, go))
 
 
 @pytest.mark.parametrize("spawn", [False, True], ids=["handler-goroutine", "spawned-goroutine"])

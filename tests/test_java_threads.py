@@ -19,9 +19,9 @@ import subprocess
 
 import pytest
 
-from inproc_lib import (AMBIGUOUS, ORDERS, cgroup_agent, check_never_a_wrong_parent, check_spans,
-                        check_whole_traces, get_orders, start_in)
-from sonde_testlib import PY, TESTS, fmt_spans, free_port, metric
+from inproc_lib import (AMBIGUOUS, cgroup_agent, check_never_a_wrong_parent, check_spans,
+                        check_whole_traces, run_orders_through)
+from sonde_testlib import TESTS, fmt_spans
 
 SOURCE = TESTS / "services" / "JavaShop.java"
 
@@ -49,28 +49,13 @@ def node(tmp_path_factory):
 
 def run_orders(java, node, tmp_path, client: str, prefix: str, mode: str = ""):
     """curl -> JavaShop (CLIENT, calling PREFIX{id}; MODE: "", "async" or "handoff")
-    -> stock.py for every order at once. Returns (the spans of this run, the Java server, the downstream server, what
-    sonde_parent_ambiguous_total grew by)."""
-    agent, cg = node
+    -> stock.py for every order at once: see inproc_lib.run_orders_through."""
     java_bin, classes = java
-    down = shop = None
-    try:
-        dport = free_port()
-        down = start_in(cg, [PY, TESTS / "services" / "stock.py", dport], tmp_path, "stock.py", port=dport)
-        shop = start_in(cg, [java_bin, "-Dsun.net.httpserver.nodelay=true", "-cp", classes, "JavaShop",
-                             f"http://127.0.0.1:{dport}{prefix}", client] + ([mode] if mode else []),
-                        tmp_path, f"JavaShop-{client}")
-        before = metric(agent, AMBIGUOUS)
-        curls = get_orders(cg, shop.port)
-        # curl, the Java server, its call, the downstream server: 4 per order.
-        spans = agent.wait_spans(curls | shop.pids() | down.pids(), 4 * len(ORDERS),
-                                 what=f"of the 10 orders through JavaShop {client}")
-        grew = metric(agent, AMBIGUOUS) - before
-        return spans, shop, down, grew
-    finally:
-        for s in (shop, down):
-            if s:
-                s.stop()
+    return run_orders_through(
+        node, tmp_path,
+        lambda url: [java_bin, "-Dsun.net.httpserver.nodelay=true", "-cp", classes, "JavaShop", url, client]
+        + ([mode] if mode else []),
+        f"JavaShop-{client}", prefix)
 
 
 @pytest.mark.parametrize("prefix", ["/orders/", "/stock/"])

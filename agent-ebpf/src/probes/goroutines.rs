@@ -94,7 +94,7 @@ pub fn stamp(pid_tgid: u64, fd: u32, direction: Direction) -> u64 {
         direction: direction as u32,
         _pad: 0,
     };
-    match unsafe { GO_FD_OWNER.get(&key) } {
+    match unsafe { GO_FD_OWNER.get(key) } {
         Some(id) => (pid_tgid & 0xffff_ffff_0000_0000) | u64::from(*id),
         None => pid_tgid,
     }
@@ -103,7 +103,7 @@ pub fn stamp(pid_tgid: u64, fd: u32, direction: Direction) -> u64 {
 /// Whom goroutine `g`'s writes count as.
 #[inline(always)]
 fn acting(tgid: u64, g: u64) -> u64 {
-    match unsafe { GO_ACTING.get(&GoKey { tgid, addr: g }) } {
+    match unsafe { GO_ACTING.get(GoKey { tgid, addr: g }) } {
         Some(a) => *a,
         None => g,
     }
@@ -123,7 +123,7 @@ pub fn own(pid_tgid: u64, fd: u32, direction: Direction, g: u64) {
         direction: direction as u32,
         _pad: 0,
     };
-    let _ = GO_FD_OWNER.insert(&key, &logical_id(who), 0);
+    let _ = GO_FD_OWNER.insert(key, logical_id(who), 0);
 }
 
 #[inline(always)]
@@ -169,11 +169,11 @@ pub fn go_round_trip_enter(ctx: ProbeContext) -> u32 {
     let tgid = pid_tgid >> 32;
     let caller = acting(tgid, regs.r14);
     let _ = GO_REQUESTS.insert(
-        &GoKey {
+        GoKey {
             tgid,
             addr: request,
         },
-        &caller,
+        caller,
         0,
     );
     0
@@ -198,13 +198,13 @@ pub fn go_request_write_enter(ctx: ProbeContext) -> u32 {
     };
     // A request that went through roundTrip: its writes are its caller's. Another
     // (a request a server writes to a proxy, say) is the writer's own.
-    match unsafe { GO_REQUESTS.get(&req) } {
+    match unsafe { GO_REQUESTS.get(req) } {
         Some(caller) => {
             let caller = *caller;
-            let _ = GO_ACTING.insert(&me, &caller, 0);
+            let _ = GO_ACTING.insert(me, caller, 0);
         }
         None => {
-            let _ = GO_ACTING.remove(&me);
+            let _ = GO_ACTING.remove(me);
         }
     }
     0
@@ -219,11 +219,11 @@ pub fn go_serve_enter(ctx: ProbeContext) -> u32 {
     }
     let regs = unsafe { &*ctx.regs };
     let _ = GO_SERVING.insert(
-        &GoKey {
+        GoKey {
             tgid: pid_tgid >> 32,
             addr: regs.r14,
         },
-        &1,
+        1,
         0,
     );
     0
@@ -234,7 +234,7 @@ pub fn go_serve_enter(ctx: ProbeContext) -> u32 {
 pub fn go_serve_ret(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let regs = unsafe { &*ctx.regs };
-    let _ = GO_SERVING.remove(&GoKey {
+    let _ = GO_SERVING.remove(GoKey {
         tgid: pid_tgid >> 32,
         addr: regs.r14,
     });
@@ -255,15 +255,15 @@ pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
         tgid,
         addr: regs.rbx,
     };
-    let inherited = if unsafe { GO_SERVING.get(&caller) }.is_some() {
+    let inherited = if unsafe { GO_SERVING.get(caller) }.is_some() {
         regs.rbx
     } else {
-        match unsafe { GO_ACTING.get(&caller) } {
+        match unsafe { GO_ACTING.get(caller) } {
             Some(a) => *a,
             None => 0,
         }
     };
-    let _ = GO_NEWPROC.insert(&pid_tgid, &inherited, 0);
+    let _ = GO_NEWPROC.insert(pid_tgid, inherited, 0);
     0
 }
 
@@ -272,20 +272,20 @@ pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_newproc_ret(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inherited) = (unsafe { GO_NEWPROC.get(&pid_tgid) }).copied() else {
+    let Some(inherited) = (unsafe { GO_NEWPROC.get(pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = GO_NEWPROC.remove(&pid_tgid);
+    let _ = GO_NEWPROC.remove(pid_tgid);
     let regs = unsafe { &*ctx.regs };
     let new = GoKey {
         tgid: pid_tgid >> 32,
         addr: regs.rax,
     };
     if inherited == 0 {
-        let _ = GO_ACTING.remove(&new);
+        let _ = GO_ACTING.remove(new);
     } else {
-        let _ = GO_ACTING.insert(&new, &inherited, 0);
+        let _ = GO_ACTING.insert(new, inherited, 0);
     }
-    let _ = GO_SERVING.remove(&new);
+    let _ = GO_SERVING.remove(new);
     0
 }

@@ -241,7 +241,10 @@ mod tests {
         p.feed(Direction::Ingress, &reply, 2);
         let first = p.take();
         match &first[..] {
-            [Parsed::Started(Started::Http { seq: 0, .. }), Parsed::Http(ex)] => {
+            [
+                Parsed::Started(Started::Http { seq: 0, .. }),
+                Parsed::Http(ex),
+            ] => {
                 assert_eq!(ex.seq, 0);
                 assert_eq!(ex.request.target, "/orders/7");
                 assert_eq!(ex.request.version, 1, "the request went as HTTP/1.1");

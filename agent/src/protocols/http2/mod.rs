@@ -601,8 +601,7 @@ impl Http2Parser {
             if unknown {
                 count(&COUNTERS.table_unknown);
             }
-            let mut exchange =
-                HttpExchange::started(
+            let mut exchange = HttpExchange::started(
                 self.role(),
                 self.seq_base + u64::from(stream),
                 request.into(),
