@@ -16,11 +16,12 @@ ORDERS = [f"j-{i}" for i in range(10)]
 AMBIGUOUS = "sonde_parent_ambiguous_total"
 
 
-def cgroup_agent(tmp_path_factory, name: str):
-    """A fixture body: one agent that traces only a new cgroup; yields (agent, cgroup)."""
+def cgroup_agent(tmp_path_factory, name: str, args: list | None = None):
+    """A fixture body: one agent (with these extra arguments) that traces only a new
+    cgroup; yields (agent, cgroup)."""
     require_root()
     cg = Cgroup(name)
-    agent = Agent(tmp_path_factory.mktemp(f"agent-{name}"), args=["--cgroup", str(cg.path)])
+    agent = Agent(tmp_path_factory.mktemp(f"agent-{name}"), args=["--cgroup", str(cg.path), *(args or [])])
     try:
         agent.start()
         yield agent, cg

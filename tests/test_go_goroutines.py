@@ -24,7 +24,7 @@ from sonde_testlib import fmt_spans
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """One agent that traces only a cgroup of this module: (agent, cgroup)."""
-    yield from cgroup_agent(tmp_path_factory, "go")
+    yield from cgroup_agent(tmp_path_factory, "go", ["--follow-goroutines"])
 
 
 def run_orders(node, tmp_path, prefix: str, spawn: bool):

@@ -160,7 +160,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             found = discovery.next(), if discovering => match found {
                 Some(Found::Identity(answer)) => pipeline.identified(answer),
-                Some(Found::Tls(target)) => attach_tls(&mut probes, target, &mut tls_refused),
+                Some(Found::Tls(mut target)) => {
+                    if !args.follow_goroutines {
+                        target.symbols.goroutines = None;
+                    }
+                    attach_tls(&mut probes, target, &mut tls_refused)
+                }
                 Some(Found::Excluded(pid)) => probes.exclude(pid),
                 Some(Found::StartupScanned) => {
                     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -323,7 +328,11 @@ fn attach_tls(probes: &mut Probes, target: TlsTarget, refused: &mut bool) {
         return;
     }
     match probes.attach_tls(&target) {
-        Ok(()) => info!(path = %target.path.display(), "TLS uprobes attached"),
+        Ok(()) => info!(
+            path = %target.path.display(),
+            goroutines = target.symbols.goroutines.is_some(),
+            "TLS uprobes attached"
+        ),
         Err(e)
             if !Caps::current().has(Cap::SysAdmin) && e.to_string().contains("perf_event_open") =>
         {

@@ -215,6 +215,14 @@ pub struct RunArgs {
     /// without it.
     #[arg(long, env = "SONDE_INJECT_TRACEPARENT")]
     pub inject_traceparent: bool,
+
+    /// In Go net/http programs, follow goroutines with uprobes (on every socket read
+    /// and write, the handler, the client's request writer and goroutine creation), so
+    /// that a call is the child of the request its goroutine serves. Off by default:
+    /// each probe is a trap into the kernel in every process that runs such an
+    /// executable, traced or not (README, "Whole traces").
+    #[arg(long, env = "SONDE_FOLLOW_GOROUTINES")]
+    pub follow_goroutines: bool,
 }
 
 /// Largest ring buffer: the kernel sizes it in a u32 of bytes and limits one ring to
