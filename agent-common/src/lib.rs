@@ -429,6 +429,10 @@ pub struct ProbeConfig {
     /// this, as the agent's sampling ratio decides a trace without an order id; `-00`
     /// otherwise. `1 << 56` for a ratio of 1.
     pub sample_below: u64,
+    /// 1 with `--follow-goroutines`: the Go probes mark which goroutine does each Go
+    /// socket's I/O and data events carry it; 0: neither (no map lookup per event).
+    pub follow_goroutines: u32,
+    pub _pad: u32,
 }
 
 /// Process filters of [`ProbeConfig::select`].
@@ -548,7 +552,7 @@ const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<InjectEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 64 + MAX_ARGS + MAX_ENV);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 144);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 152);
 const _: () = assert!(core::mem::size_of::<NextMessage>() == 48);
 
 #[cfg(feature = "user")]

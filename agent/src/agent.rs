@@ -86,6 +86,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ring_buffer_bytes: args.ring_buffer_bytes(),
         wakeup_bytes: WAKEUP_BYTES,
         selection,
+        follow_goroutines: args.follow_goroutines,
     };
     let (mut probes, ring) = Probes::load(&opts)?;
     let mut injector = args

@@ -37,6 +37,8 @@ use aya_ebpf::{
 
 use agent_common::Direction;
 
+use crate::config::setting;
+
 /// A goroutine (or any Go object) of a process.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -88,13 +90,10 @@ pub fn logical_id(g: u64) -> u32 {
 /// on `fd` in `direction`, when a Go program's is known.
 #[inline(always)]
 pub fn stamp(pid_tgid: u64, fd: u32, direction: Direction) -> u64 {
-    let key = GoFdKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd,
-        direction: direction as u32,
-        _pad: 0,
-    };
-    match unsafe { GO_FD_OWNER.get(key) } {
+    if setting!(follow_goroutines) == 0 {
+        return pid_tgid;
+    }
+    match unsafe { GO_FD_OWNER.get(fd_key(pid_tgid, fd, direction)) } {
         Some(id) => (pid_tgid & 0xffff_ffff_0000_0000) | u64::from(*id),
         None => pid_tgid,
     }
@@ -109,21 +108,28 @@ fn acting(tgid: u64, g: u64) -> u64 {
     }
 }
 
-/// Goroutine `g` reads or writes `fd` now (from the TLS probes too).
 #[inline(always)]
-pub fn own(pid_tgid: u64, fd: u32, direction: Direction, g: u64) {
-    let tgid = pid_tgid >> 32;
-    let who = match direction {
-        Direction::Egress => acting(tgid, g),
-        Direction::Ingress => g,
-    };
-    let key = GoFdKey {
-        tgid: tgid as u32,
+fn fd_key(pid_tgid: u64, fd: u32, direction: Direction) -> GoFdKey {
+    GoFdKey {
+        tgid: (pid_tgid >> 32) as u32,
         fd,
         direction: direction as u32,
         _pad: 0,
+    }
+}
+
+/// Goroutine `g` reads or writes `fd` now (from the TLS probes too); nothing unless
+/// goroutines are followed.
+#[inline(always)]
+pub fn own(pid_tgid: u64, fd: u32, direction: Direction, g: u64) {
+    if setting!(follow_goroutines) == 0 {
+        return;
+    }
+    let who = match direction {
+        Direction::Egress => acting(pid_tgid >> 32, g),
+        Direction::Ingress => g,
     };
-    let _ = GO_FD_OWNER.insert(key, logical_id(who), 0);
+    let _ = GO_FD_OWNER.insert(fd_key(pid_tgid, fd, direction), logical_id(who), 0);
 }
 
 #[inline(always)]

@@ -128,6 +128,9 @@ pub struct ProbeOptions {
     pub wakeup_bytes: u64,
     /// Which processes the kernel leaves alone.
     pub selection: select::KernelSelection,
+    /// `--follow-goroutines`: the kernel marks Go goroutines (the uprobes that do it
+    /// are attached by [`Probes::attach_tls`] only when the target has them).
+    pub follow_goroutines: bool,
 }
 
 /// What a socket hook is, for each backend.
@@ -245,6 +248,8 @@ impl Probes {
             fork_child_pid_offset,
             // The injector's own; the main object does not read it.
             sample_below: 0,
+            follow_goroutines: u32::from(opts.follow_goroutines),
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(agent_common::globals::CONFIG, &config, true)

@@ -153,6 +153,17 @@ pub fn find_tls_symbols(path: &Path) -> Result<Option<TlsSymbols>, String> {
     Ok(found.is_usable().then_some(found))
 }
 
+/// The entry of the Go function `name` among `functions` (name, address, size), as a
+/// file offset.
+fn go_entry(
+    functions: &[(&str, u64, u64)],
+    name: &str,
+    to_offset: &impl Fn(u64) -> Option<u64>,
+) -> Option<u64> {
+    let &(_, addr, _) = functions.iter().find(|(n, _, _)| *n == name)?;
+    to_offset(addr)
+}
+
 /// The entry and the RET instructions of the Go function `name` among `functions`
 /// (name, address, size), as file offsets.
 fn go_function<'data, R: ReadRef<'data>>(
@@ -201,7 +212,7 @@ fn go_routines<'data, R: ReadRef<'data>>(
     functions: &[(&str, u64, u64)],
     to_offset: &impl Fn(u64) -> Option<u64>,
 ) -> Option<GoRoutines> {
-    let entry = |name| go_function(elf, data, functions, name, to_offset).map(|(e, _)| e);
+    let entry = |name| go_entry(functions, name, to_offset);
     let serve = go_function(elf, data, functions, GO_SERVE, to_offset);
     let round_trip = entry(GO_ROUND_TRIP);
     if serve.is_none() && round_trip.is_none() {
