@@ -232,7 +232,9 @@ impl MessageLinker {
                     deadline_ns: now_ns.saturating_add(self.remember_ns),
                 };
                 out.push(span);
-                // Consumer spans that waited for this publish, oldest first, one per queue.
+                // Consumer spans that waited for this publish, oldest first, one per queue,
+                // and the redeliveries to a queue already matched (a nack that requeued
+                // before the publish was seen).
                 let candidates: Vec<u64> = self
                     .waiting_by_fp
                     .get(&fp)
@@ -242,8 +244,8 @@ impl MessageLinker {
                     let Some(w) = self.waiting.get(&wseq) else {
                         continue;
                     };
-                    if !producer.key.same_message(&w.key) || producer.matched.contains(&w.key.queue)
-                    {
+                    let taken = producer.matched.contains(&w.key.queue) && !w.key.redelivered;
+                    if !producer.key.same_message(&w.key) || taken {
                         continue;
                     }
                     let mut w = self.remove_waiting(wseq).expect("present above");
@@ -764,6 +766,36 @@ mod tests {
             (first[0].parent_span_id, second[0].parent_span_id),
             (Some(id), Some(id))
         );
+    }
+
+    #[test]
+    fn a_redelivery_waiting_with_its_first_delivery_links_to_the_late_publish() {
+        let mut l = linker();
+        let p = span(SpanKind::Producer, 1_000_000);
+        let id = p.span_id;
+        let mut again = delivery_key(message("a", b"x"), "q");
+        again.redelivered = true;
+        let first = l.offer(
+            span(SpanKind::Consumer, 2_000_000),
+            delivery_key(message("a", b"x"), "q"),
+            0,
+        );
+        let second = l.offer(span(SpanKind::Consumer, 5_000_000), again, 0);
+        assert!(first.is_empty() && second.is_empty());
+        let out = l.offer(p, publish_key(message("a", b"x")), 10);
+        let waits: Vec<_> = out
+            .iter()
+            .filter(|s| s.kind == SpanKind::Consumer)
+            .map(|s| (s.parent_span_id, s.attribute(BROKER_WAIT_MS).cloned()))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                (Some(id), Some(Value::Double(1.0))),
+                (Some(id), Some(Value::Double(4.0)))
+            ]
+        );
+        assert_eq!(l.waiting_len(), 0);
     }
 
     #[test]
