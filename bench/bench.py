@@ -65,11 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen | None, what: str, timeout: float = 60) -> None:
+def wait_port(port: int, proc: subprocess.Popen | None, what: str, timeout: float = 60,
+              log_file: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            fail(f"{what} exited with {proc.returncode} before listening on {port}")
+            said = ""
+            if log_file is not None and log_file.exists():
+                said = ":\n" + log_file.read_text(errors="replace")[-2000:]
+            fail(f"{what} exited with {proc.returncode} before listening on {port}{said}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -315,8 +319,8 @@ class Services:
         self.nginx = subprocess.Popen([nginx, "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
                                       preexec_fn=cgroup.preexec(), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.nginx, "nginx")
-        wait_port(self.tls_port, self.nginx, "nginx (TLS)")
+        wait_port(self.port, self.nginx, "nginx", log_file=d / "error.log")
+        wait_port(self.tls_port, self.nginx, "nginx (TLS)", log_file=d / "error.log")
         self.nginx_bin = nginx
         self.rabbit = None
         if rabbit:
@@ -355,7 +359,14 @@ def vegeta(url: str, seconds: float, rate: int) -> dict:
     if not binary.exists():
         fail(f"{binary} is missing (scripts/setup-bench.sh builds it)")
     attack = subprocess.run([str(binary), "attack", f"-rate={rate}/s", f"-duration={seconds}s",
-                             "-keepalive=true", "-connections=16", "-workers=16"],
+                             "-keepalive=true", "-connections=64", "-workers=16",
+                             # Never more than 64 at once: vegeta otherwise adds workers when
+                             # answers slow down, and each worker past the kept-alive
+                             # connections opens one per request; the TIME-WAIT sockets
+                             # then make connect(2) search for a port (seconds of system
+                             # time), answers slow further, and the rate collapses (measured:
+                             # 315/s of 10,000, p99 31 s, untraced too once it started).
+                             "-max-workers=64", "-max-connections=64"],
                             input=f"GET {url}\n".encode(), capture_output=True, check=True).stdout
     report = json.loads(subprocess.run([str(binary), "report", "-type=json"], input=attack,
                                        capture_output=True, check=True).stdout)
@@ -434,7 +445,9 @@ def run_workload(name: str, args, services: Services, sonde: str, cgroup: Cgroup
             if name == "https":
                 warm_tls(agent, services, tls)
             before = agent.sample()
+            perf = start_profile(args.profile, agent, name, i)
             traced = load()
+            stop_profile(perf)
             after = agent.sample()
         finally:
             end = agent.stop()
@@ -455,6 +468,37 @@ def run_workload(name: str, args, services: Services, sonde: str, cgroup: Cgroup
             "loss_counters": loss_counters(end),
         })
     return summarize(name, rounds)
+
+
+def start_profile(out: Path | None, agent: Agent, workload: str, i: int):
+    """With --profile: `perf record` of the agent's threads while the traced round's load
+    runs, into OUT/<workload>-<round>.perf.data (read with `perf report -i`)."""
+    if out is None:
+        return None
+    perf = shutil.which("perf")
+    if perf is None:
+        fail("--profile needs perf (Debian's linux-perf)")
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"{workload}-{i + 1}.perf.data"
+    proc = subprocess.Popen([perf, "record", "-q", "-F", "999", "-g", "-p", str(agent.proc.pid),
+                             "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        fail(f"perf record exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+    log(f"{workload}: profiling the agent into {data}")
+    return proc
+
+
+def stop_profile(proc) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def warm_tls(agent: Agent, services: Services, url: str) -> None:
@@ -560,6 +604,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rate", type=int, default=5000, help="http-rate: requests per second")
     ap.add_argument("--messages", type=int, default=20000, help="amqp: messages per round")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="perf record the agent during each traced round into DIR")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.messages = 3.0, 2000
