@@ -156,6 +156,17 @@ class Cgroup:
                 time.sleep(0.1)
 
 
+def interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT, as Ctrl-C would (the agent and perf both finish their output on it), then
+    SIGKILL after 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 # ------------------------------------------------------------------ the agent
 
 class Agent:
@@ -224,12 +235,7 @@ class Agent:
             time.sleep(0.2)
             m = self.metrics()
         rss = self.peak_rss_mib()
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        interrupt(self.proc)
         m["peak_rss_mib"] = rss
         return m
 
@@ -491,14 +497,8 @@ def start_profile(out: Path | None, agent: Agent, workload: str, i: int):
 
 
 def stop_profile(proc) -> None:
-    if proc is None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if proc is not None:
+        interrupt(proc)
 
 
 def warm_tls(agent: Agent, services: Services, url: str) -> None:
