@@ -486,7 +486,10 @@ def start_profile(out: Path | None, agent: Agent, workload: str, i: int):
         fail("--profile needs perf (Debian's linux-perf)")
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{workload}-{i + 1}.perf.data"
-    proc = subprocess.Popen([perf, "record", "-q", "-F", "999", "-g", "-p", str(agent.proc.pid),
+    # DWARF unwinding: the agent is built without frame pointers, so -g alone gives
+    # stacks cut after the first frame.
+    proc = subprocess.Popen([perf, "record", "-q", "-F", "499", "--call-graph", "dwarf",
+                             "-p", str(agent.proc.pid),
                              "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     time.sleep(0.5)

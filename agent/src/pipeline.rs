@@ -187,6 +187,10 @@ struct OpenExchanges {
 /// Most exchanges remembered open per connection; beyond that the oldest are
 /// abandoned (lost to a gap, they would never finish).
 const MAX_OPEN_PER_CONN: usize = 256;
+/// How long from a server connection's first event the client at its other end may
+/// still turn out to be traced when no traced socket has its addresses: the client's
+/// write can return, and its event reach the ring, after the server read the bytes.
+const UNTRACED_PEER_GRACE_NS: u64 = 200_000_000;
 
 /// What the pipeline does with a span once its trace is known.
 #[derive(Debug)]
@@ -205,6 +209,8 @@ struct Origin<'a> {
     uid: u64,
     info: &'a ConnInfo,
     tls: bool,
+    /// When the connection entry was made (its first event seen).
+    since_ns: u64,
 }
 
 type Conn = table::Conn<Tracked>;
@@ -579,6 +585,7 @@ impl Pipeline {
                         uid: conn.state.uid,
                         info: &info,
                         tls,
+                        since_ns: conn.first_ns,
                     };
                     self.emit_parsed(parsed, origin, &resource, now_ns);
                 }
@@ -716,6 +723,7 @@ impl Pipeline {
                     uid: conn.state.uid,
                     info: &conn.info,
                     tls: conn.tls,
+                    since_ns: conn.first_ns,
                 };
                 let resource = conn.state.resource.clone();
                 self.emit_parsed(parsed, origin, &resource, ts_ns);
@@ -759,6 +767,7 @@ impl Pipeline {
             uid: conn.state.uid,
             info: &info,
             tls: conn.tls,
+            since_ns: conn.first_ns,
         };
         self.emit_parsed(parsed, origin, &resource, now_ns);
     }
@@ -934,7 +943,25 @@ impl Pipeline {
             }) as StallTemplate
         });
         let hold_ns = self.opts.link_hold.as_nanos() as u64;
-        let peer_here = self.opts.link_remote_peers || self.local_addrs.peer_is_local(origin.info);
+        let mut peer_here =
+            self.opts.link_remote_peers || self.local_addrs.peer_is_local(origin.info);
+        // A server whose client end is no socket traced here (a local client outside
+        // the traced cgroup or excluded, a load balancer on the node) will never see
+        // that end's start: past the connection's first moments (when the client's
+        // first event may still be on its way), its spans do not wait for it. Holding
+        // each for the whole hold cost memory and CPU in proportion to the rate.
+        let mut server_hold_ns = hold_ns;
+        if peer_here
+            && role == Role::Server
+            && !self.conns.has_addrs(origin.info.remote, origin.info.local)
+        {
+            let grace_end = origin.since_ns.saturating_add(UNTRACED_PEER_GRACE_NS);
+            if now_ns >= grace_end {
+                peer_here = false;
+            } else {
+                server_hold_ns = server_hold_ns.min(grace_end - now_ns);
+            }
+        }
         // A call whose parent only its finished request can tell (an order id in a body
         // not fully seen yet) may wait for it as long as a stall would take.
         let client_wait = self
@@ -943,7 +970,7 @@ impl Pipeline {
             .unwrap_or(Duration::from_secs(30))
             .as_nanos() as u64;
         let decide_by = match role {
-            Role::Server => now_ns.saturating_add(hold_ns),
+            Role::Server => now_ns.saturating_add(server_hold_ns),
             Role::Client => now_ns.saturating_add(client_wait),
         };
         self.graph.open(id, start_ns, decide_by, stall);

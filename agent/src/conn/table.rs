@@ -10,13 +10,16 @@
 //! descriptor reused without a close we saw (a new tuple on the same fd), the process
 //! exiting (its entries are one range of the ordered map), the table being full (the
 //! least recently active eighth goes), or a connection idle past the timeout.
+//!
+//! The table also answers whether a socket with given addresses is traced, which tells
+//! a server whether the local client at the other end of its connection is.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use agent_common::{Direction, SockTuple};
 
 use super::{ConnInfo, EndReason};
-use crate::reassembly::StreamCursor;
+use crate::{FastMap, reassembly::StreamCursor};
 
 /// One connection.
 #[derive(Debug)]
@@ -25,6 +28,8 @@ pub struct Conn<T> {
     pub tuple: SockTuple,
     pub ingress: StreamCursor,
     pub egress: StreamCursor,
+    /// Monotonic ns of the event that made the entry.
+    pub first_ns: u64,
     /// Monotonic ns of the latest event.
     pub last_ns: u64,
     /// Plaintext from a TLS library was seen: bytes on the wire are ciphertext and
@@ -59,6 +64,7 @@ impl<T> Conn<T> {
             tuple: *tuple,
             ingress: StreamCursor::new(),
             egress: StreamCursor::new(),
+            first_ns: ts_ns,
             last_ns: ts_ns,
             tls: false,
             from_start: false,
@@ -113,6 +119,9 @@ pub struct Ended<T> {
 pub struct ConnTable<T> {
     /// By (pid, fd), ordered so that a process's connections are one range.
     conns: BTreeMap<(u32, u32), Conn<T>>,
+    /// How many entries have each (local, remote) pair; entries that carry no
+    /// addresses (an all-zero tuple) are not counted.
+    by_addrs: FastMap<(SocketAddr, SocketAddr), u32>,
     max_connections: usize,
 }
 
@@ -121,6 +130,7 @@ impl<T> ConnTable<T> {
     pub fn new(max_connections: usize) -> Self {
         ConnTable {
             conns: BTreeMap::new(),
+            by_addrs: FastMap::default(),
             max_connections: max_connections.max(1),
         }
     }
@@ -135,6 +145,11 @@ impl<T> ConnTable<T> {
 
     pub fn get_mut(&mut self, pid: u32, fd: u32) -> Option<&mut Conn<T>> {
         self.conns.get_mut(&(pid, fd))
+    }
+
+    /// Whether a traced socket has these local and remote addresses.
+    pub fn has_addrs(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        self.by_addrs.contains_key(&(local, remote))
     }
 
     /// The connection on (`pid`, `fd`) for an event about `tuple` at `ts_ns`. An entry
@@ -162,20 +177,39 @@ impl<T> ConnTable<T> {
         if !self.conns.contains_key(&key) && self.conns.len() >= self.max_connections {
             self.evict_oldest(ended);
         }
+        let by_addrs = &mut self.by_addrs;
         self.conns.entry(key).or_insert_with(|| {
             let info = ConnInfo::from_tuple(tuple);
+            if *tuple != SockTuple::default() {
+                *by_addrs.entry((info.local, info.remote)).or_default() += 1;
+            }
             Conn::new(tuple, ts_ns, make(&info))
         })
     }
 
     /// Ends the connection on (`pid`, `fd`), if there is one.
     pub fn remove(&mut self, pid: u32, fd: u32, reason: EndReason) -> Option<Ended<T>> {
-        self.conns.remove(&(pid, fd)).map(|conn| Ended {
+        let conn = self.conns.remove(&(pid, fd))?;
+        self.uncount(&conn);
+        Some(Ended {
             pid,
             fd,
             conn,
             reason,
         })
+    }
+
+    fn uncount(&mut self, conn: &Conn<T>) {
+        if conn.tuple == SockTuple::default() {
+            return;
+        }
+        let key = (conn.info.local, conn.info.remote);
+        if let Some(n) = self.by_addrs.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_addrs.remove(&key);
+            }
+        }
     }
 
     /// Ends every connection of process `pid` (it exited), in descriptor order.
@@ -205,6 +239,7 @@ impl<T> ConnTable<T> {
 
     /// Ends every connection (the agent stops, the capture ends).
     pub fn remove_all(&mut self, reason: EndReason) -> Vec<Ended<T>> {
+        self.by_addrs.clear();
         std::mem::take(&mut self.conns)
             .into_iter()
             .map(|((pid, fd), conn)| Ended {
@@ -283,6 +318,38 @@ mod tests {
         assert_eq!(c.state, "first");
         assert!(ended.is_empty());
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn the_addresses_of_traced_sockets_are_known_until_the_last_one_goes() {
+        let mut t = table(8);
+        let mut ended = Vec::new();
+        let (local, remote) = (
+            "10.0.0.1:4000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        assert!(!t.has_addrs(local, remote));
+        // The same addresses in two processes (a socket shared across a fork).
+        t.lookup(1, 3, &tuple(4000, 80), 10, &mut ended, |_| "parent");
+        t.lookup(2, 3, &tuple(4000, 80), 10, &mut ended, |_| "child");
+        t.lookup(
+            1,
+            4,
+            &SockTuple::default(),
+            10,
+            &mut ended,
+            |_| "no addresses",
+        );
+        assert!(t.has_addrs(local, remote));
+        assert!(!t.has_addrs(remote, local));
+        assert!(!t.has_addrs("0.0.0.0:0".parse().unwrap(), "0.0.0.0:0".parse().unwrap()));
+        t.remove(1, 3, EndReason::ConnectionClosed);
+        assert!(t.has_addrs(local, remote));
+        // A reused descriptor ends the child's entry.
+        t.lookup(2, 3, &tuple(4001, 80), 20, &mut ended, |_| "new");
+        assert!(!t.has_addrs(local, remote));
+        t.remove_all(EndReason::ConnectionClosed);
+        assert!(!t.has_addrs("10.0.0.1:4001".parse().unwrap(), remote));
     }
 
     #[test]

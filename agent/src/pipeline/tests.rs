@@ -527,3 +527,153 @@ fn spans_that_leave_the_order_id_hold_early_for_its_byte_bound_are_counted() {
     assert_eq!(released(&mut p, &spans).len(), 3);
     assert_eq!(metrics.order_holds_cut.load(Ordering::Relaxed), 2);
 }
+
+/// One read or write of a whole message by process `pid` on a loopback connection
+/// between ports `local` and `remote`.
+fn loopback(
+    p: &mut Pipeline,
+    pid: u32,
+    ports: (u16, u16),
+    server: bool,
+    msg: (Direction, u64, &[u8]),
+    ts_ns: u64,
+) {
+    let mut t = SockTuple {
+        family: AF_INET,
+        sport: ports.0,
+        dport: ports.1,
+        ..SockTuple::default()
+    };
+    t.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    t.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let (dir, offset, bytes) = msg;
+    let h = EventHeader {
+        tgid: pid,
+        tid: pid,
+        ..header(EventKind::Data, 3, ts_ns)
+    };
+    p.handle(Event::Data {
+        header: h,
+        data: DataEvent {
+            header: h,
+            tuple: t,
+            offset,
+            len: bytes.len() as u64,
+            captured: bytes.len() as u32,
+            direction: dir as u32,
+            syscall: match dir {
+                Direction::Ingress => SyscallId::Read,
+                Direction::Egress => SyscallId::Write,
+            } as u32,
+            role: if server {
+                agent_common::role::SERVER
+            } else {
+                agent_common::role::CLIENT
+            },
+        },
+        payload: bytes,
+    });
+}
+
+const OK: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+const SECOND: u64 = 1_000_000_000;
+
+#[test]
+fn a_server_whose_local_client_is_not_traced_does_not_hold_its_spans_for_it() {
+    // No hold for order ids, to see only the hold for the other end.
+    let (mut p, spans, _) = pipeline(PipelineOptions {
+        order_hold: Duration::ZERO,
+        ..PipelineOptions::default()
+    });
+    // Exchanges at 0 s (the connection's first) and at 1 s, the client not traced.
+    for (i, ts) in [(0u64, 1_000), (1, SECOND)] {
+        let (req, resp) = (i * GET.len() as u64, i * OK.len() as u64);
+        loopback(
+            &mut p,
+            PID,
+            (8080, 40000),
+            true,
+            (Direction::Ingress, req, GET),
+            ts,
+        );
+        loopback(
+            &mut p,
+            PID,
+            (8080, 40000),
+            true,
+            (Direction::Egress, resp, OK),
+            ts + 500,
+        );
+    }
+    p.tick(SECOND + 300_000_000);
+    // The first waited out the connection's first 200 ms, the second nothing: neither
+    // the 1.5 s hold for a client span that never comes.
+    let got = std::mem::take(&mut *spans.lock().unwrap());
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|s| s.parent_span_id.is_none()));
+}
+
+#[test]
+fn a_server_whose_local_client_is_traced_waits_for_its_span_whichever_comes_first() {
+    let (mut p, spans, _) = pipeline(PipelineOptions::default());
+    let client = PID + 1;
+    for (i, ts) in [(0u64, 1_000), (1, SECOND)] {
+        let (req, resp) = (i * GET.len() as u64, i * OK.len() as u64);
+        // At 1 s the server's read comes before the client's write.
+        if i == 0 {
+            loopback(
+                &mut p,
+                client,
+                (40000, 8080),
+                false,
+                (Direction::Egress, req, GET),
+                ts,
+            );
+        }
+        loopback(
+            &mut p,
+            PID,
+            (8080, 40000),
+            true,
+            (Direction::Ingress, req, GET),
+            ts + 100,
+        );
+        if i == 1 {
+            loopback(
+                &mut p,
+                client,
+                (40000, 8080),
+                false,
+                (Direction::Egress, req, GET),
+                ts + 200,
+            );
+        }
+        loopback(
+            &mut p,
+            PID,
+            (8080, 40000),
+            true,
+            (Direction::Egress, resp, OK),
+            ts + 500,
+        );
+        loopback(
+            &mut p,
+            client,
+            (40000, 8080),
+            false,
+            (Direction::Ingress, resp, OK),
+            ts + 600,
+        );
+    }
+    let got = released(&mut p, &spans);
+    assert_eq!(got.len(), 4, "{got:?}");
+    let (servers, clients): (Vec<&Span>, Vec<&Span>) =
+        got.iter().partition(|s| s.kind == SpanKind::Server);
+    for server in servers {
+        let parent = clients
+            .iter()
+            .find(|c| Some(c.span_id) == server.parent_span_id)
+            .unwrap_or_else(|| panic!("server span without its client parent: {got:?}"));
+        assert_eq!(parent.trace_id, server.trace_id);
+    }
+}
