@@ -578,6 +578,21 @@ fn loopback(
 const OK: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
 const SECOND: u64 = 1_000_000_000;
 
+/// The server (pid [`PID`], port 8080) of the loopback connection from port 40000.
+fn at_server(p: &mut Pipeline, msg: (Direction, u64, &[u8]), ts_ns: u64) {
+    loopback(p, PID, (8080, 40000), true, msg, ts_ns);
+}
+
+/// The client (pid [`PID`] + 1) of that connection.
+fn at_client(p: &mut Pipeline, msg: (Direction, u64, &[u8]), ts_ns: u64) {
+    loopback(p, PID + 1, (40000, 8080), false, msg, ts_ns);
+}
+
+/// Stream offsets of the `i`th request and response of a keep-alive connection.
+fn offsets(i: u64) -> (u64, u64) {
+    (i * GET.len() as u64, i * OK.len() as u64)
+}
+
 #[test]
 fn a_server_whose_local_client_is_not_traced_does_not_hold_its_spans_for_it() {
     // No hold for order ids, to see only the hold for the other end.
@@ -587,23 +602,9 @@ fn a_server_whose_local_client_is_not_traced_does_not_hold_its_spans_for_it() {
     });
     // Exchanges at 0 s (the connection's first) and at 1 s, the client not traced.
     for (i, ts) in [(0u64, 1_000), (1, SECOND)] {
-        let (req, resp) = (i * GET.len() as u64, i * OK.len() as u64);
-        loopback(
-            &mut p,
-            PID,
-            (8080, 40000),
-            true,
-            (Direction::Ingress, req, GET),
-            ts,
-        );
-        loopback(
-            &mut p,
-            PID,
-            (8080, 40000),
-            true,
-            (Direction::Egress, resp, OK),
-            ts + 500,
-        );
+        let (req, resp) = offsets(i);
+        at_server(&mut p, (Direction::Ingress, req, GET), ts);
+        at_server(&mut p, (Direction::Egress, resp, OK), ts + 500);
     }
     p.tick(SECOND + 300_000_000);
     // The first waited out the connection's first 200 ms, the second nothing: neither
@@ -616,54 +617,19 @@ fn a_server_whose_local_client_is_not_traced_does_not_hold_its_spans_for_it() {
 #[test]
 fn a_server_whose_local_client_is_traced_waits_for_its_span_whichever_comes_first() {
     let (mut p, spans, _) = pipeline(PipelineOptions::default());
-    let client = PID + 1;
     for (i, ts) in [(0u64, 1_000), (1, SECOND)] {
-        let (req, resp) = (i * GET.len() as u64, i * OK.len() as u64);
+        let (req, resp) = offsets(i);
         // At 1 s the server's read comes before the client's write.
-        if i == 0 {
-            loopback(
-                &mut p,
-                client,
-                (40000, 8080),
-                false,
-                (Direction::Egress, req, GET),
-                ts,
-            );
+        let client_first = i == 0;
+        if client_first {
+            at_client(&mut p, (Direction::Egress, req, GET), ts);
         }
-        loopback(
-            &mut p,
-            PID,
-            (8080, 40000),
-            true,
-            (Direction::Ingress, req, GET),
-            ts + 100,
-        );
-        if i == 1 {
-            loopback(
-                &mut p,
-                client,
-                (40000, 8080),
-                false,
-                (Direction::Egress, req, GET),
-                ts + 200,
-            );
+        at_server(&mut p, (Direction::Ingress, req, GET), ts + 100);
+        if !client_first {
+            at_client(&mut p, (Direction::Egress, req, GET), ts + 200);
         }
-        loopback(
-            &mut p,
-            PID,
-            (8080, 40000),
-            true,
-            (Direction::Egress, resp, OK),
-            ts + 500,
-        );
-        loopback(
-            &mut p,
-            client,
-            (40000, 8080),
-            false,
-            (Direction::Ingress, resp, OK),
-            ts + 600,
-        );
+        at_server(&mut p, (Direction::Egress, resp, OK), ts + 500);
+        at_client(&mut p, (Direction::Ingress, resp, OK), ts + 600);
     }
     let got = released(&mut p, &spans);
     assert_eq!(got.len(), 4, "{got:?}");
