@@ -71,11 +71,31 @@ fn data(
     ts_ns: u64,
 ) {
     let h = header(EventKind::Data, fd, ts_ns);
+    data_event(
+        p,
+        h,
+        tuple(sport),
+        agent_common::role::CLIENT,
+        (dir, offset, len),
+        captured,
+    );
+}
+
+/// A data event with this header, tuple and role: `len` bytes at stream `offset` moved
+/// in direction `dir`, of which `captured` were copied.
+fn data_event(
+    p: &mut Pipeline,
+    h: EventHeader,
+    tuple: SockTuple,
+    role: u32,
+    (dir, offset, len): (Direction, u64, u64),
+    captured: &[u8],
+) {
     p.handle(Event::Data {
         header: h,
         data: DataEvent {
             header: h,
-            tuple: tuple(sport),
+            tuple,
             offset,
             len,
             captured: captured.len() as u32,
@@ -84,7 +104,7 @@ fn data(
                 Direction::Ingress => SyscallId::Read,
                 Direction::Egress => SyscallId::Write,
             } as u32,
-            role: agent_common::role::CLIENT,
+            role,
         },
         payload: captured,
     });
@@ -552,27 +572,12 @@ fn loopback(
         tid: pid,
         ..header(EventKind::Data, 3, ts_ns)
     };
-    p.handle(Event::Data {
-        header: h,
-        data: DataEvent {
-            header: h,
-            tuple: t,
-            offset,
-            len: bytes.len() as u64,
-            captured: bytes.len() as u32,
-            direction: dir as u32,
-            syscall: match dir {
-                Direction::Ingress => SyscallId::Read,
-                Direction::Egress => SyscallId::Write,
-            } as u32,
-            role: if server {
-                agent_common::role::SERVER
-            } else {
-                agent_common::role::CLIENT
-            },
-        },
-        payload: bytes,
-    });
+    let role = if server {
+        agent_common::role::SERVER
+    } else {
+        agent_common::role::CLIENT
+    };
+    data_event(p, h, t, role, (dir, offset, bytes.len() as u64), bytes);
 }
 
 const OK: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
