@@ -203,21 +203,72 @@ fn serve_grpc(receiver: Arc<GrpcReceiver>, listener: TcpListener, tls: bool) -> 
     let scheme = if tls { "https" } else { "http" };
     let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
     let service = TraceServiceServer::from_arc(receiver);
-    let mut server = tonic::transport::Server::builder();
-    if tls {
-        let identity = tonic::transport::Identity::from_pem(
-            std::fs::read(testdata("server.pem")).unwrap(),
-            std::fs::read(testdata("server.key")).unwrap(),
-        );
-        server = server
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .unwrap();
+    let server = tonic::transport::Server::builder();
+    if !tls {
+        tokio::spawn(server.serve_with_incoming(
+            service,
+            tonic::transport::server::TcpIncoming::from(listener),
+        ));
+        return endpoint;
     }
-    tokio::spawn(server.serve_with_incoming(
-        service,
-        tonic::transport::server::TcpIncoming::from(listener),
-    ));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls_config()));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            // A client that does not trust the certificate gives up mid-handshake.
+            if let Ok(stream) = acceptor.accept(stream).await {
+                let _ = tx.send(Ok::<_, std::io::Error>(TlsIo(stream))).await;
+            }
+        }
+    });
+    tokio::spawn(
+        server.serve_with_incoming(service, tokio_stream::wrappers::ReceiverStream::new(rx)),
+    );
     endpoint
+}
+
+/// A TLS connection for tonic's server, which asks what it knows of the peer.
+struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 #[tokio::test]
@@ -788,19 +839,34 @@ fn testdata(name: &str) -> PathBuf {
 }
 
 fn server_tls_config() -> rustls::ServerConfig {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(testdata("server.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(testdata("server.key")).unwrap();
     rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .with_single_cert(config_certs(), config_key())
         .unwrap()
+}
+
+/// The test server's certificate chain (testdata/server.pem, signed by ca.pem).
+fn config_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(testdata("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn ca_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(testdata("ca.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn config_key() -> rustls::pki_types::PrivateKeyDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_file(testdata("server.key")).unwrap()
 }
 
 #[tokio::test]
@@ -959,6 +1025,83 @@ async fn http_over_tls_verifies_the_server_against_the_configured_roots() {
         (3, 0, false)
     );
     assert_eq!(posts.lock().unwrap().len(), 1);
+}
+
+/// An https receiver that finishes each handshake (asking for a client certificate if
+/// `asks`, and taking none) and then resets the connection without a word: what a TLS
+/// 1.3 receiver that refuses the client's certificate looks like to the client when its
+/// alert is lost under the client's first request (the reset throws the alert away).
+async fn resetting_receiver(asks: bool) -> SocketAddr {
+    let mut config = server_tls_config();
+    if asks {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(ca_certs());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+        config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(config_certs(), config_key())
+        .unwrap();
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            if let Ok(mut tls) = acceptor.accept(stream).await {
+                // Wait for the client's first bytes, then reset.
+                let mut byte = [0u8; 1];
+                let _ = tls.read(&mut byte).await;
+                let (tcp, _) = tls.into_inner();
+                tcp.set_zero_linger().unwrap();
+                drop(tcp);
+            }
+        }
+    });
+    addr
+}
+
+/// Exports to `endpoint` until a failure is counted; answers the TLS failure causes
+/// counted by then.
+async fn tls_failures_exporting_to(protocol: Protocol, endpoint: String) -> Vec<&'static str> {
+    use crate::export::tls::TlsFailure;
+    let metrics = Arc::new(Metrics::default());
+    let mut config = otlp_config(protocol, endpoint);
+    config.ca_file = Some(testdata("ca.pem"));
+    let (handle, exporter) = spawn(to(Destination::Otlp(config)), Arc::clone(&metrics)).unwrap();
+    for span in spans(3) {
+        handle.export(span);
+    }
+    eventually("a failed export", || count(&metrics.export_failures) >= 1).await;
+    drop(exporter);
+    TlsFailure::ALL
+        .iter()
+        .filter(|&&cause| count(&metrics.export_tls_failures[cause as usize]) > 0)
+        .map(|cause| cause.label())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_receiver_that_asked_for_a_client_certificate_and_reset_is_counted_as_refusing_it() {
+    for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+        let asks = resetting_receiver(true).await;
+        let causes = tls_failures_exporting_to(protocol, format!("https://{asks}")).await;
+        assert_eq!(causes, ["client_certificate_rejected"], "{protocol:?}");
+        // A reset from a receiver that never asked is no certificate's fault.
+        let silent = resetting_receiver(false).await;
+        let causes = tls_failures_exporting_to(protocol, format!("https://{silent}")).await;
+        assert!(causes.is_empty(), "{protocol:?}: {causes:?}");
+    }
 }
 
 #[tokio::test]

@@ -10,12 +10,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::RootCertStore;
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use tracing::warn;
 
 use super::ExportError;
@@ -26,12 +28,9 @@ pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The PEM files of a client identity, read.
+/// A client identity, read from its PEM files and checked.
 pub(super) struct Identity {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    key: Arc<CertifiedKey>,
 }
 
 impl Identity {
@@ -62,28 +61,73 @@ impl Identity {
                 auth.key.display()
             ))
         })?;
-        // rustls checks that the key is the certificate's while it builds a config.
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ExportError::Tls(e.to_string()))?
-            .with_root_certificates(RootCertStore::empty())
-            .with_client_auth_cert(chain.clone(), key.clone_key())
+        let key = CertifiedKey::from_der(chain, key, &provider())
             .map_err(|e| bad(format!("the key does not fit the certificate: {e}")))?;
-        Ok(Identity {
-            cert_pem,
-            key_pem,
-            chain,
-            key,
-        })
+        Ok(Identity { key: Arc::new(key) })
     }
 }
 
-/// The rustls client config of OTLP/HTTP for `config`: its roots, its client
-/// certificate, and its server name override.
+/// The client certificate every handshake offers (or none), and how many handshakes
+/// the receiver asked for one in. A receiver that refuses the certificate (or its
+/// absence) under TLS 1.3 learns of it only after the client's handshake is done; it
+/// sends an alert and closes, and when the client's first request crosses that close
+/// the alert is lost to a broken pipe or a reset. That the receiver asked is then what
+/// says the failure is the certificate's ([`ClientCert::asked`]).
+#[derive(Debug)]
+pub(super) struct ClientCert {
+    key: Option<Arc<CertifiedKey>>,
+    asked: AtomicU64,
+}
+
+impl ClientCert {
+    pub fn new(identity: Option<&Identity>) -> Arc<Self> {
+        Arc::new(ClientCert {
+            key: identity.map(|id| Arc::clone(&id.key)),
+            asked: AtomicU64::new(0),
+        })
+    }
+
+    /// Handshakes so far in which the receiver asked for a client certificate.
+    pub fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// What a connection that broke right after a handshake in which the receiver
+    /// asked for a client certificate most likely means, in words
+    /// [`TlsFailure::classify`] reads.
+    pub fn refusal(&self) -> &'static str {
+        if self.key.is_some() {
+            "the receiver asked for a client certificate and closed the connection after \
+             it was sent"
+        } else {
+            "the receiver asked for a client certificate and closed the connection; none \
+             is configured"
+        }
+    }
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+/// The rustls client config of both OTLP protocols for `config`: its roots, its
+/// client certificate, its server name override, and `alpn` (`h2` for gRPC).
 pub(super) fn client_config(
     config: &OtlpConfig,
     roots: RootCertStore,
-    identity: Option<&Identity>,
+    cert: Arc<ClientCert>,
+    alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, ExportError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -91,9 +135,7 @@ pub(super) fn client_config(
     let builder = match &config.server_name {
         None => builder.with_root_certificates(roots),
         Some(name) => {
-            let name = ServerName::try_from(name.clone()).map_err(|e| {
-                ExportError::Tls(format!("server name {name:?} is not a DNS name or IP: {e}"))
-            })?;
+            let name = server_name(name)?;
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| ExportError::Tls(e.to_string()))?;
@@ -102,12 +144,15 @@ pub(super) fn client_config(
                 .with_custom_certificate_verifier(Arc::new(NameOverride { inner, name }))
         }
     };
-    match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-            .map_err(|e| ExportError::Tls(e.to_string())),
-        None => Ok(builder.with_no_client_auth()),
-    }
+    let mut tls = builder.with_client_cert_resolver(cert);
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(tls)
+}
+
+/// `--otlp-server-name`, checked.
+pub(super) fn server_name(name: &str) -> Result<ServerName<'static>, ExportError> {
+    ServerName::try_from(name.to_owned())
+        .map_err(|e| ExportError::Tls(format!("server name {name:?} is not a DNS name or IP: {e}")))
 }
 
 /// Verifies the receiver's certificate in full (chain, dates, signatures) for another
@@ -271,6 +316,7 @@ impl TlsFailure {
             "received fatal alert: certificateunknown",
             "received fatal alert: unsupportedcertificate",
             "received fatal alert: accessdenied",
+            "asked for a client certificate and closed the connection",
         ]) {
             Some(TlsFailure::ClientCertRejected)
         } else if any(&[
@@ -322,6 +368,10 @@ mod tests {
             ),
             ("tcp connect error: Connection refused (os error 111)", None),
         ];
+        let none = ClientCert::new(None);
+        let cases = cases
+            .into_iter()
+            .chain([(none.refusal(), Some(TlsFailure::ClientCertRejected))]);
         for (text, want) in cases {
             assert_eq!(TlsFailure::classify(text), want, "{text}");
         }

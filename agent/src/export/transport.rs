@@ -10,19 +10,27 @@
 //! answer in time. The delay a receiver asks for (`RetryInfo`, `Retry-After` in
 //! seconds or as a date) comes along. Retrying is the caller's.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes};
+use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use rustls::RootCertStore;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
 use super::ExportError;
 use super::config::{OtlpConfig, Protocol};
-use super::tls::{self, Identity};
+use super::tls::{self, ClientCert, Identity};
 
 const USER_AGENT: &str = concat!("sonde/", env!("CARGO_PKG_VERSION"));
 /// The OTLP trace service's one method.
@@ -87,7 +95,14 @@ impl std::fmt::Display for SendError {
     }
 }
 
-pub(super) enum Transport {
+pub(super) struct Transport {
+    protocol: Sender,
+    /// The client certificate TLS handshakes offer, and how often they were asked for
+    /// one (https only).
+    cert: Option<Arc<ClientCert>>,
+}
+
+enum Sender {
     Grpc {
         client: tonic::client::Grpc<Channel>,
         metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
@@ -96,6 +111,50 @@ pub(super) enum Transport {
         client: reqwest::Client,
         url: reqwest::Url,
     },
+}
+
+/// Connects the gRPC channel to an https endpoint: TCP, then TLS on the rustls config
+/// OTLP/HTTP uses too (offering `h2`), so both protocols verify alike and count the
+/// handshakes that asked for a client certificate.
+#[derive(Clone)]
+struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+    /// `--otlp-server-name`, sent as SNI; the endpoint's host otherwise.
+    name: Option<ServerName<'static>>,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let name = self.name.clone();
+        Box::pin(async move {
+            let invalid = |what: String| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+            };
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid("no host".to_owned()))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = match name {
+                Some(name) => name,
+                None => ServerName::try_from(host).map_err(|e| invalid(e.to_string()))?,
+            };
+            Ok(TokioIo::new(tls.connect(name, tcp).await?))
+        })
+    }
 }
 
 impl Transport {
@@ -116,29 +175,15 @@ impl Transport {
             (Some(auth), true) => Some(Identity::load(auth)?),
             _ => None,
         };
-        match config.protocol {
+        let cert = https.then(|| ClientCert::new(identity.as_ref()));
+        let protocol = match config.protocol {
             Protocol::Grpc => {
-                let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+                let endpoint = Endpoint::from_shared(config.endpoint.clone())
                     .map_err(|e| invalid(e.to_string()))?
                     .user_agent(USER_AGENT)
                     .map_err(|e| invalid(e.to_string()))?
                     .timeout(config.timeout)
                     .connect_timeout(config.timeout);
-                if https {
-                    let mut tls_config = ClientTlsConfig::new().trust_anchors(roots.roots);
-                    if let Some(id) = &identity {
-                        tls_config = tls_config.identity(tonic::transport::Identity::from_pem(
-                            &id.cert_pem,
-                            &id.key_pem,
-                        ));
-                    }
-                    if let Some(name) = &config.server_name {
-                        tls_config = tls_config.domain_name(name.clone());
-                    }
-                    endpoint = endpoint
-                        .tls_config(tls_config)
-                        .map_err(|e| ExportError::Tls(e.to_string()))?;
-                }
                 let metadata = config
                     .headers
                     .iter()
@@ -154,10 +199,24 @@ impl Transport {
                         }
                     })
                     .collect::<Result<_, _>>()?;
-                Ok(Transport::Grpc {
-                    client: tonic::client::Grpc::new(endpoint.connect_lazy()),
+                let channel = match &cert {
+                    Some(cert) => {
+                        let tls = tls::client_config(config, roots, Arc::clone(cert), &[b"h2"])?;
+                        endpoint.connect_with_connector_lazy(TlsConnector {
+                            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                            name: config
+                                .server_name
+                                .as_deref()
+                                .map(tls::server_name)
+                                .transpose()?,
+                        })
+                    }
+                    None => endpoint.connect_lazy(),
+                };
+                Sender::Grpc {
+                    client: tonic::client::Grpc::new(channel),
                     metadata,
-                })
+                }
             }
             Protocol::HttpProtobuf => {
                 let url =
@@ -178,7 +237,8 @@ impl Transport {
                         }
                     }
                 }
-                let tls = tls::client_config(config, roots, identity.as_ref())?;
+                let cert = cert.clone().unwrap_or_else(|| ClientCert::new(None));
+                let tls = tls::client_config(config, roots, cert, &[])?;
                 let client = reqwest::Client::builder()
                     .tls_backend_preconfigured(tls)
                     .user_agent(USER_AGENT)
@@ -187,15 +247,43 @@ impl Transport {
                     .connect_timeout(config.timeout)
                     .build()
                     .map_err(|e| ExportError::Tls(e.to_string()))?;
-                Ok(Transport::Http { client, url })
+                Sender::Http { client, url }
             }
-        }
+        };
+        Ok(Transport { protocol, cert })
     }
 
     /// Sends `body`, an encoded `ExportTraceServiceRequest`.
     pub async fn send(&mut self, body: &Bytes) -> Result<Delivered, SendError> {
+        let Some(cert) = &self.cert else {
+            return self.protocol.send(body).await;
+        };
+        let asked = cert.asked();
+        let mut result = self.protocol.send(body).await;
+        if let Err(SendError::Transient { reason, .. } | SendError::Permanent(reason)) = &mut result
+            && cert.asked() > asked
+            && tls::TlsFailure::classify(reason).is_none()
+            && closed(reason)
+        {
+            reason.push_str(": ");
+            reason.push_str(cert.refusal());
+        }
+        result
+    }
+}
+
+/// Whether a failure's text says the connection was closed under the request.
+fn closed(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    ["broken pipe", "connection reset", "closed", "eof"]
+        .iter()
+        .any(|w| r.contains(w))
+}
+
+impl Sender {
+    async fn send(&mut self, body: &Bytes) -> Result<Delivered, SendError> {
         match self {
-            Transport::Grpc { client, metadata } => {
+            Sender::Grpc { client, metadata } => {
                 let mut call = tonic::Request::new(Encoded(body.clone()));
                 for (key, value) in metadata.iter() {
                     call.metadata_mut().insert(key.clone(), value.clone());
@@ -218,7 +306,7 @@ impl Transport {
                     Err(status) => Err(grpc_error(&status)),
                 }
             }
-            Transport::Http { client, url } => {
+            Sender::Http { client, url } => {
                 let response = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
