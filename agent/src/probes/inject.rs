@@ -22,7 +22,7 @@ use thiserror::Error;
 use crate::events::{Event, decode};
 
 /// The injector's object, built by build.rs beside the main one.
-static INJECT_OBJECT: &[u8] =
+pub(super) static INJECT_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sonde-inject"));
 
 const CAP_NET_ADMIN: u64 = 1 << 12;
@@ -99,7 +99,9 @@ impl Injector {
             sample_below,
             ..ProbeConfig::default()
         };
+        let kernel_btf = super::kernel_btf_for(INJECT_OBJECT);
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf.as_ref())
             .override_global(agent_common::globals::CONFIG, &config, true)
             // The verifier's reason and its statistics, not its walk of every path: that
             // log outgrows any buffer (ENOSPC) and hides the reason.

@@ -233,8 +233,8 @@ impl Probes {
         raise_memlock_limit();
         ensure_tracefs()?;
 
-        let btf = btf::Btf::from_kernel()?;
-        let offsets: KernelOffsets = btf::kernel_offsets(&btf)?;
+        // Read and dropped at once: the kernel's BTF parsed is several MiB.
+        let offsets: KernelOffsets = btf::kernel_offsets(&btf::Btf::from_kernel()?)?;
         debug!(?offsets, "kernel structure offsets");
 
         let backend = choose_backend(opts.backend)?;
@@ -251,7 +251,9 @@ impl Probes {
             follow_goroutines: u32::from(opts.follow_goroutines),
             _pad: 0,
         };
+        let kernel_btf = kernel_btf_for(EBPF_OBJECT);
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf.as_ref())
             .override_global(agent_common::globals::CONFIG, &config, true)
             .map_max_entries(maps::EVENTS, opts.ring_buffer_bytes)
             .load(EBPF_OBJECT)
@@ -661,4 +663,47 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         }
     }
     Ok(())
+}
+
+/// The kernel's BTF as aya parses it, for an object with CO-RE relocations (which aya
+/// rewrites against it); `None` for one without. aya parses it by default for every
+/// object, and that parse was the largest part of the agent's start-up memory peak,
+/// although neither of sonde's objects has a CO-RE relocation: their kernel offsets
+/// come from [`btf::kernel_offsets`] in their config.
+pub(crate) fn kernel_btf_for(object: &[u8]) -> Option<aya::Btf> {
+    has_core_relocations(object).then(|| aya::Btf::from_sys_fs().ok())?
+}
+
+/// Whether an eBPF object's `.BTF.ext` lists CO-RE relocations (its header's
+/// `core_relo_len`, at byte 28 of a header 32 bytes or longer). An object that cannot
+/// be read counts as having some.
+fn has_core_relocations(object: &[u8]) -> bool {
+    use object::{Object, ObjectSection};
+    let Ok(elf) = object::File::parse(object) else {
+        return true;
+    };
+    let Some(ext) = elf.section_by_name(".BTF.ext").and_then(|s| s.data().ok()) else {
+        return false;
+    };
+    let word = |at: usize| {
+        ext.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match word(4) {
+        Some(header) if header >= 32 => word(28).is_none_or(|len| len > 0),
+        Some(_) => false,
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn neither_object_needs_the_kernel_btf_parsed_by_aya() {
+        // If one ever gets CO-RE relocations, kernel_btf_for gives aya the BTF again,
+        // and the start-up memory it costs is back.
+        assert!(!super::has_core_relocations(super::EBPF_OBJECT));
+        assert!(!super::has_core_relocations(super::inject::INJECT_OBJECT));
+        assert!(super::has_core_relocations(b"not an ELF object"));
+    }
 }
