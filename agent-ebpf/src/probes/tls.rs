@@ -189,7 +189,19 @@ pub fn note_socket_io(
     }
     match direction {
         Direction::Ingress => {
-            let _ = LAST_READ_FD.insert(pid_tgid, fd, 0);
+            // A keep-alive connection reads the same socket over and over: written only
+            // when it changes, the lookup costs less than an LRU update on every read.
+            match LAST_READ_FD.get_ptr_mut(pid_tgid) {
+                // SAFETY: a map value pointer, valid for this program run.
+                Some(last) => unsafe {
+                    if *last != fd {
+                        *last = fd;
+                    }
+                },
+                None => {
+                    let _ = LAST_READ_FD.insert(pid_tgid, fd, 0);
+                }
+            }
             // Writes parked on a session opened before the agent wait no longer than the
             // thread's next socket read (Node.js flushes its records before it reads).
             flush_await(pid_tgid);
