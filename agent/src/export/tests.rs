@@ -843,28 +843,20 @@ fn server_tls_config() -> rustls::ServerConfig {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(config_certs(), config_key())
+        .with_single_cert(pem_certs("server.pem"), server_key())
         .unwrap()
 }
 
-/// The test server's certificate chain (testdata/server.pem, signed by ca.pem).
-fn config_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+/// The certificates of a PEM file in testdata/ (server.pem is signed by ca.pem).
+fn pem_certs(name: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_file_iter(testdata("server.pem"))
+    rustls::pki_types::CertificateDer::pem_file_iter(testdata(name))
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap()
 }
 
-fn ca_certs() -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_file_iter(testdata("ca.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
-}
-
-fn config_key() -> rustls::pki_types::PrivateKeyDer<'static> {
+fn server_key() -> rustls::pki_types::PrivateKeyDer<'static> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::PrivateKeyDer::from_pem_file(testdata("server.key")).unwrap()
 }
@@ -1035,7 +1027,7 @@ async fn resetting_receiver(asks: bool) -> SocketAddr {
     let mut config = server_tls_config();
     if asks {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(ca_certs());
+        roots.add_parsable_certificates(pem_certs("ca.pem"));
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
@@ -1049,7 +1041,7 @@ async fn resetting_receiver(asks: bool) -> SocketAddr {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(config_certs(), config_key())
+        .with_single_cert(pem_certs("server.pem"), server_key())
         .unwrap();
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
